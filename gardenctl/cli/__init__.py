@@ -1,0 +1,97 @@
+"""The command line: the one place where errors become messages and exit codes.
+
+Each command lives in its own module, imported only when that command runs, so that
+`import gardenctl.cli` (and `gardenctl --help`) stays fast and never pulls in pydantic, NVML,
+huggingface_hub, vLLM or Ray.
+
+Exit codes: 0 ok / nothing to change; 1 error (bad file, unplaceable model, failed apply,
+usage error); 2 only from `plan --detailed-exitcode` when changes are pending.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import tempfile
+import traceback
+
+import click
+
+# command name -> ("module:attribute", one-line help); modules are imported on first use.
+COMMANDS = {
+    "validate": ("gardenctl.cli.validate_cmd:validate",
+                 "Check the garden file, and that it fits the hardware (for CI)."),
+    "plan": ("gardenctl.cli.plan_cmd:plan", "Show what apply would change, GPU by GPU, and why."),
+    "estimate": ("gardenctl.cli.estimate_cmd:estimate",
+                 "Itemised GPU memory estimate of one model, with sources."),
+    "inventory": ("gardenctl.cli.inventory_cmd:inventory",
+                  "List the GPUs gardenctl sees: NVML, declared, or --inventory FILE."),
+    "schema": ("gardenctl.cli.schema_cmd:schema", "Print the garden file's JSON schema."),
+}
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CHANGES = 2
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        entry = COMMANDS.get(name)
+        if entry is None:
+            return None
+        module_name, attribute = entry[0].split(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Listing commands must not import them: `gardenctl --help` stays fast.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gardenctl", prog_name="gardenctl")
+def cli() -> None:
+    """Keep a garden of vLLM workers in the state that garden.yaml declares."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and map every outcome to an exit code."""
+    from gardenctl.errors import GardenError
+
+    try:
+        rc = cli.main(args=argv, prog_name="gardenctl", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        rc = exc.exit_code
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        rc = EXIT_ERROR
+    except click.ClickException as exc:  # usage errors: exit 1, never 2 (see --detailed-exitcode)
+        exc.show()
+        rc = EXIT_ERROR
+    except GardenError as exc:
+        click.echo(f"gardenctl: {exc}", err=True)
+        rc = exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        rc = 130
+    except BrokenPipeError:
+        rc = EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - the one place that tells bugs apart
+        rc = _report_bug(exc)
+    sys.exit(rc if isinstance(rc, int) else EXIT_OK)
+
+
+def _report_bug(exc: BaseException) -> int:
+    fd, path = tempfile.mkstemp(prefix="gardenctl-crash-", suffix=".txt")
+    with os.fdopen(fd, "w") as handle:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=handle)
+    click.echo(
+        f"gardenctl: internal error ({type(exc).__name__}: {exc}). This is a bug in gardenctl; "
+        f"the traceback is in {path}. Please report it with that file.",
+        err=True,
+    )
+    return EXIT_ERROR

@@ -1,0 +1,52 @@
+"""Options shared by several commands, and the JSON writer every `-o json` uses."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import click
+
+DEFAULT_GARDEN = "garden.yaml"
+
+
+def garden_file(func: Callable) -> Callable:
+    return click.option(
+        "-f",
+        "--file",
+        "garden_path",
+        default=DEFAULT_GARDEN,
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help="The garden file.",
+    )(func)
+
+
+def inventory_file(func: Callable) -> Callable:
+    return click.option(
+        "--inventory",
+        "inventory_path",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="YAML/JSON file of nodes and GPUs; overrides the garden's inventory and discovery.",
+    )(func)
+
+
+def output_format(*choices: str) -> Callable:
+    def decorate(func: Callable) -> Callable:
+        return click.option(
+            "-o",
+            "--output",
+            "output",
+            type=click.Choice(choices),
+            default=choices[0],
+            show_default=True,
+            help="Output format.",
+        )(func)
+
+    return decorate
+
+
+def echo_json(document: Any) -> None:
+    """Print a JSON document deterministically (insertion order, two-space indent, newline)."""
+    click.echo(json.dumps(document, indent=2, ensure_ascii=False))

@@ -1,0 +1,96 @@
+"""Values that flow into and out of the memory estimator (no logic, no I/O).
+
+Data flow: `read_model_metadata` (I/O: config.json, safetensors headers, HF cache) gives a
+`ModelMetadata`; `estimate_memory(request, metadata)` (pure) gives a `MemoryEstimate`, itemised
+per GPU, each item with the source of its number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+ESTIMATE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EstimateRequest:
+    """What a worker will be asked to serve; mirrors the model fields that change memory."""
+
+    model: str  # Hugging Face id or local path
+    revision: str | None = None
+    max_model_len: int | None = None  # None: the model's own limit from config.json
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    min_concurrency: int = 1
+    enforce_eager: bool = False
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What could be read about a model without loading it. Every field may be missing."""
+
+    ref: str  # as the user wrote it
+    config: Mapping[str, Any] | None = None  # parsed config.json
+    config_source: str | None = None  # e.g. "config.json in ~/.cache/huggingface/..."
+    safetensors_bytes: int | None = None  # sum of tensor data sizes from the headers
+    safetensors_params: int | None = None  # number of elements over all tensors
+    safetensors_dtypes: Mapping[str, int] = field(default_factory=dict)  # dtype -> bytes
+    safetensors_source: str | None = None
+    notes: tuple[str, ...] = ()  # why something could not be read
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of the estimate: bytes per GPU and where the number came from."""
+
+    bytes: int
+    source: str
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Memory one worker needs on each of its GPUs to start and hold its sequences.
+
+    `budget_bytes` is what `--gpu-memory-utilization` x total must cover (vLLM >= 0.21 counts the
+    CUDA-graph pool inside it); `cuda_context` stays outside that budget; `total_bytes` is the
+    whole footprint on each GPU.
+    """
+
+    estimator: str  # "gardenctl" | "model-garden" | "ndif"
+    model: str
+    tensor_parallel_size: int
+    max_model_len: int
+    max_model_len_source: str
+    min_concurrency: int
+    kv_bytes_per_token: int  # per GPU
+    kv_bytes_per_token_source: str
+    weights: Item
+    kv_cache: Item
+    activation: Item
+    cuda_graph: Item
+    non_torch: Item
+    cuda_context: Item
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def budget_bytes(self) -> int:
+        return (
+            self.weights.bytes
+            + self.kv_cache.bytes
+            + self.activation.bytes
+            + self.cuda_graph.bytes
+            + self.non_torch.bytes
+        )
+
+    @property
+    def overhead_bytes(self) -> int:
+        return self.non_torch.bytes + self.cuda_context.bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.budget_bytes + self.cuda_context.bytes

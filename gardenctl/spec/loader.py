@@ -1,0 +1,260 @@
+"""load_garden: garden.yaml -> Garden, with every error located (file:line:col + field path)."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import typing
+from dataclasses import dataclass
+from pathlib import Path as FsPath
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from gardenctl.errors import SpecError, SpecIssue
+from gardenctl.spec.checks import check_garden
+from gardenctl.spec.models import Garden
+from gardenctl.spec.yamlsource import MAX_FILE_BYTES, Path, SourceMap, format_path, read_yaml
+
+# What a person should write, for fields whose pydantic message would be cryptic.
+FIELD_HINTS = {
+    "gpu_memory_utilization": "'auto' or a number in (0, 1], e.g. 0.45",
+    "memory": "a size such as 24GiB or 80GB",
+    "used": "a size such as 2GiB",
+    "reserve": "a size such as 1GiB or 512MiB",
+    "start_timeout": "a duration such as 15m, 90s or a number of seconds",
+    "shutdown_timeout": "a duration such as 30s or a number of seconds",
+    "name": "letters, digits, '.', '_' or '-', starting with a letter or digit, at most 63",
+    "node": "letters, digits, '.', '_' or '-', starting with a letter or digit, at most 63",
+}
+
+
+@dataclass(frozen=True)
+class LoadedGarden:
+    """A validated garden and where it came from."""
+
+    garden: Garden
+    source: SourceMap
+    path: str
+    content_hash: str  # sha256 of the file's bytes: "which version of the file is this"
+    warnings: tuple[SpecIssue, ...] = ()
+
+
+def load_garden(path: str | FsPath) -> LoadedGarden:
+    """Read, parse and validate a garden file. Raises SpecError listing every problem found."""
+    name = str(path)
+    try:
+        fs_path = FsPath(path)
+        size = fs_path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise SpecError([SpecIssue(message=f"file is larger than {MAX_FILE_BYTES // 1024} KiB "
+                                       f"({size} bytes)", file=name)])
+        raw = fs_path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError([SpecIssue(message="no such file", file=name,
+                                   hint="create one (see garden.yaml in the gardenctl repository) "
+                                   "or pass -f PATH")]) from None
+    except IsADirectoryError:
+        raise SpecError([SpecIssue(message="is a directory, not a garden file", file=name)]) from None
+    except OSError as exc:
+        raise SpecError([SpecIssue(message=f"cannot read: {exc.strerror}", file=name)]) from None
+    return parse_garden(raw, name)
+
+
+def parse_garden(raw: bytes, file: str) -> LoadedGarden:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SpecError([SpecIssue(message="not UTF-8 text", file=file, line=line)]) from None
+    data, source = read_yaml(text, file)
+    if data is None:
+        raise SpecError([SpecIssue(message="the garden file is empty", file=file,
+                                   hint="it needs at least `name:` and `models:`")])
+    if not isinstance(data, dict):
+        raise SpecError([source.issue((), "the garden file must be a mapping of keys to values",
+                                      hint="start with `name: my-garden`")])
+    try:
+        garden = Garden.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(validation_issues(exc, data, source)) from None
+    issues = check_garden(garden, source)
+    errors = [i for i in issues if i.severity == "error"]
+    if errors:
+        raise SpecError(issues)
+    return LoadedGarden(
+        garden=garden,
+        source=source,
+        path=file,
+        content_hash=hashlib.sha256(raw).hexdigest(),
+        warnings=tuple(issues),
+    )
+
+
+def validation_issues(exc: ValidationError, data: Any, source: SourceMap) -> list[SpecIssue]:
+    """Turn pydantic's errors into located, readable issues (one per field path)."""
+    grouped: dict[Path, list[dict]] = {}
+    kinds: dict[Path, str] = {}
+    for error in exc.errors(include_url=False):
+        path, kind = _data_path(error, data)
+        grouped.setdefault(path, []).append(error)
+        kinds[path] = kind
+    issues = []
+    for path, errors in grouped.items():
+        issues.append(_issue_for(path, kinds[path], errors, data, source))
+    issues.sort(key=lambda i: (i.line, i.column, i.path))
+    return issues
+
+
+def _data_path(error: dict, data: Any) -> tuple[Path, str]:
+    """Keep the parts of pydantic's loc that name real places in the data (drop union tags)."""
+    loc = error["loc"]
+    node = data
+    path: list[Any] = []
+    kind = "value"
+    for i, part in enumerate(loc):
+        if part == "[key]":
+            kind = "key"
+            continue
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            path.append(part)
+            node = node[part]
+        elif error["type"] == "missing" and i == len(loc) - 1 and isinstance(part, str):
+            path.append(part)
+            kind = "missing"
+            break
+    if error["type"] == "extra_forbidden":
+        kind = "extra"
+    return tuple(path), kind
+
+
+def _issue_for(path: Path, kind: str, errors: list[dict], data: Any,
+               source: SourceMap) -> SpecIssue:
+    field = next((p for p in reversed(path) if isinstance(p, str)), "")
+    first = errors[0]
+    if kind == "extra":
+        valid = _valid_keys(path[:-1])
+        close = difflib.get_close_matches(str(path[-1]), valid, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else ""
+        listing = ", ".join(valid)
+        hint = (hint + " " if hint else "") + f"valid keys here: {listing}"
+        return source.issue(path, f"unknown key {path[-1]!r}", hint=hint, at_key=True)
+    if kind == "missing":
+        return source.issue(path[:-1], f"required key {field!r} is missing",
+                            hint=FIELD_HINTS.get(field, ""))
+    if kind == "key":
+        return source.issue(path, f"invalid key {path[-1]!r}: {_clean(first['msg'])}",
+                            hint="environment names are letters, digits and '_', "
+                            "not starting with a digit", at_key=True)
+    value = first.get("input")
+    got = _describe(value, source.plain_text.get(path))
+    if len(errors) > 1 or first["type"] == "literal_error":
+        expected = FIELD_HINTS.get(field) or _expected_literals(errors)
+        message = f"invalid value {got}"
+        hint = f"expected {expected}" if expected else _clean(first["msg"])
+        close = _close_literal(value, errors)
+        if close:
+            hint = f"did you mean {close!r}? " + hint
+        return source.issue(path, message, hint=hint)
+    message = f"{_clean(first['msg'])}, got {got}"
+    hint = FIELD_HINTS.get(field, "")
+    plain = source.plain_text.get(path)
+    if first["type"] == "string_type" and plain is not None:
+        hint = f'YAML read this as {type(value).__name__}; quote it to keep it text: "{plain}"'
+    elif first["type"] in ("int_type", "float_type", "bool_type") and isinstance(value, str):
+        if plain is not None and plain[:1] == "0" and plain[1:2].isdigit():
+            hint = "leading zeros are ambiguous in YAML; write the number without them"
+        elif first["type"] == "bool_type":
+            hint = "write true or false (yes/no/on/off are text here)"
+        elif plain is None:
+            hint = "remove the quotes to give a number"
+    return source.issue(path, message, hint=hint)
+
+
+def _clean(msg: str) -> str:
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    return msg[:1].lower() + msg[1:]
+
+
+def _describe(value: Any, plain: str | None) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if value is None:
+        return "an empty value (null)"
+    if isinstance(value, (int, float)):
+        return f"the number {plain if plain is not None else value}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        return f"{shown!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _expected_literals(errors: list[dict]) -> str:
+    for error in errors:
+        expected = (error.get("ctx") or {}).get("expected")
+        if expected:
+            return f"one of {expected}"
+    return ""
+
+
+def _close_literal(value: Any, errors: list[dict]) -> str | None:
+    if not isinstance(value, str):
+        return None
+    for error in errors:
+        expected = (error.get("ctx") or {}).get("expected", "")
+        options = [o.strip().strip("'") for o in expected.replace(" or ", ",").split(",") if o.strip()]
+        close = difflib.get_close_matches(value, options, n=1, cutoff=0.5)
+        if close:
+            return close[0]
+    return None
+
+
+def _valid_keys(path: Path) -> list[str]:
+    """The field names allowed at ``path`` (a mapping), found by walking the pydantic models."""
+    model: Any = Garden
+    for part in path:
+        model = _step(model, part)
+        if model is None:
+            return []
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _step(annotation: Any, part: Any) -> Any:
+    annotation = _unwrap(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if not isinstance(part, str) or part not in annotation.model_fields:
+            return None
+        return _unwrap(annotation.model_fields[part].annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple) and isinstance(part, int):
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin is dict:
+        return _unwrap(typing.get_args(annotation)[1])
+    return None
+
+
+def _unwrap(annotation: Any) -> Any:
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            annotation = models[0] if models else args[0]
+        else:
+            return annotation
+
+
+__all__ = ["LoadedGarden", "load_garden", "parse_garden", "format_path"]

@@ -1,0 +1,294 @@
+"""The garden file's data model (format v1): what a team declares it wants served.
+
+These pydantic models are the single source of the file's rules: the loader validates with them,
+`schemas/garden.schema.json` is generated from them, and the docs quote their descriptions.
+All models are strict (YAML's `no` is not a boolean here, `"8"` is not an integer), frozen, and
+refuse unknown keys.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+)
+
+from gardenctl.units import VALID_SIZE_HINT, parse_size
+
+FORMAT_VERSION = 1
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+SECRET_KEY_HINTS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+DEFAULT_VLLM_COMMAND = ("vllm",)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _to_bytes(value: Any) -> int:
+    return parse_size(value)
+
+
+ByteSize = Annotated[
+    int,
+    BeforeValidator(_to_bytes),
+    PlainSerializer(lambda v: v, return_type=int),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|[KMGT]ib|[kmgt]i?b|B|b)?\s*$"},
+            ],
+            "description": VALID_SIZE_HINT,
+        }
+    ),
+]
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def _to_seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 90s, 15m or a number of seconds")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            number, unit = match.groups()
+            factor = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[unit]
+            return float(number) * factor
+    raise ValueError(f"expected a duration such as 90s, 15m or a number of seconds, got {value!r}")
+
+
+Seconds = Annotated[
+    float,
+    BeforeValidator(_to_seconds),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"},
+            ],
+            "description": "a duration such as 90s, 15m, 1h or a number of seconds",
+        }
+    ),
+]
+
+
+def _check_env_value(value: str) -> str:
+    if "${" in value and not ENV_REFERENCE.match(value):
+        raise ValueError(
+            "an environment reference must be the whole value, like ${HF_TOKEN}; "
+            f"got {value!r}"
+        )
+    return value
+
+
+EnvValue = Annotated[str, AfterValidator(_check_env_value)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+KvCacheDtype = Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_ds_mla", "fp8_inc"]
+UtilizationPolicy = Literal["fit", "fill", "tiered"]
+EstimatorName = Literal["gardenctl", "model-garden", "ndif"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class ModelPlacement(_Strict):
+    """Pin a model's workers to a node and/or a set of GPUs."""
+
+    node: Name | None = Field(None, description="Only this node may run the model's workers.")
+    gpus: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        description=(
+            "GPU indexes (NVML order) the model's workers may use; each worker takes "
+            "tensor_parallel_size of them."
+        ),
+        min_length=1,
+    )
+
+
+class ModelSettings(_Strict):
+    """Every setting of a model that `defaults:` may also give (a model's own value wins)."""
+
+    revision: str | None = Field(
+        None, description="Model revision (branch, tag or commit). A commit hash pins it."
+    )
+    replicas: int = Field(1, ge=0, le=64, description="How many workers serve this model.")
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description=(
+            "Longest sequence (prompt + output) in tokens. Unset: the model's own limit "
+            "from config.json."
+        ),
+    )
+    min_concurrency: int = Field(
+        1,
+        ge=1,
+        description="Sequences of max_model_len tokens that the KV cache must hold at once.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per worker, on one node.")
+    dtype: Dtype = "auto"
+    quantization: str | None = Field(
+        None, description="vLLM quantization method (awq, gptq, fp8, ...); unset: from the model."
+    )
+    kv_cache_dtype: KvCacheDtype = "auto"
+    gpu_memory_utilization: Union[Literal["auto"], Annotated[float, Field(gt=0, le=1)]] = Field(
+        "auto",
+        description=(
+            "Fraction of each GPU's total memory the worker's vLLM may use; 'auto' computes "
+            "it from the memory estimate and the placement policy."
+        ),
+    )
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs (less memory, slower).")
+    placement: ModelPlacement | None = None
+    priority: int = Field(
+        0, description="Higher is placed first when the garden does not fit on its GPUs."
+    )
+    port: int | None = Field(
+        None,
+        ge=1024,
+        le=65535,
+        description="HTTP port; replica i listens on port + i. Unset: assigned from 8001 up.",
+    )
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Interface to listen on; anything but loopback needs VLLM_API_KEY in env.",
+    )
+    args: list[str] = Field(
+        default_factory=list, description="Extra `vllm serve` flags, passed as they are."
+    )
+    env: dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], EnvValue] = Field(
+        default_factory=dict,
+        description=(
+            "Environment of the worker. Secrets only as ${NAME} references, resolved when the "
+            "worker starts; merged with the defaults' env."
+        ),
+    )
+    trust_remote_code: bool = Field(False, description="Needs a pinned revision (commit hash).")
+    vllm_command: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: list(DEFAULT_VLLM_COMMAND),
+        min_length=1,
+        description="argv prefix that runs vLLM, e.g. [/opt/vllm/bin/vllm].",
+    )
+    start_timeout: Seconds = Field(
+        900.0, gt=0, description="How long a worker may take to become ready."
+    )
+    shutdown_timeout: Seconds = Field(
+        30.0, ge=0, description="Grace period for a stopping worker to drain before SIGKILL."
+    )
+
+
+class ModelSpec(ModelSettings):
+    """One model the garden serves."""
+
+    name: Name = Field(description="Unique in the garden; workers are <garden>/<name>/<replica>.")
+    model: str = Field(min_length=1, description="Hugging Face id or local path of the model.")
+    served_model_name: str | None = Field(
+        None, min_length=1, description="Name clients use in requests; defaults to `name`."
+    )
+
+
+class GpuGroupSpec(_Strict):
+    """`count` identical GPUs of one node."""
+
+    name: str = Field(min_length=1, description="e.g. NVIDIA A10G")
+    memory: ByteSize = Field(description="Total memory of one GPU, e.g. 24GiB.")
+    count: int = Field(1, ge=1, le=64)
+    used: ByteSize = Field(0, description="Memory already used by processes that are not ours.")
+
+
+class NodeSpec(_Strict):
+    name: Name
+    gpus: list[GpuGroupSpec] = Field(min_length=1)
+
+
+class InventorySpec(_Strict):
+    """Declared hardware: used instead of GPU discovery (CI, planning, simulated GPUs)."""
+
+    nodes: list[NodeSpec] = Field(min_length=1)
+
+
+class PlacementPolicy(_Strict):
+    min_available_gpu_fraction: float = Field(
+        0.3,
+        ge=0,
+        lt=1,
+        description="A GPU whose unclaimed share of its memory is below this takes no new worker.",
+    )
+    reserve: ByteSize = Field(512 * 1024**2, description="Per GPU, never claimed by any worker.")
+    utilization_policy: UtilizationPolicy = Field(
+        "fit",
+        description=(
+            "fit: claim the estimate plus safety_margin; fill: share each GPU's spare memory "
+            "among its new workers (more KV cache); tiered: model-garden's bands, for a model "
+            "alone on its GPU."
+        ),
+    )
+    safety_margin: float = Field(
+        0.05, ge=0, le=1, description="Added to the estimate under the fit and fill policies."
+    )
+    estimator: EstimatorName = Field(
+        "gardenctl",
+        description="gardenctl (itemised), or a seed project's estimator as a baseline.",
+    )
+    base_port: int = Field(8001, ge=1024, le=65535, description="First port assigned.")
+
+
+class RuntimeSpec(_Strict):
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="Ray cluster address (kind: ray), e.g. auto.")
+
+
+class Garden(_Strict):
+    """A garden: the models a team wants served, and where they may run."""
+
+    name: Name = Field(description="The garden's name; it prefixes every worker id.")
+    defaults: ModelSettings = Field(default_factory=ModelSettings)
+    placement: PlacementPolicy = Field(default_factory=PlacementPolicy)
+    inventory: InventorySpec | None = None
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    models: list[ModelSpec] = Field(default_factory=list)
+
+    def resolved_models(self) -> list[ModelSpec]:
+        """Models with `defaults:` applied: a model's own value wins; `env` is merged."""
+        return [resolve_model(self.defaults, m) for m in self.models]
+
+
+def resolve_model(defaults: ModelSettings, model: ModelSpec) -> ModelSpec:
+    update: dict[str, Any] = {
+        key: getattr(defaults, key)
+        for key in defaults.model_fields_set
+        if key not in model.model_fields_set
+    }
+    if "env" in defaults.model_fields_set and "env" in model.model_fields_set:
+        update["env"] = {**defaults.env, **model.env}
+    return model.model_copy(update=update) if update else model
+
+
+def env_reference(value: str) -> str | None:
+    """The variable a `${NAME}` value refers to, or None for a literal."""
+    match = ENV_REFERENCE.match(value)
+    return match.group(1) if match else None
+
+
+def looks_secret(env_name: str) -> bool:
+    upper = env_name.upper()
+    return any(hint in upper for hint in SECRET_KEY_HINTS)
