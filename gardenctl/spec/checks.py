@@ -157,6 +157,9 @@ def _hosts_overlap(a: str, b: str) -> bool:
 
 def _check_model(garden: Garden, i: int, model: ModelSpec,
                  source: SourceMap) -> Iterable[SpecIssue]:
+    if model.model.startswith("-"):
+        yield source.issue(("models", i, "model"), f"model {model.model!r} starts with '-', so "
+                           "vLLM would read it as a flag", hint="write ./NAME for a local folder")
     if model.host not in LOOPBACK_HOSTS:
         ref = model.env.get(API_KEY_ENV)
         if ref is None or env_reference(ref) is None:

@@ -7,7 +7,7 @@ import hashlib
 import typing
 from dataclasses import dataclass
 from pathlib import Path as FsPath
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -15,6 +15,8 @@ from gardenctl.errors import SpecError, SpecIssue
 from gardenctl.spec.checks import check_garden
 from gardenctl.spec.models import Garden
 from gardenctl.spec.yamlsource import MAX_FILE_BYTES, Path, SourceMap, format_path, read_yaml
+
+M = TypeVar("M", bound=BaseModel)
 
 # What a person should write, for fields whose pydantic message would be cryptic.
 FIELD_HINTS = {
@@ -42,6 +44,11 @@ class LoadedGarden:
 
 def load_garden(path: str | FsPath) -> LoadedGarden:
     """Read, parse and validate a garden file. Raises SpecError listing every problem found."""
+    return parse_garden(read_file(path), str(path))
+
+
+def read_file(path: str | FsPath) -> bytes:
+    """A small text file's bytes, or a SpecError that says why it cannot be read."""
     name = str(path)
     try:
         fs_path = FsPath(path)
@@ -58,10 +65,11 @@ def load_garden(path: str | FsPath) -> LoadedGarden:
         raise SpecError([SpecIssue(message="is a directory, not a garden file", file=name)]) from None
     except OSError as exc:
         raise SpecError([SpecIssue(message=f"cannot read: {exc.strerror}", file=name)]) from None
-    return parse_garden(raw, name)
+    return raw
 
 
-def parse_garden(raw: bytes, file: str) -> LoadedGarden:
+def read_mapping(raw: bytes, file: str, *, what: str, hint: str) -> tuple[dict, SourceMap]:
+    """Decode and parse a YAML (or JSON) document that must be a mapping."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -69,15 +77,25 @@ def parse_garden(raw: bytes, file: str) -> LoadedGarden:
         raise SpecError([SpecIssue(message="not UTF-8 text", file=file, line=line)]) from None
     data, source = read_yaml(text, file)
     if data is None:
-        raise SpecError([SpecIssue(message="the garden file is empty", file=file,
-                                   hint="it needs at least `name:` and `models:`")])
+        raise SpecError([SpecIssue(message=f"the {what} is empty", file=file, hint=hint)])
     if not isinstance(data, dict):
-        raise SpecError([source.issue((), "the garden file must be a mapping of keys to values",
-                                      hint="start with `name: my-garden`")])
+        raise SpecError([source.issue((), f"the {what} must be a mapping of keys to values",
+                                      hint=hint)])
+    return data, source
+
+
+def validate_document(data: dict, source: SourceMap, model: type[M]) -> M:
+    """Validate parsed data with a pydantic model; SpecError with located issues otherwise."""
     try:
-        garden = Garden.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(validation_issues(exc, data, source)) from None
+        raise SpecError(validation_issues(exc, data, source, model)) from None
+
+
+def parse_garden(raw: bytes, file: str) -> LoadedGarden:
+    data, source = read_mapping(raw, file, what="garden file",
+                                hint="it needs at least `name:` and `models:`")
+    garden = validate_document(data, source, Garden)
     issues = check_garden(garden, source)
     errors = [i for i in issues if i.severity == "error"]
     if errors:
@@ -91,7 +109,8 @@ def parse_garden(raw: bytes, file: str) -> LoadedGarden:
     )
 
 
-def validation_issues(exc: ValidationError, data: Any, source: SourceMap) -> list[SpecIssue]:
+def validation_issues(exc: ValidationError, data: Any, source: SourceMap,
+                      root: type[BaseModel] = Garden) -> list[SpecIssue]:
     """Turn pydantic's errors into located, readable issues (one per field path)."""
     grouped: dict[Path, list[dict]] = {}
     kinds: dict[Path, str] = {}
@@ -101,7 +120,7 @@ def validation_issues(exc: ValidationError, data: Any, source: SourceMap) -> lis
         kinds[path] = kind
     issues = []
     for path, errors in grouped.items():
-        issues.append(_issue_for(path, kinds[path], errors, data, source))
+        issues.append(_issue_for(path, kinds[path], errors, source, root))
     issues.sort(key=lambda i: (i.line, i.column, i.path))
     return issues
 
@@ -131,20 +150,20 @@ def _data_path(error: dict, data: Any) -> tuple[Path, str]:
     return tuple(path), kind
 
 
-def _issue_for(path: Path, kind: str, errors: list[dict], data: Any,
-               source: SourceMap) -> SpecIssue:
+def _issue_for(path: Path, kind: str, errors: list[dict], source: SourceMap,
+               root: type[BaseModel]) -> SpecIssue:
     field = next((p for p in reversed(path) if isinstance(p, str)), "")
     first = errors[0]
     if kind == "extra":
-        valid = _valid_keys(path[:-1])
+        valid = _valid_keys(root, path[:-1])
         close = difflib.get_close_matches(str(path[-1]), valid, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}?" if close else ""
         listing = ", ".join(valid)
         hint = (hint + " " if hint else "") + f"valid keys here: {listing}"
         return source.issue(path, f"unknown key {path[-1]!r}", hint=hint, at_key=True)
     if kind == "missing":
-        return source.issue(path[:-1], f"required key {field!r} is missing",
-                            hint=FIELD_HINTS.get(field, ""))
+        return source.issue(path, f"required key {field!r} is missing",
+                            hint=FIELD_HINTS.get(field, ""), at=path[:-1])
     if kind == "key":
         return source.issue(path, f"invalid key {path[-1]!r}: {_clean(first['msg'])}",
                             hint="environment names are letters, digits and '_', "
@@ -218,9 +237,9 @@ def _close_literal(value: Any, errors: list[dict]) -> str | None:
     return None
 
 
-def _valid_keys(path: Path) -> list[str]:
+def _valid_keys(root: type[BaseModel], path: Path) -> list[str]:
     """The field names allowed at ``path`` (a mapping), found by walking the pydantic models."""
-    model: Any = Garden
+    model: Any = root
     for part in path:
         model = _step(model, part)
         if model is None:
@@ -257,4 +276,5 @@ def _unwrap(annotation: Any) -> Any:
             return annotation
 
 
-__all__ = ["LoadedGarden", "load_garden", "parse_garden", "format_path"]
+__all__ = ["LoadedGarden", "load_garden", "parse_garden", "read_file", "read_mapping",
+           "validate_document", "format_path"]

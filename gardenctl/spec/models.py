@@ -44,7 +44,7 @@ ByteSize = Annotated[
         {
             "anyOf": [
                 {"type": "integer", "minimum": 0},
-                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|[KMGT]ib|[kmgt]i?b|B|b)?\s*$"},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KMGTkmgt][Ii]?[Bb]|[Bb])?\s*$"},
             ],
             "description": VALID_SIZE_HINT,
         }

@@ -82,8 +82,10 @@ class SourceMap:
         return self.keys.get(tuple(path)) or self.value_mark(path)
 
     def issue(self, path: Path, message: str, *, hint: str = "", at_key: bool = False,
-              severity: str = "error") -> SpecIssue:
-        mark = self.key_mark(path) if at_key else self.value_mark(path)
+              severity: str = "error", at: Path | None = None) -> SpecIssue:
+        """An issue about ``path``, located at it (or at ``at``, e.g. a missing key's mapping)."""
+        where = path if at is None else at
+        mark = self.key_mark(where) if at_key else self.value_mark(where)
         return SpecIssue(
             message=message,
             path=format_path(path),
