@@ -1,0 +1,85 @@
+"""GPU discovery through NVML (the `pynvml` module of the nvidia-ml-py package).
+
+The NVML module is a parameter so tests can pass a fake with the same functions; by default
+`pynvml` is imported on first use, never at CLI start-up. Indexes are NVML's, which follow the
+PCI bus order; workers get CUDA_DEVICE_ORDER=PCI_BUS_ID so CUDA numbers GPUs the same way.
+"""
+
+from __future__ import annotations
+
+import socket
+from types import ModuleType
+from typing import Any
+
+from gardenctl.errors import InventoryError
+from gardenctl.inventory.model import Gpu, GpuProcess, Inventory, Node
+
+
+def load_nvml() -> ModuleType:
+    try:
+        import pynvml
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise InventoryError(
+            "the NVML bindings are not installed (pip install nvidia-ml-py)"
+        ) from exc
+    return pynvml
+
+
+def discover_local_gpus(nvml: Any = None, node_name: str | None = None) -> Inventory:
+    """Read every GPU of this machine: name, uuid, memory, and the processes using it."""
+    nvml = nvml if nvml is not None else load_nvml()
+    node = node_name or socket.gethostname()
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as exc:
+        raise InventoryError(
+            f"no NVIDIA GPU could be read on this machine (NVML: {exc}). Declare the hardware "
+            "in the garden's `inventory:` section or pass --inventory FILE to plan without GPUs."
+        ) from None
+    try:
+        gpus = tuple(_read_gpu(nvml, node, i) for i in range(nvml.nvmlDeviceGetCount()))
+    except nvml.NVMLError as exc:
+        raise InventoryError(f"reading GPUs through NVML failed: {exc}") from None
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except nvml.NVMLError:
+            pass
+    if not gpus:
+        raise InventoryError(
+            "NVML found no GPU on this machine. Declare the hardware in the garden's "
+            "`inventory:` section or pass --inventory FILE."
+        )
+    return Inventory(nodes=(Node(name=node, gpus=gpus),), source="nvml", used_includes_ours=True)
+
+
+def _read_gpu(nvml: Any, node: str, index: int) -> Gpu:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    return Gpu(
+        node=node,
+        index=index,
+        name=_text(nvml.nvmlDeviceGetName(handle)),
+        total_bytes=int(memory.total),
+        used_bytes=int(memory.used),
+        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+        processes=_processes(nvml, handle),
+    )
+
+
+def _processes(nvml: Any, handle: Any) -> tuple[GpuProcess, ...]:
+    found: dict[int, GpuProcess] = {}
+    for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+        try:
+            processes = getattr(nvml, getter)(handle)
+        except nvml.NVMLError:
+            continue
+        for process in processes:
+            used = getattr(process, "usedGpuMemory", None)
+            found.setdefault(int(process.pid), GpuProcess(pid=int(process.pid),
+                                                          used_bytes=None if used is None else int(used)))
+    return tuple(sorted(found.values(), key=lambda p: p.pid))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
