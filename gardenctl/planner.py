@@ -1,0 +1,115 @@
+"""The planning pipeline, stage by stage (see DESIGN.md's data flow):
+
+    garden.yaml --load_garden--> Garden
+    Garden.models --estimate_memory--> MemoryEstimate per model   (metadata read at the edge)
+    place(requests, Inventory, holdings) --> Placement + Unplaced
+    desired workers + Observed --reconcile--> Plan
+
+`make_plan` is pure: the same garden, inventory, observed workers and estimates give the same
+plan, byte for byte. Only `gather_estimates` touches the disk (config.json, safetensors headers).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+from gardenctl.estimate.types import EstimateRequest, MemoryEstimate, ModelMetadata
+from gardenctl.inventory.model import Inventory
+from gardenctl.observe import Observed
+from gardenctl.placement.ledger import GpuKey
+from gardenctl.placement.solver import place
+from gardenctl.plan.model import Plan
+from gardenctl.reconcile import reconcile
+from gardenctl.spec.loader import LoadedGarden
+from gardenctl.spec.models import ModelSpec
+from gardenctl.workers import build_requests, desired_workers
+
+MetadataReader = Callable[[str, "str | None"], ModelMetadata]
+
+
+def estimate_request(model: ModelSpec) -> EstimateRequest:
+    return EstimateRequest(
+        model=model.model,
+        revision=model.revision,
+        max_model_len=model.max_model_len,
+        tensor_parallel_size=model.tensor_parallel_size,
+        dtype=model.dtype,
+        quantization=model.quantization,
+        kv_cache_dtype=model.kv_cache_dtype,
+        min_concurrency=model.min_concurrency,
+        enforce_eager=model.enforce_eager,
+        max_num_seqs=model.max_num_seqs,
+        max_num_batched_tokens=model.max_num_batched_tokens,
+    )
+
+
+def gather_estimates(models: Sequence[ModelSpec], estimator: str,
+                     read_metadata: MetadataReader | None = None) -> dict[str, MemoryEstimate]:
+    """Read each model's metadata once (I/O) and estimate its memory (pure)."""
+    from gardenctl.estimate import estimate_memory, read_model_metadata
+
+    reader = read_metadata or (lambda ref, revision: read_model_metadata(ref, revision))
+    cache: dict[tuple[str, str | None], ModelMetadata] = {}
+    estimates = {}
+    for model in models:
+        key = (model.model, model.revision)
+        if key not in cache:
+            cache[key] = reader(model.model, model.revision)
+        estimates[model.name] = estimate_memory(estimate_request(model), cache[key], estimator)
+    return estimates
+
+
+def used_by_others(inventory: Inventory, observed: Observed) -> dict[GpuKey, int]:
+    """Memory on each GPU used by processes that are not our workers.
+
+    A declared inventory says it directly. NVML's figure includes our workers: subtract what
+    their processes use (per-process memory), or their claims where the driver does not say."""
+    if not inventory.used_includes_ours:
+        return {gpu.key: gpu.used_bytes for gpu in inventory.gpus}
+    ours = {pid for w in observed.workers for pid in w.pids}
+    claims: dict[GpuKey, int] = {}
+    for worker in observed.workers:
+        if worker.running:
+            for index in worker.gpus:
+                key = (worker.node, index)
+                claims[key] = claims.get(key, 0) + worker.claim_bytes
+    result = {}
+    for gpu in inventory.gpus:
+        mine = [p for p in gpu.processes if p.pid in ours]
+        if mine and all(p.used_bytes is not None for p in mine):
+            result[gpu.key] = max(0, gpu.used_bytes - sum(p.used_bytes or 0 for p in mine))
+        else:
+            result[gpu.key] = max(0, gpu.used_bytes - claims.get(gpu.key, 0))
+    return result
+
+
+def make_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
+              estimates: Mapping[str, MemoryEstimate]) -> Plan:
+    garden = loaded.garden
+    models = garden.resolved_models()
+    mine = observed.of_garden(garden.name)
+    requests = build_requests(garden, models, estimates)
+    placement = place(requests, inventory, garden.placement, mine.holdings(),
+                      used_by_others(inventory, mine))
+    desired = desired_workers(garden, models, placement, estimates, mine.ports())
+    actions = reconcile(desired, mine, placement.unplaced)
+    warnings = [w for name in sorted(estimates) for w in _prefixed(name, estimates[name].warnings)]
+    warnings += [issue.format() for issue in loaded.warnings]
+    return Plan(
+        garden=garden.name,
+        garden_file=loaded.path,
+        inventory_source=inventory.source,
+        fingerprints={
+            "garden": loaded.content_hash[:16],
+            "inventory": inventory.fingerprint(),
+            "observed": mine.fingerprint(),
+        },
+        actions=actions,
+        ledgers=placement.ledgers,
+        unplaced=placement.unplaced,
+        warnings=tuple(warnings),
+    )
+
+
+def _prefixed(name: str, warnings: Sequence[str]) -> list[str]:
+    return [f"{name}: {w}" for w in warnings]

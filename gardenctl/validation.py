@@ -1,0 +1,97 @@
+"""What `gardenctl validate` checks beyond the file itself: the garden against its hardware.
+
+With an inventory (declared in the garden or given with --inventory): pinned nodes and GPUs must
+exist, tensor parallelism must fit on a node, and the whole garden must fit (every worker placed
+on an empty fleet). Each problem is an issue located at the model's line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from gardenctl.errors import SpecIssue
+from gardenctl.estimate.types import MemoryEstimate
+from gardenctl.inventory.model import Inventory
+from gardenctl.placement.model import Placement
+from gardenctl.placement.solver import place
+from gardenctl.spec.loader import LoadedGarden
+from gardenctl.spec.models import ModelSpec
+from gardenctl.workers import build_requests
+
+
+@dataclass(frozen=True)
+class FitReport:
+    issues: tuple[SpecIssue, ...]
+    placement: Placement | None
+
+
+def check_against_inventory(loaded: LoadedGarden, inventory: Inventory,
+                            estimates: Mapping[str, MemoryEstimate]) -> FitReport:
+    garden = loaded.garden
+    source = loaded.source
+    models = garden.resolved_models()
+    issues: list[SpecIssue] = []
+    nodes = {node.name: node for node in inventory.nodes}
+    largest = max((len(node.gpus) for node in inventory.nodes), default=0)
+    for i, model in enumerate(models):
+        path = ("models", i)
+        pin = model.placement
+        if pin and pin.node is not None and pin.node not in nodes:
+            issues.append(source.issue(_field(loaded, i, "placement"),
+                                       f"pinned to node {pin.node!r}, which the inventory "
+                                       f"({inventory.source}) does not have",
+                                       hint="nodes: " + ", ".join(sorted(nodes))))
+            continue
+        candidates = [nodes[pin.node]] if pin and pin.node else list(nodes.values())
+        if pin and pin.gpus is not None:
+            for node in candidates:
+                present = {gpu.index for gpu in node.gpus}
+                missing = sorted(set(pin.gpus) - present)
+                if missing and (pin.node or len(candidates) == 1):
+                    issues.append(source.issue(
+                        _field(loaded, i, "placement"),
+                        f"pinned GPU(s) {', '.join(map(str, missing))} do not exist on "
+                        f"{node.name}", hint=f"it has GPUs 0-{len(node.gpus) - 1}"))
+        most = max((len(node.gpus) for node in candidates), default=0)
+        if model.tensor_parallel_size > most:
+            issues.append(source.issue(
+                _field(loaded, i, "tensor_parallel_size"),
+                f"tensor_parallel_size {model.tensor_parallel_size} needs that many GPUs on one "
+                f"node; the largest {'allowed ' if pin and pin.node else ''}node has {most}",
+                hint=f"at most {largest} here"))
+    if issues:
+        return FitReport(tuple(issues), None)
+    placement = place(build_requests(garden, models, estimates), inventory, garden.placement)
+    index = {m.name: i for i, m in enumerate(models)}
+    for unplaced in placement.unplaced:
+        i = index[unplaced.model]
+        detail = "; ".join(r.message for r in unplaced.reasons)
+        issues.append(source.issue(("models", i), f"{unplaced.worker_id} does not fit on the "
+                                   f"inventory ({inventory.source}): {detail}",
+                                   hint="lower max_model_len or min_concurrency, use a smaller or "
+                                   "quantized model, lower priority elsewhere, or add GPUs"))
+    return FitReport(tuple(issues), placement)
+
+
+def _field(loaded: LoadedGarden, index: int, name: str) -> tuple:
+    model = loaded.garden.models[index]
+    if name in model.model_fields_set:
+        return ("models", index, name)
+    if name in loaded.garden.defaults.model_fields_set:
+        return ("defaults", name)
+    return ("models", index)
+
+
+def estimate_warnings(loaded: LoadedGarden, models: Sequence[ModelSpec],
+                      estimates: Mapping[str, MemoryEstimate]) -> list[SpecIssue]:
+    """The estimator's warnings (a guessed size, a default length), located at each model."""
+    issues = []
+    for i, model in enumerate(models):
+        for warning in estimates[model.name].warnings:
+            issues.append(loaded.source.issue(("models", i, "model"), warning,
+                                              severity="warning"))
+    return issues
+
+
+__all__ = ["FitReport", "check_against_inventory", "estimate_warnings"]

@@ -1,0 +1,230 @@
+"""Desired workers: each model replica with its place, port, `vllm serve` argv and environment.
+
+A worker's identity is `garden/model/replica`. Two hashes describe it:
+- the *sizing hash* covers what decides its memory (model, lengths, dtypes, parallelism, the
+  placement policy's knobs, extra args). While it is unchanged, a running worker keeps its GPUs
+  and its --gpu-memory-utilization, so a cosmetic edit or a new neighbour never moves it;
+- the *spec hash* covers exactly what forces a restart: argv, environment (secret references,
+  never their values) and GPUs. Equal spec hash -> keep; different -> replace.
+Priority, replica count, start timeout and pinning (while still satisfied) are in neither.
+
+vLLM facts checked against vLLM 0.32 (shared/VLLM.md): workers get CUDA_VISIBLE_DEVICES in NVML
+order with CUDA_DEVICE_ORDER=PCI_BUS_ID, VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS set explicitly
+(so the CUDA-graph pool is inside the --gpu-memory-utilization budget), never VLLM_PORT, and
+secrets only through the environment (argv is readable by every local user).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
+
+from gardenctl.estimate.types import MemoryEstimate
+from gardenctl.placement.model import Placement, WorkerRequest
+from gardenctl.spec.models import Garden, ModelSpec, PlacementPolicy
+
+WORKER_ID_ENV = "GARDENCTL_WORKER_ID"
+SPEC_HASH_ENV = "GARDENCTL_SPEC_HASH"
+MARKER_ENVS = (WORKER_ID_ENV, SPEC_HASH_ENV)
+
+# Fields that decide a worker's memory footprint (and so its place and F).
+SIZING_FIELDS = (
+    "model", "revision", "max_model_len", "min_concurrency", "tensor_parallel_size", "dtype",
+    "quantization", "kv_cache_dtype", "gpu_memory_utilization", "max_num_seqs",
+    "max_num_batched_tokens", "enforce_eager", "args",
+)
+
+
+def make_worker_id(garden: str, model: str, replica: int) -> str:
+    return f"{garden}/{model}/{replica}"
+
+
+@dataclass(frozen=True)
+class DesiredWorker:
+    worker_id: str
+    garden: str
+    model: str  # the model's name in the garden
+    model_ref: str  # Hugging Face id or path given to vLLM
+    replica: int
+    node: str
+    gpus: tuple[int, ...]
+    host: str
+    port: int
+    served_model_name: str
+    utilization: float
+    claim_bytes: int  # per GPU
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]  # values are literals or ${NAME} references, never secrets
+    sizing_hash: str
+    spec_hash: str
+    start_timeout: float
+    shutdown_timeout: float
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["gpus"] = list(self.gpus)
+        data["argv"] = list(self.argv)
+        data["env"] = {k: v for k, v in self.env}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "DesiredWorker":
+        values = dict(data)
+        values["gpus"] = tuple(values["gpus"])
+        values["argv"] = tuple(values["argv"])
+        values["env"] = tuple(sorted(dict(values["env"]).items()))
+        return cls(**values)
+
+
+def _digest(document: object) -> str:
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def sizing_hash(model: ModelSpec, policy: PlacementPolicy) -> str:
+    document = {name: getattr(model, name) for name in SIZING_FIELDS}
+    if model.gpu_memory_utilization == "auto":
+        document["policy"] = [policy.utilization_policy, policy.safety_margin, policy.estimator]
+    return _digest(document)
+
+
+def spec_hash(argv: Sequence[str], env: Sequence[tuple[str, str]], node: str,
+              gpus: Sequence[int]) -> str:
+    return _digest({"argv": list(argv), "env": sorted(env), "node": node, "gpus": list(gpus)})
+
+
+def build_requests(garden: Garden, models: Sequence[ModelSpec],
+                   estimates: Mapping[str, MemoryEstimate]) -> list[WorkerRequest]:
+    """One placement request per replica of every model."""
+    requests = []
+    for model in models:
+        estimate = estimates[model.name]
+        fixed = None if model.gpu_memory_utilization == "auto" else model.gpu_memory_utilization
+        pin = model.placement
+        sizing = sizing_hash(model, garden.placement)
+        for replica in range(model.replicas):
+            requests.append(WorkerRequest(
+                worker_id=make_worker_id(garden.name, model.name, replica),
+                model=model.name,
+                replica=replica,
+                tensor_parallel_size=model.tensor_parallel_size,
+                priority=model.priority,
+                estimate=estimate,
+                utilization=fixed,
+                pin_node=pin.node if pin else None,
+                pin_gpus=tuple(pin.gpus) if pin and pin.gpus is not None else None,
+                sizing_hash=sizing,
+            ))
+    return requests
+
+
+def assign_ports(garden: Garden, models: Sequence[ModelSpec], placed_ids: set[str],
+                 current_ports: Mapping[str, int]) -> dict[str, int]:
+    """Ports for placed workers: explicit ones (port + replica), else the port a running
+    worker already has, else the lowest free port from placement.base_port up."""
+    ports: dict[str, int] = {}
+    auto: list[str] = []
+    for model in models:
+        for replica in range(model.replicas):
+            worker_id = make_worker_id(garden.name, model.name, replica)
+            if worker_id not in placed_ids:
+                continue
+            if model.port is not None:
+                ports[worker_id] = model.port + replica
+            else:
+                auto.append(worker_id)
+    taken = set(ports.values())
+    for worker_id in sorted(auto):
+        port = current_ports.get(worker_id)
+        if port is not None and port not in taken:
+            ports[worker_id] = port
+            taken.add(port)
+    candidate = garden.placement.base_port
+    for worker_id in sorted(auto):
+        if worker_id in ports:
+            continue
+        while candidate in taken:
+            candidate += 1
+        ports[worker_id] = candidate
+        taken.add(candidate)
+    return ports
+
+
+def vllm_argv(model: ModelSpec, *, port: int, utilization: float, max_model_len: int) -> list[str]:
+    """`vllm serve` command line for one worker (vLLM 0.32 flags; never a secret)."""
+    argv = [*model.vllm_command, "serve", model.model,
+            "--host", model.host,
+            "--port", str(port),
+            "--served-model-name", model.served_model_name or model.name,
+            "--max-model-len", str(max_model_len),
+            "--tensor-parallel-size", str(model.tensor_parallel_size),
+            "--gpu-memory-utilization", f"{utilization:.3f}",
+            "--shutdown-timeout", str(int(model.shutdown_timeout))]
+    if model.revision:
+        argv += ["--revision", model.revision]
+    if model.dtype != "auto":
+        argv += ["--dtype", model.dtype]
+    if model.quantization:
+        argv += ["--quantization", model.quantization]
+    if model.kv_cache_dtype != "auto":
+        argv += ["--kv-cache-dtype", model.kv_cache_dtype]
+    if model.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(model.max_num_seqs)]
+    if model.max_num_batched_tokens is not None:
+        argv += ["--max-num-batched-tokens", str(model.max_num_batched_tokens)]
+    if model.enforce_eager:
+        argv.append("--enforce-eager")
+    if model.trust_remote_code:
+        argv.append("--trust-remote-code")
+    return argv + list(model.args)
+
+
+def worker_env(model: ModelSpec, gpus: Sequence[int]) -> list[tuple[str, str]]:
+    env = {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus),
+        "VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS": "1",
+    }
+    env.update(model.env)
+    return sorted(env.items())
+
+
+def desired_workers(garden: Garden, models: Sequence[ModelSpec], placement: Placement,
+                    estimates: Mapping[str, MemoryEstimate],
+                    current_ports: Mapping[str, int]) -> list[DesiredWorker]:
+    """Every placed worker, fully specified: what `apply` will run."""
+    by_name = {m.name: m for m in models}
+    placed = {a.worker_id: a for a in placement.assignments}
+    ports = assign_ports(garden, models, set(placed), current_ports)
+    workers = []
+    for worker_id in sorted(placed):
+        assignment = placed[worker_id]
+        model = by_name[assignment.model]
+        estimate = estimates[model.name]
+        replica = int(worker_id.rsplit("/", 1)[1])
+        argv = vllm_argv(model, port=ports[worker_id], utilization=assignment.utilization,
+                         max_model_len=estimate.max_model_len)
+        env = worker_env(model, assignment.gpus)
+        workers.append(DesiredWorker(
+            worker_id=worker_id,
+            garden=garden.name,
+            model=model.name,
+            model_ref=model.model,
+            replica=replica,
+            node=assignment.node,
+            gpus=assignment.gpus,
+            host=model.host,
+            port=ports[worker_id],
+            served_model_name=model.served_model_name or model.name,
+            utilization=assignment.utilization,
+            claim_bytes=assignment.claim_bytes,
+            argv=tuple(argv),
+            env=tuple(env),
+            sizing_hash=sizing_hash(model, garden.placement),
+            spec_hash=spec_hash(argv, env, assignment.node, assignment.gpus),
+            start_timeout=model.start_timeout,
+            shutdown_timeout=model.shutdown_timeout,
+        ))
+    return workers

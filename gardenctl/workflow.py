@@ -1,0 +1,39 @@
+"""The edges of one planning pass: read the file, the hardware, the running workers and the
+models' metadata, then hand values to the pure planner. Commands (plan, apply, watch) call this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from gardenctl.estimate.types import MemoryEstimate
+from gardenctl.inventory.model import Inventory
+from gardenctl.observe import Observed
+from gardenctl.plan.model import Plan
+from gardenctl.spec.loader import LoadedGarden
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    loaded: LoadedGarden
+    inventory: Inventory
+    observed: Observed
+    estimates: Mapping[str, MemoryEstimate]
+    plan: Plan
+
+
+def compute_plan(garden_path: str, inventory_path: str | None = None,
+                 observed: Observed | None = None, nvml=None,
+                 loaded: LoadedGarden | None = None) -> PlanResult:
+    from gardenctl.inventory import resolve_inventory
+    from gardenctl.planner import gather_estimates, make_plan
+    from gardenctl.spec.loader import load_garden
+
+    loaded = loaded or load_garden(garden_path)
+    garden = loaded.garden
+    inventory = resolve_inventory(garden, garden_path, inventory_path, nvml=nvml)
+    observed = observed if observed is not None else Observed()
+    estimates = gather_estimates(garden.resolved_models(), garden.placement.estimator)
+    plan = make_plan(loaded, inventory, observed, estimates)
+    return PlanResult(loaded, inventory, observed, estimates, plan)

@@ -1,0 +1,76 @@
+"""Desired workers: vLLM argv (a list, never a shell), environment, identity hashes."""
+
+from __future__ import annotations
+
+from builders import garden_text, plan_for
+
+from gardenctl.spec.checks import flag_name, known_vllm_flags
+
+EVERYTHING = """\
+  - name: full
+    model: Qwen/Qwen2.5-7B-Instruct
+    revision: 0123456789abcdef0123456789abcdef01234567
+    max_model_len: 8192
+    tensor_parallel_size: 2
+    dtype: bfloat16
+    quantization: fp8
+    kv_cache_dtype: fp8
+    max_num_seqs: 32
+    max_num_batched_tokens: 4096
+    enforce_eager: true
+    trust_remote_code: true
+    host: 0.0.0.0
+    served_model_name: chat
+    env: {VLLM_API_KEY: "${LAB_KEY}", HF_TOKEN: "${HF_TOKEN}", HF_HOME: /data/hf}
+    vllm_command: [/opt/vllm/bin/vllm]
+"""
+
+
+def full_worker():
+    plan = plan_for(garden_text(EVERYTHING))
+    return plan.actions[0].worker
+
+
+def test_every_flag_gardenctl_emits_is_accepted_by_vllm_0_32():
+    argv = full_worker().argv
+    emitted = {flag_name(a) for a in argv} - {None}
+    assert emitted, argv
+    assert emitted <= known_vllm_flags(), emitted - known_vllm_flags()
+
+
+def test_argv_is_the_configured_command_then_serve_model_and_flags():
+    w = full_worker()
+    assert w.argv[:3] == ("/opt/vllm/bin/vllm", "serve", "Qwen/Qwen2.5-7B-Instruct")
+    flags = dict(zip(w.argv[3::2], w.argv[4::2]))
+    assert flags["--port"] == str(w.port) and flags["--host"] == "0.0.0.0"
+    assert flags["--served-model-name"] == "chat"
+    assert flags["--gpu-memory-utilization"] == f"{w.utilization:.3f}"
+    assert flags["--tensor-parallel-size"] == "2"
+
+
+def test_secrets_stay_references_and_never_reach_argv():
+    w = full_worker()
+    env = dict(w.env)
+    assert env["VLLM_API_KEY"] == "${LAB_KEY}" and env["HF_TOKEN"] == "${HF_TOKEN}"
+    assert "--api-key" not in w.argv
+
+
+def test_environment_pins_gpus_in_nvml_order():
+    env = dict(full_worker().env)
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert env["VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS"] == "1"
+    assert "VLLM_PORT" not in env
+
+
+def test_hostile_model_name_stays_one_argv_word():
+    text = garden_text("  - {name: x, model: 'org/m; rm -rf / $(id)', max_model_len: 1024}\n")
+    worker = plan_for(text).actions[0].worker
+    assert worker.argv[2] == "org/m; rm -rf / $(id)"
+
+
+def test_spec_hash_is_stable_and_changes_with_argv():
+    one, two = full_worker(), full_worker()
+    assert one.spec_hash == two.spec_hash
+    other = plan_for(garden_text(EVERYTHING.replace("max_num_seqs: 32", "max_num_seqs: 64")))
+    assert other.actions[0].worker.spec_hash != one.spec_hash
