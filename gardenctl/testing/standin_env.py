@@ -1,0 +1,124 @@
+"""The environment variables the stand-in vLLM server reads, parsed and checked.
+
+What each one does is documented in ``gardenctl.testing.standin_vllm``. A bad value is a usage
+error (``EnvError``, exit 2) that names the variable and what would be valid.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TypeVar
+
+from gardenctl.testing.standin_engine import FAILURE_MODES
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+               "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+
+T = TypeVar("T")
+
+
+class EnvError(ValueError):
+    """A STANDIN_VLLM_* (or vLLM) variable holds a value the stand-in cannot use."""
+
+
+def _read_env(environ: Mapping[str, str], name: str, default: T, parse: Callable[[str], T],
+              expected: str) -> T:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return parse(raw)
+    except ValueError:
+        raise EnvError(f"{name}={raw!r} is not valid: expected {expected}") from None
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def _parse_seconds(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:  # also rejects nan
+        raise ValueError(raw)
+    return value
+
+
+def _parse_size(raw: str) -> int:
+    """``24GiB``, ``80GB``, ``512MiB`` or a plain number of bytes; must be positive."""
+    match = _SIZE_RE.fullmatch(raw)
+    factor = _SIZE_UNITS.get(match.group(2).lower()) if match else None
+    if match is None or factor is None or float(match.group(1)) <= 0:
+        raise ValueError(raw)
+    return int(float(match.group(1)) * factor)
+
+
+def _parse_exit_code(raw: str) -> int:
+    code = int(raw)
+    if not 1 <= code <= 255:
+        raise ValueError(raw)
+    return code
+
+
+def _parse_fail_mode(raw: str) -> str:
+    if raw not in FAILURE_MODES:
+        raise ValueError(raw)
+    return raw
+
+
+@dataclass(frozen=True)
+class StandinEnv:
+    """The environment variables the stand-in reads (see the module docstring)."""
+
+    ready_delay: float = 0.5
+    fail: str | None = None
+    crash_after: float = 1.0
+    exit_code: int = 1
+    ignore_sigterm: bool = False
+    spawn_child: bool = False
+    gpu_memory_bytes: int = 80 * 1024**3
+    weights_bytes: int = 1024**3
+    kv_bytes_per_token: int = 131_072
+    request_delay: float = 0.0
+    dry_run: bool = False
+    api_key: str | None = None  # VLLM_API_KEY
+    server_dev_mode: bool = False  # VLLM_SERVER_DEV_MODE
+    keep_alive_on_engine_death: bool = False  # VLLM_KEEP_ALIVE_ON_ENGINE_DEATH
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> StandinEnv:
+        """Read the variables; an unset or empty one keeps its default. Raises EnvError."""
+        defaults = cls()
+        values = {
+            field: _read_env(environ, name, getattr(defaults, field), parse, expected)
+            for field, name, parse, expected in _VARIABLES
+        }
+        return cls(api_key=environ.get("VLLM_API_KEY") or None, **values)
+
+
+_BOOLEAN = "1/0, true/false or yes/no"
+_SECONDS = "a number of seconds >= 0"
+_SIZE = "a positive size like 24GiB, 512MiB, 80GB or a number of bytes"
+
+# StandinEnv field, variable, parser, what a valid value looks like
+_VARIABLES: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("ready_delay", "STANDIN_VLLM_READY_DELAY", _parse_seconds, _SECONDS),
+    ("fail", "STANDIN_VLLM_FAIL", _parse_fail_mode, "one of " + ", ".join(FAILURE_MODES)),
+    ("crash_after", "STANDIN_VLLM_CRASH_AFTER", _parse_seconds, _SECONDS),
+    ("exit_code", "STANDIN_VLLM_EXIT_CODE", _parse_exit_code, "an integer from 1 to 255"),
+    ("ignore_sigterm", "STANDIN_VLLM_IGNORE_SIGTERM", _parse_bool, _BOOLEAN),
+    ("spawn_child", "STANDIN_VLLM_SPAWN_CHILD", _parse_bool, _BOOLEAN),
+    ("gpu_memory_bytes", "STANDIN_VLLM_GPU_MEMORY", _parse_size, _SIZE),
+    ("weights_bytes", "STANDIN_VLLM_WEIGHTS", _parse_size, _SIZE),
+    ("kv_bytes_per_token", "STANDIN_VLLM_KV_BYTES_PER_TOKEN", _parse_size, _SIZE),
+    ("request_delay", "STANDIN_VLLM_REQUEST_DELAY", _parse_seconds, _SECONDS),
+    ("dry_run", "STANDIN_VLLM_DRY_RUN", _parse_bool, _BOOLEAN),
+    ("server_dev_mode", "VLLM_SERVER_DEV_MODE", _parse_bool, _BOOLEAN),
+    ("keep_alive_on_engine_death", "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH", _parse_bool, _BOOLEAN),
+)

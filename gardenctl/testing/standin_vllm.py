@@ -1,0 +1,335 @@
+"""A test stand-in for `vllm serve`: vLLM's processes seen from outside, with no model and no GPU.
+
+Run it where gardenctl would run vLLM (``vllm_command: [standin-vllm]`` in a garden file):
+
+    standin-vllm serve MODEL [flags...]
+    python -m gardenctl.testing.standin_vllm serve MODEL [flags...]
+
+It behaves like vLLM 0.32 where an orchestrator can see it (shared/VLLM.md):
+
+- Command line: accepts exactly the flags of the real `vllm serve` (gardenctl/data/
+  vllm-serve-flags-0.32.txt) and rejects others with exit 2 and ``vllm serve: error:
+  unrecognized arguments: ...``; see ``standin_args`` for which flags take values.
+- Start-up: binds --host/--port at once (a taken port: exit 1, "address already in use"),
+  "loads" for STANDIN_VLLM_READY_DELAY seconds, logs vLLM's memory lines (``Model loading
+  took X GiB``, ``Available KV cache memory``, ``GPU KV cache size``, ``Maximum concurrency``)
+  computed from the flags and a simulated GPU (see ``standin_engine``), then
+  ``Application startup complete.``. Until then every route answers 503 (vLLM refuses
+  connections instead; see ``standin_http``). Start-up fails like vLLM's when the simulated
+  memory does not fit, e.g. a --max-model-len too long for the KV cache.
+- HTTP: /health, /version, /v1/models, /v1/completions, /v1/chat/completions, and the sleep
+  routes; --api-key or $VLLM_API_KEY protects /v1 routes. Secrets are never printed.
+- Shutdown: SIGTERM or SIGINT stops accepting, lets in-flight requests finish for at most
+  --shutdown-timeout seconds (default 0), stops the EngineCore child if any, exits 0.
+
+Environment (set them through a model's ``env:`` in a garden file):
+
+  STANDIN_VLLM_READY_DELAY=0.5      seconds of simulated loading before ready (or failure)
+  STANDIN_VLLM_FAIL=MODE            inject a failure, after the loading delay:
+      oom                 CUDA out of memory while loading (torch.OutOfMemoryError), exit
+      kv_cache            "To serve at least one request with the model's max seq len (L)...", exit
+      no_cache_blocks     "No available memory for the cache blocks", exit
+      model_not_found     Hugging Face "Repository Not Found" / "is not a local folder and is
+                          not a valid model identifier", exit
+      free_memory         "Free memory on device cuda:0 (...) on startup is less than desired
+                          GPU memory utilization (...)", exit
+      crash_after_ready   ready, then after STANDIN_VLLM_CRASH_AFTER seconds the engine dies:
+                          /health 503, "EngineDeadError" logged, exit (with
+                          VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1 it stays up answering 503)
+      hang                never ready; keeps the port bound until signalled
+  STANDIN_VLLM_CRASH_AFTER=1.0      seconds between ready and the crash_after_ready crash
+  STANDIN_VLLM_EXIT_CODE=1          exit status of every simulated failure (1-255)
+  STANDIN_VLLM_IGNORE_SIGTERM=1     log and ignore SIGTERM, so the caller must SIGKILL
+                                    (SIGINT still stops it)
+  STANDIN_VLLM_SPAWN_CHILD=1        spawn a "VLLM::EngineCore" child (a sleeping python) in
+                                    the same process group, like vLLM's EngineCore: it
+                                    survives a SIGKILL of the parent alone, dies with a
+                                    SIGTERM or SIGKILL to the group, is stopped on a clean
+                                    shutdown, and exits by itself after an hour at most
+  STANDIN_VLLM_GPU_MEMORY=80GiB     simulated GPU total (bytes, or KiB/MiB/GiB/TiB/KB/MB/GB/TB)
+  STANDIN_VLLM_WEIGHTS=1GiB         simulated weights, all ranks together (split over -tp)
+  STANDIN_VLLM_KV_BYTES_PER_TOKEN=131072
+                                    KV cache bytes per token at TP=1 (Llama-3.1-8B's); split
+                                    over -tp, halved by --kv-cache-dtype fp8*
+  STANDIN_VLLM_REQUEST_DELAY=0      seconds each completion takes (to test draining)
+  STANDIN_VLLM_DRY_RUN=1            parse the arguments, print them as JSON, exit 0
+  vLLM's own: VLLM_API_KEY, VLLM_SERVER_DEV_MODE (sleep routes need it with
+  --enable-sleep-mode), VLLM_KEEP_ALIVE_ON_ENGINE_DEATH.
+
+Booleans accept 1/0, true/false, yes/no. Exit codes: 0 after a signal, 2 for a usage error
+(unknown flag, bad STANDIN_VLLM_* value), 1 for a taken port, STANDIN_VLLM_EXIT_CODE for
+every simulated failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Sequence
+
+from gardenctl.testing import standin_args
+from gardenctl.testing.standin_engine import (
+    CUDA_CONTEXT_BYTES,
+    DEFAULT_MAX_MODEL_LEN,
+    NON_TORCH_BYTES,
+    EngineFailure,
+    EngineSettings,
+    LogLine,
+    engine_crashed,
+    profile_memory,
+    simulate_startup,
+)
+from gardenctl.testing.standin_env import EnvError, StandinEnv
+from gardenctl.testing.standin_http import (
+    ApiSettings,
+    EngineState,
+    StandinHTTPServer,
+    create_http_server,
+)
+from gardenctl.testing.standin_log import VllmLog
+
+ENGINE_CORE_TITLE = "VLLM::EngineCore"
+ENGINE_CORE_MAX_LIFETIME_S = 3600
+SERVE_POLL_INTERVAL_S = 0.1  # how quickly serve_forever notices a shutdown request
+USAGE = "usage: standin-vllm serve [MODEL] [flags...]   (try: standin-vllm serve --help)"
+
+
+def engine_settings(args: argparse.Namespace, env: StandinEnv) -> EngineSettings:
+    return EngineSettings(
+        model=args.model,
+        revision=args.revision,
+        gpu_total_bytes=env.gpu_memory_bytes,
+        weights_bytes=env.weights_bytes,
+        kv_bytes_per_token=env.kv_bytes_per_token,
+        tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        kv_cache_dtype=args.kv_cache_dtype,
+        # vLLM reads an absent or negative (-1: "auto") max_model_len as the model's maximum.
+        max_model_len=(args.max_model_len if (args.max_model_len or 0) > 0
+                       else DEFAULT_MAX_MODEL_LEN),
+        enforce_eager=args.enforce_eager,
+        load_seconds=env.ready_delay,
+    )
+
+
+def api_settings(
+    args: argparse.Namespace, env: StandinEnv, settings: EngineSettings
+) -> ApiSettings:
+    profile = profile_memory(settings)
+    tp_key = 1 if settings.tensor_parallel_size == 1 else 2
+    return ApiSettings(
+        model=args.model,
+        served_model_names=standin_args.served_model_names(args),
+        max_model_len=settings.max_model_len,
+        api_keys=standin_args.api_keys(args, env.api_key),
+        sleep_routes=args.enable_sleep_mode and env.server_dev_mode,
+        request_delay=env.request_delay,
+        access_log=not args.disable_uvicorn_access_log,
+        log_requests=args.enable_log_requests,
+        version=standin_args.VLLM_VERSION,
+        sleep_freed_bytes=profile.weights + max(0, profile.kv_cache),
+        sleep_kept_bytes=CUDA_CONTEXT_BYTES[tp_key] + NON_TORCH_BYTES[tp_key],
+    )
+
+
+class ShutdownRequest:
+    """SIGTERM/SIGINT handling: the first signal asks the main thread to shut down."""
+
+    def __init__(self, log: VllmLog, ignore_sigterm: bool) -> None:
+        self._log = log
+        self._ignore_sigterm = ignore_sigterm
+        self._requested = threading.Event()
+        self.signal_name = ""
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGTERM and self._ignore_sigterm:
+            self._log.api("WARNING", "standin_vllm.py",
+                          "Received SIGTERM; ignoring it (STANDIN_VLLM_IGNORE_SIGTERM=1)")
+            return
+        if not self._requested.is_set():
+            self.signal_name = name
+            self._requested.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once a shutdown was asked for; False if ``timeout`` passed first."""
+        return self._requested.wait(timeout)
+
+
+def spawn_engine_core() -> subprocess.Popen:
+    """A child that stands for vLLM's EngineCore: same process group, default signals."""
+    code = f"import time; time.sleep({ENGINE_CORE_MAX_LIFETIME_S})"
+    return subprocess.Popen([sys.executable, "-c", code, ENGINE_CORE_TITLE],
+                            stdin=subprocess.DEVNULL)
+
+
+def stop_child(child: subprocess.Popen | None) -> None:
+    if child is None or child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+class StandinServer:
+    """One run of the stand-in: start-up, serving, failure or shutdown, and the exit code."""
+
+    def __init__(self, args: argparse.Namespace, env: StandinEnv, log: VllmLog) -> None:
+        self.args = args
+        self.env = env
+        self.log = log
+        self.settings = engine_settings(args, env)
+        self.engine = EngineState()
+        self.stop_request = ShutdownRequest(log, env.ignore_sigterm)
+
+    def run(self) -> int:
+        self.stop_request.install()
+        self._log_banner()
+        api = api_settings(self.args, self.env, self.settings)
+        try:
+            server = create_http_server(self.args.host, self.args.port, api, self.engine, self.log)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            self._log_port_in_use(error)
+            return 1
+        thread = threading.Thread(target=server.serve_forever, args=(SERVE_POLL_INTERVAL_S,),
+                                  name="http", daemon=True)
+        thread.start()
+        child = spawn_engine_core() if self.env.spawn_child else None
+        if child is not None:
+            self.log.engine_pid = child.pid
+        try:
+            exit_code = self._run_engine()
+            if exit_code == 0:
+                self._shut_down_gracefully(server)
+            return exit_code
+        finally:
+            server.shutdown()
+            server.server_close()
+            stop_child(child)
+
+    def _run_engine(self) -> int:
+        """Start the simulated engine, serve until asked to stop; return the exit code."""
+        if self.stop_request.wait(self.env.ready_delay):
+            return 0
+        result = simulate_startup(self.settings, self.env.fail)
+        self._log_lines(result.lines)
+        if result.failure is not None:
+            return self._fail(result.failure)
+        if self.env.fail == "hang":
+            self.stop_request.wait()
+            return 0
+        self.engine.mark_ready()
+        self._log_ready()
+        crashes = self.env.fail == "crash_after_ready"
+        if crashes and not self.stop_request.wait(self.env.crash_after):
+            self.engine.mark_dead()
+            self.log.api("ERROR", "core_client.py",
+                         "Engine core proc EngineCore_DP0 died unexpectedly, shutting down client.")
+            exit_code = self._fail(engine_crashed())
+            if not self.env.keep_alive_on_engine_death:
+                return exit_code
+        self.stop_request.wait()
+        return 0
+
+    def _fail(self, failure: EngineFailure) -> int:
+        for line in failure.engine_traceback:
+            self.log.engine("ERROR", "core.py", line)
+        self.log.stderr(failure.server_traceback)
+        return self.env.exit_code
+
+    def _shut_down_gracefully(self, server: StandinHTTPServer) -> None:
+        """Stop accepting; let in-flight requests finish within --shutdown-timeout."""
+        if self.stop_request.signal_name:
+            self.log.uvicorn("INFO", f"Received {self.stop_request.signal_name}, shutting down")
+        self.log.api("INFO", "launcher.py", "Shutting down FastAPI HTTP server.")
+        server.shutdown()
+        server.server_close()
+        pending = server.in_flight.count
+        timeout = self.args.shutdown_timeout
+        if pending and timeout > 0:
+            self.log.uvicorn("INFO", f"Waiting up to {timeout} s for {pending} in-flight "
+                                     f"request(s) to finish")
+            if not server.in_flight.wait_idle(timeout):
+                self.log.uvicorn("WARNING", "Shutdown timeout reached; aborting in-flight requests")
+        elif pending:
+            self.log.uvicorn("INFO", f"Aborting {pending} in-flight request(s) "
+                                     f"(--shutdown-timeout 0)")
+        self.log.uvicorn("INFO", "Application shutdown complete.")
+        self.log.uvicorn("INFO", f"Finished server process [{self.log.api_server_pid}]")
+
+    def _log_banner(self) -> None:
+        version = standin_args.VLLM_VERSION
+        self.log.api("INFO", "api_server.py", f"vLLM API server version {version}")
+        self.log.api("WARNING", "standin_vllm.py",
+                     "This is gardenctl's test stand-in for `vllm serve`: it loads no model and "
+                     "uses no GPU.")
+        shown = standin_args.non_default_args(self.args)  # secrets masked
+        self.log.api("INFO", "utils.py", f"non-default args: {shown}")
+
+    def _log_lines(self, lines: Sequence[LogLine]) -> None:
+        for line in lines:
+            write = self.log.engine if line.process == "engine" else self.log.api
+            write(line.level, line.source, line.message)
+
+    def _log_ready(self) -> None:
+        host = self.args.host
+        self.log.api("INFO", "api_server.py",
+                     f"Starting vLLM API server 0 on http://{host}:{self.args.port}")
+        self.log.uvicorn("INFO", f"Started server process [{self.log.api_server_pid}]")
+        self.log.uvicorn("INFO", "Waiting for application startup.")
+        self.log.uvicorn("INFO", "Application startup complete.")
+
+    def _log_port_in_use(self, error: OSError) -> None:
+        address = (self.args.host, self.args.port)
+        self.log.stderr((
+            "Traceback (most recent call last):",
+            '  File "/usr/local/lib/python3.12/dist-packages/vllm/entrypoints/openai/'
+            'api_server.py", in create_server_socket',
+            f"OSError: [Errno {error.errno}] Address already in use",
+        ))
+        self.log.uvicorn("ERROR", f"[Errno {error.errno}] error while attempting to bind on "
+                                  f"address {address!r}: address already in use")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        stream = sys.stdout if argv else sys.stderr
+        print(USAGE, __doc__ or "", sep="\n", file=stream)
+        return 0 if argv else 2
+    if argv[0] != "serve":
+        print(f"{USAGE}\nstandin-vllm: error: unknown command {argv[0]!r}: only 'serve' is "
+              "stood in for", file=sys.stderr)
+        return 2
+    args = standin_args.parse_serve_args(argv[1:], epilog=__doc__ or "")
+    try:
+        env = StandinEnv.from_environ(os.environ)
+    except EnvError as error:
+        print(f"standin-vllm: error: {error}", file=sys.stderr)
+        return 2
+    if env.dry_run:
+        print(json.dumps({"model": args.model,
+                          "served_model_names": list(standin_args.served_model_names(args)),
+                          "non_default_args": standin_args.non_default_args(args)}, sort_keys=True))
+        return 0
+    return StandinServer(args, env, VllmLog()).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

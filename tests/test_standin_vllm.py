@@ -1,0 +1,538 @@
+"""The stand-in `vllm serve`: real processes, real ports, real signals, asserted from outside.
+
+Every server is started in its own process group (as gardenctl starts workers) and the whole
+group is SIGKILLed when the test ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from gardenctl.testing import standin_args
+from gardenctl.testing.standin_engine import GiB, EngineSettings, simulate_startup
+
+pytestmark = pytest.mark.e2e
+
+STANDIN = [sys.executable, "-m", "gardenctl.testing.standin_vllm"]
+MODEL = "facebook/opt-125m"
+FAST_READY = "0.2"
+SECRET = "sk-standin-secret-4f9c"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Standin:
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+    started_at: float
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def request(self, method: str, path: str, payload: Any = None,
+                headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        """(status, JSON body or None); raises OSError when nothing answers."""
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                     method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, body = error.code, error.read()
+        return status, json.loads(body) if body else None
+
+    def health(self) -> int | None:
+        """/health's status, or None while nothing answers."""
+        try:
+            return self.request("GET", "/health")[0]
+        except OSError:
+            return None
+
+    def wait_ready(self, timeout: float = 5.0) -> float:
+        """Poll /health until 200; return the seconds since the process started."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.health() == 200:
+                return time.monotonic() - self.started_at
+            if self.process.poll() is not None:
+                pytest.fail(f"exited with {self.process.returncode} before ready:\n{self.log()}")
+            time.sleep(0.02)
+        pytest.fail(f"not ready after {timeout} s:\n{self.log()}")
+
+    def wait_exit(self, timeout: float = 5.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running after {timeout} s:\n{self.log()}")
+
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                pytest.fail(f"{text!r} not logged after {timeout} s:\n{self.log()}")
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def start_standin(tmp_path: Path) -> Iterator[Callable[..., Standin]]:
+    """Start `standin_vllm serve MODEL --host 127.0.0.1 --port P *flags`, logging to a file."""
+    started: list[Standin] = []
+
+    def start(*flags: str, env: dict[str, str] | None = None, port: int | None = None,
+              model: str = MODEL) -> Standin:
+        port = port or free_port()
+        log_path = tmp_path / f"standin-{len(started)}.log"
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                [*STANDIN, "serve", model, "--host", "127.0.0.1", "--port", str(port), *flags],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, "STANDIN_VLLM_READY_DELAY": FAST_READY, **(env or {})},
+                start_new_session=True,
+            )
+        standin = Standin(process, port, log_path, time.monotonic())
+        started.append(standin)
+        return standin
+
+    yield start
+    for standin in started:
+        try:
+            os.killpg(standin.process.pid, signal.SIGKILL)  # the group: a spawned child too
+        except ProcessLookupError:
+            pass
+        standin.process.wait()
+
+
+def run_standin(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*STANDIN, *args], capture_output=True, text=True, timeout=10,
+                          env={**os.environ, **(env or {})})
+
+
+def authorization(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# --- readiness and the HTTP API ---------------------------------------------------------------
+
+
+def test_health_is_503_while_loading_and_200_once_ready(start_standin):
+    standin = start_standin(env={"STANDIN_VLLM_READY_DELAY": "0.6"})
+    while (first_status := standin.health()) is None:
+        time.sleep(0.01)
+    assert first_status == 503
+    assert standin.request("GET", "/v1/models")[0] == 503
+
+    assert standin.wait_ready() >= 0.6
+    assert "Application startup complete." in standin.log()
+
+
+def test_models_lists_every_served_name(start_standin):
+    standin = start_standin("--served-model-name", "chat", "chat-alias", "--max-model-len", "4096")
+    standin.wait_ready()
+
+    status, body = standin.request("GET", "/v1/models")
+
+    assert status == 200
+    assert [model["id"] for model in body["data"]] == ["chat", "chat-alias"]
+    assert {model["root"] for model in body["data"]} == {MODEL}
+    assert {model["max_model_len"] for model in body["data"]} == {4096}
+
+
+def test_completion_repeats_prompt_words_deterministically(start_standin):
+    standin = start_standin("--served-model-name", "chat")
+    standin.wait_ready()
+    request = {"model": "chat", "prompt": "red green blue", "max_tokens": 5}
+
+    first = standin.request("POST", "/v1/completions", request)
+    second = standin.request("POST", "/v1/completions", request)
+    unknown = standin.request("POST", "/v1/completions", {**request, "model": "other"})
+    chat = standin.request("POST", "/v1/chat/completions",
+                           {"model": "chat", "messages": [{"role": "user", "content": "hi there"}],
+                            "max_tokens": 3})
+
+    assert first[0] == 200
+    assert first[1]["choices"][0]["text"] == " red green blue red green"
+    assert second[1]["choices"] == first[1]["choices"]
+    assert first[1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert unknown[0] == 404 and "does not exist" in unknown[1]["error"]["message"]
+    assert chat[0] == 200
+    assert chat[1]["choices"][0]["message"] == {"role": "assistant", "content": "hi there hi"}
+
+
+def test_unknown_route_is_404_and_wrong_method_405(start_standin):
+    standin = start_standin()
+    standin.wait_ready()
+
+    assert standin.request("GET", "/v2/nothing") == (404, {"detail": "Not Found"})
+    assert standin.request("GET", "/v1/completions")[0] == 405
+    assert standin.request("GET", "/version") == (200, {"version": "0.32.0"})
+
+
+@pytest.mark.parametrize("key_source", ["flag", "environment"])
+def test_api_key_protects_v1_routes_and_is_never_logged(start_standin, key_source):
+    if key_source == "flag":
+        standin = start_standin("--api-key", SECRET)
+    else:
+        standin = start_standin(env={"VLLM_API_KEY": SECRET})
+    standin.wait_ready()  # /health needs no key
+
+    assert standin.request("GET", "/v1/models")[0] == 401
+    assert standin.request("GET", "/v1/models", headers=authorization("wrong"))[0] == 401
+    assert standin.request("GET", "/v1/models", headers=authorization(SECRET))[0] == 200
+    assert standin.request("POST", "/v1/completions", {"prompt": "x"},
+                           headers=authorization(SECRET))[0] == 200
+    assert SECRET not in standin.log()
+    if key_source == "flag":
+        assert "'api_key': '***'" in standin.log()
+
+
+def test_sleep_routes_need_sleep_mode_and_dev_mode(start_standin):
+    without_dev_mode = start_standin("--enable-sleep-mode")
+    with_dev_mode = start_standin("--enable-sleep-mode", env={"VLLM_SERVER_DEV_MODE": "1"})
+    without_dev_mode.wait_ready()
+    with_dev_mode.wait_ready()
+
+    assert without_dev_mode.request("POST", "/sleep?level=1")[0] == 404
+    assert with_dev_mode.request("GET", "/is_sleeping") == (200, {"is_sleeping": False})
+    assert with_dev_mode.request("POST", "/sleep?level=1")[0] == 200
+    assert with_dev_mode.request("GET", "/is_sleeping") == (200, {"is_sleeping": True})
+    assert with_dev_mode.request("POST", "/v1/completions", {"prompt": "x"})[0] == 503
+    assert with_dev_mode.request("POST", "/wake_up")[0] == 200
+    assert with_dev_mode.request("GET", "/is_sleeping") == (200, {"is_sleeping": False})
+    assert "Sleep mode freed" in with_dev_mode.log()
+
+
+def test_startup_log_reports_memory_computed_from_flags(start_standin):
+    standin = start_standin(
+        "--gpu-memory-utilization", "0.5", "--max-model-len", "4096", "--enforce-eager",
+        env={"STANDIN_VLLM_GPU_MEMORY": "24GiB", "STANDIN_VLLM_WEIGHTS": "2GiB"},
+    )
+    standin.wait_ready()
+    log = standin.log()
+
+    # 0.5 x 24 GiB - 2 GiB weights - 0.77 activation - 0.25 non-torch (no graphs: eager)
+    assert "Model loading took 2.0000 GiB memory" in log
+    assert "Available KV cache memory: 8.98 GiB" in log
+    assert "GPU KV cache size: 73,552 tokens" in log
+    assert "Maximum concurrency for 4,096 tokens per request: 17.96x" in log
+    assert "test stand-in for `vllm serve`" in log
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_unknown_flag_exits_2_with_argparse_message():
+    result = run_standin("serve", MODEL, "--foo")
+
+    assert result.returncode == 2
+    assert "vllm serve: error: unrecognized arguments: --foo" in result.stderr
+
+
+def every_flag_argv(equals_form: bool) -> list[str]:
+    """Every listed flag once: booleans bare, the others with the value 1 (valid for all)."""
+    booleans = standin_args.boolean_flags(standin_args.build_serve_parser())
+    argv = [MODEL]
+    for flag in standin_args.load_serve_flags():
+        if flag in ("-h", "--help"):
+            continue
+        if flag in booleans:
+            argv.append(flag)
+        elif equals_form:
+            argv.append(f"{flag}=1")
+        else:
+            argv += [flag, "1"]
+    return argv
+
+
+@pytest.mark.parametrize("equals_form", [False, True], ids=["flag-value", "flag=value"])
+def test_parser_accepts_every_listed_flag(equals_form):
+    args = standin_args.parse_serve_args(every_flag_argv(equals_form))
+
+    assert args.model == MODEL
+    assert args.tensor_parallel_size == 1 and args.port == 1
+
+
+def test_process_accepts_every_listed_flag_in_dry_run():
+    result = run_standin("serve", *every_flag_argv(equals_form=False),
+                         env={"STANDIN_VLLM_DRY_RUN": "1"})
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"] == MODEL
+
+
+def test_parser_accepts_no_flag_that_vllm_lacks():
+    listed = set(standin_args.load_serve_flags())
+
+    declared = standin_args.declared_flags(standin_args.build_serve_parser())
+
+    assert declared - listed == set()
+    assert listed - declared == set()
+
+
+def test_boolean_flags_take_no_value():
+    args = standin_args.parse_serve_args([
+        MODEL, "--enforce-eager", "--trust-remote-code", "--enable-sleep-mode",
+        "--no-enable-prefix-caching", "--headless", "--port", "9000",
+    ])
+
+    assert args.enforce_eager and args.trust_remote_code and args.enable_sleep_mode
+    assert args.enable_prefix_caching is False
+    assert args.port == 9000
+
+
+def test_parsed_flags_have_vllm_types_defaults_and_spellings():
+    defaults = standin_args.parse_serve_args([MODEL])
+    args = standin_args.parse_serve_args([
+        MODEL, "-tp", "2", "-q", "awq", "--max_model_len=32k", "--kv-cache-memory-bytes", "8G",
+        "--served-model-name", "a", "b", "--gpu-memory-utilization", "0.5",
+    ])
+
+    assert (defaults.host, defaults.port) == ("0.0.0.0", 8000)
+    assert defaults.gpu_memory_utilization == 0.9
+    assert standin_args.served_model_names(defaults) == (MODEL,)
+    assert (args.tensor_parallel_size, args.quantization) == (2, "awq")
+    assert (args.max_model_len, args.kv_cache_memory_bytes) == (32_000, 8 * GiB)
+    assert standin_args.served_model_names(args) == ("a", "b")
+
+
+def test_help_says_it_is_a_stand_in():
+    result = run_standin("serve", "--help")
+
+    assert result.returncode == 0
+    assert "stand-in for `vllm serve`" in result.stdout
+    assert "no GPU" in result.stdout
+    assert "STANDIN_VLLM_FAIL" in result.stdout
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("standin-vllm")
+    if not script.exists():
+        pytest.skip("standin-vllm not installed; run pip install -e .")
+
+    result = subprocess.run([str(script), "serve", MODEL, "--bogus"], capture_output=True,
+                            text=True, timeout=10)
+
+    assert result.returncode == 2
+    assert "unrecognized arguments: --bogus" in result.stderr
+
+
+def test_bad_environment_value_is_a_usage_error():
+    result = run_standin("serve", MODEL, env={"STANDIN_VLLM_FAIL": "meltdown"})
+
+    assert result.returncode == 2
+    assert "STANDIN_VLLM_FAIL='meltdown' is not valid: expected one of oom," in result.stderr
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("oom", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate"),
+    ("kv_cache", "To serve at least one request with the model's max seq len (2048)"),
+    ("no_cache_blocks", "No available memory for the cache blocks"),
+    ("model_not_found", "is not a local folder and is not a valid model identifier"),
+    ("free_memory", "on startup is less than desired GPU memory utilization (0.9,"),
+])
+def test_injected_startup_failure_logs_vllm_message_and_exits_1(start_standin, mode, message):
+    standin = start_standin("--max-model-len", "2048", env={"STANDIN_VLLM_FAIL": mode})
+
+    assert standin.wait_exit() == 1
+    assert message in standin.log()
+    assert "Application startup complete." not in standin.log()
+
+
+def test_exit_code_variable_chooses_the_failure_status(start_standin):
+    standin = start_standin(env={"STANDIN_VLLM_FAIL": "oom", "STANDIN_VLLM_EXIT_CODE": "7"})
+
+    assert standin.wait_exit() == 7
+
+
+def test_max_model_len_beyond_the_kv_cache_fails_without_injection(start_standin):
+    standin = start_standin("--max-model-len", "131072", env={"STANDIN_VLLM_GPU_MEMORY": "8GiB"})
+
+    assert standin.wait_exit() == 1
+    assert "the estimated maximum model length is" in standin.log()
+
+
+def test_crash_after_ready_serves_then_exits_1(start_standin):
+    standin = start_standin(env={"STANDIN_VLLM_FAIL": "crash_after_ready",
+                                 "STANDIN_VLLM_CRASH_AFTER": "0.3"})
+    standin.wait_ready()
+
+    assert standin.wait_exit() == 1
+    assert "EngineDeadError" in standin.log()
+
+
+def test_dead_engine_answers_503_when_kept_alive(start_standin):
+    standin = start_standin(env={"STANDIN_VLLM_FAIL": "crash_after_ready",
+                                 "STANDIN_VLLM_CRASH_AFTER": "0",
+                                 "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
+    standin.wait_for_log("EngineDeadError")
+
+    assert standin.health() == 503
+    assert standin.process.poll() is None
+
+
+def test_hang_keeps_port_bound_but_never_ready_until_sigterm(start_standin):
+    standin = start_standin(env={"STANDIN_VLLM_FAIL": "hang", "STANDIN_VLLM_READY_DELAY": "0"})
+    standin.wait_for_log("Available KV cache memory")
+    time.sleep(0.3)
+
+    assert standin.health() == 503
+    standin.process.send_signal(signal.SIGTERM)
+    assert standin.wait_exit() == 0
+
+
+def test_second_server_on_the_same_port_fails_at_once(start_standin):
+    first = start_standin(env={"STANDIN_VLLM_READY_DELAY": "5"})
+    while first.health() is None:  # bound, still "loading"
+        time.sleep(0.01)
+
+    second = start_standin(port=first.port)
+
+    assert second.wait_exit(timeout=2) == 1
+    assert "address already in use" in second.log()
+    assert first.process.poll() is None
+
+
+# --- signals and process groups ---------------------------------------------------------------
+
+
+def test_sigterm_lets_in_flight_request_finish_then_exits_0(start_standin):
+    standin = start_standin("--shutdown-timeout", "5", "--enable-log-requests",
+                            env={"STANDIN_VLLM_REQUEST_DELAY": "0.5"})
+    standin.wait_ready()
+    replies: list[tuple[int, Any]] = []
+    client = threading.Thread(target=lambda: replies.append(
+        standin.request("POST", "/v1/completions", {"prompt": "slow"})))
+    client.start()
+    standin.wait_for_log("Received request cmpl-standin-0")
+
+    standin.process.send_signal(signal.SIGTERM)
+    standin.wait_for_log("Waiting up to 5 s for 1 in-flight request(s) to finish")
+    refused = standin.health() is None
+    client.join(timeout=5)
+
+    assert standin.wait_exit() == 0
+    assert refused
+    assert replies and replies[0][0] == 200
+    assert "Application shutdown complete." in standin.log()
+
+
+def test_ignore_sigterm_survives_sigterm_and_dies_by_sigkill(start_standin):
+    standin = start_standin(env={"STANDIN_VLLM_IGNORE_SIGTERM": "1"})
+    standin.wait_ready()
+
+    standin.process.send_signal(signal.SIGTERM)
+    standin.wait_for_log("ignoring it")
+    time.sleep(0.2)
+    assert standin.health() == 200
+
+    standin.process.kill()
+    assert standin.wait_exit() == -signal.SIGKILL
+
+
+def engine_core_child(standin: Standin):
+    psutil = pytest.importorskip("psutil")
+    children = psutil.Process(standin.process.pid).children()
+    assert len(children) == 1
+    return children[0]
+
+
+def is_dead(process) -> bool:
+    """Gone, or a zombie waiting for its (new) parent to reap it: some inits are slow at it."""
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_dead(process, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not is_dead(process) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return is_dead(process)
+
+
+def test_engine_core_child_shares_the_group_and_outlives_its_parent(start_standin):
+    standin = start_standin(env={"STANDIN_VLLM_SPAWN_CHILD": "1"})
+    standin.wait_ready()
+    child = engine_core_child(standin)
+
+    assert "VLLM::EngineCore" in " ".join(child.cmdline())
+    assert os.getpgid(child.pid) == os.getpgid(standin.process.pid)
+    standin.process.kill()  # the parent alone
+    standin.wait_exit()
+    time.sleep(0.1)
+    assert not is_dead(child)
+
+    os.killpg(standin.process.pid, signal.SIGKILL)  # the group outlives its leader
+    assert wait_dead(child)
+
+
+def test_engine_core_child_dies_with_a_group_sigterm(start_standin):
+    standin = start_standin(env={"STANDIN_VLLM_SPAWN_CHILD": "1"})
+    standin.wait_ready()
+    child = engine_core_child(standin)
+
+    os.killpg(standin.process.pid, signal.SIGTERM)
+
+    assert standin.wait_exit() == 0
+    assert wait_dead(child)
+
+
+# --- the simulated engine, without a process --------------------------------------------------
+
+
+def settings(**changes: Any) -> EngineSettings:
+    base = EngineSettings(
+        model=MODEL, revision=None, gpu_total_bytes=80 * GiB, weights_bytes=16 * GiB,
+        kv_bytes_per_token=131_072, tensor_parallel_size=1, gpu_memory_utilization=0.9,
+        kv_cache_memory_bytes=None, kv_cache_dtype="auto", max_model_len=8192,
+        enforce_eager=False, load_seconds=0.0,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_kv_cache_memory_bytes_sets_the_cache_and_fp8_halves_token_cost():
+    result = simulate_startup(settings(kv_cache_memory_bytes=1 * GiB, kv_cache_dtype="fp8"), None)
+
+    messages = [line.message for line in result.lines]
+    assert result.failure is None
+    assert "Available KV cache memory: 1.00 GiB" in messages
+    assert "GPU KV cache size: 16,384 tokens" in messages
+
+
+def test_tensor_parallel_splits_weights_over_ranks():
+    result = simulate_startup(settings(tensor_parallel_size=2), None)
+
+    assert any(line.message.startswith("Model loading took 8.0000 GiB") for line in result.lines)
+
+
+def test_utilization_above_free_memory_fails_the_startup_check():
+    result = simulate_startup(settings(gpu_memory_utilization=1.0), None)
+
+    assert result.failure is not None and result.failure.reason == "free_memory"
+    assert "Free memory on device cuda:0 (79.49/80.00 GiB)" in result.failure.engine_traceback[-1]
