@@ -42,6 +42,9 @@ class ModelMetadata:
     safetensors_dtypes: Mapping[str, int] = field(default_factory=dict)  # dtype -> bytes
     safetensors_source: str | None = None
     notes: tuple[str, ...] = ()  # why something could not be read
+    weight_files_bytes: int | None = None  # on-disk size of *.safetensors + *.bin (model-garden)
+    published_params: int | None = None  # the model's published parameter count (catalog)
+    published_params_source: str | None = None
 
 
 @dataclass(frozen=True)
