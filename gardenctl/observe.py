@@ -43,6 +43,7 @@ class ObservedWorker:
     exit_code: int | None = None
     last_error: str | None = None
     pids: tuple[int, ...] = ()  # every live process of the worker (its process group)
+    env: tuple[tuple[str, str], ...] = ()  # as recorded: literals and ${NAME} references
 
     @property
     def running(self) -> bool:
@@ -53,6 +54,7 @@ class ObservedWorker:
         data["gpus"] = list(self.gpus)
         data["argv"] = list(self.argv)
         data["pids"] = list(self.pids)
+        data["env"] = {k: v for k, v in self.env}
         return data
 
 

@@ -100,8 +100,16 @@ def describe_change(current: ObservedWorker, worker: DesiredWorker) -> str:
             parts.append(f"{label} removed")
         else:
             parts.append(f"{label} {before or 'on'} -> {after or 'on'}")
+    old_env, new_env = dict(current.env), dict(worker.env)
+    for name in sorted(set(old_env) | set(new_env)):
+        if name not in old_env:
+            parts.append(f"env {name} added")
+        elif name not in new_env:
+            parts.append(f"env {name} removed")
+        elif old_env[name] != new_env[name]:
+            parts.append(f"env {name} changed")  # values may be secrets: names only
     if not parts:
-        parts.append("environment changed" if current.argv else "spec changed")
+        parts.append("spec changed")
     return "; ".join(parts)
 
 

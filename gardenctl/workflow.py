@@ -25,15 +25,37 @@ class PlanResult:
 
 def compute_plan(garden_path: str, inventory_path: str | None = None,
                  observed: Observed | None = None, nvml=None,
-                 loaded: LoadedGarden | None = None) -> PlanResult:
+                 loaded: LoadedGarden | None = None,
+                 inventory: Inventory | None = None) -> PlanResult:
     from gardenctl.inventory import resolve_inventory
     from gardenctl.planner import gather_estimates, make_plan
     from gardenctl.spec.loader import load_garden
 
     loaded = loaded or load_garden(garden_path)
     garden = loaded.garden
-    inventory = resolve_inventory(garden, garden_path, inventory_path, nvml=nvml)
+    if inventory is None:
+        inventory = resolve_inventory(garden, garden_path, inventory_path, nvml=nvml)
     observed = observed if observed is not None else Observed()
     estimates = gather_estimates(garden.resolved_models(), garden.placement.estimator)
     plan = make_plan(loaded, inventory, observed, estimates)
     return PlanResult(loaded, inventory, observed, estimates, plan)
+
+
+def observe_without_lock(loaded: LoadedGarden, inventory: Inventory,
+                         state_path: str | None) -> Observed:
+    """What runs now, for read-only commands (plan, status): no lock, nothing changed.
+
+    Nothing is observed where no runtime applies here (a fleet of several declared nodes
+    planned from a laptop) or where nothing was ever started (no state directory)."""
+    from gardenctl.errors import GardenError
+    from gardenctl.runtime import open_runtime
+    from gardenctl.state import StateDir
+
+    state = StateDir(state_path)
+    if not (state.root / "gardens").is_dir():
+        return Observed()
+    try:
+        runtime = open_runtime(loaded.garden, inventory, state)
+    except GardenError as exc:
+        return Observed(notes=(str(exc),))
+    return runtime.observe()

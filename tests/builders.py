@@ -64,7 +64,7 @@ def observed_from(plan, phase: str = "ready"):
             worker_id=w.worker_id, garden=w.garden, model=w.model, replica=w.replica,
             node=w.node, gpus=w.gpus, port=w.port, utilization=w.utilization,
             claim_bytes=w.claim_bytes, spec_hash=w.spec_hash, sizing_hash=w.sizing_hash,
-            argv=w.argv, phase=phase, pid=1000 + len(workers)))
+            argv=w.argv, phase=phase, pid=1000 + len(workers), env=w.env))
     return Observed(tuple(workers), source="test")
 
 

@@ -116,3 +116,11 @@ def test_stops_come_before_starts():
     plan = plan_for(garden_text(swapped), observed_from(first))
     kinds = [a.action for a in plan.actions]
     assert kinds.index(STOP) < kinds.index(START)
+
+
+def test_environment_change_names_the_variable_but_never_its_value():
+    first = plan_for(garden_text(TWO))
+    edited = TWO.replace("priority: 5}", "priority: 5, env: {HF_HOME: /secret-looking/path}}")
+    plan = plan_for(garden_text(edited), observed_from(first))
+    replace = next(a for a in plan.actions if a.action == REPLACE)
+    assert replace.cause == "env HF_HOME added"

@@ -28,6 +28,12 @@ COMMANDS = {
     "inventory": ("gardenctl.cli.inventory_cmd:inventory",
                   "List the GPUs gardenctl sees: NVML, declared, or --inventory FILE."),
     "schema": ("gardenctl.cli.schema_cmd:schema", "Print the garden file's JSON schema."),
+    "apply": ("gardenctl.cli.apply_cmd:apply",
+              "Start, replace and stop workers until they match the garden file."),
+    "status": ("gardenctl.cli.status_cmd:status",
+               "What runs where: GPU ledgers, worker phases, in sync or not."),
+    "down": ("gardenctl.cli.down_cmd:down", "Stop every worker of this garden."),
+    "logs": ("gardenctl.cli.logs_cmd:logs", "Show (or follow) a worker's log."),
 }
 
 EXIT_OK = 0

@@ -50,3 +50,14 @@ def output_format(*choices: str) -> Callable:
 def echo_json(document: Any) -> None:
     """Print a JSON document deterministically (insertion order, two-space indent, newline)."""
     click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+def state_dir(func: Callable) -> Callable:
+    return click.option(
+        "--state-dir",
+        "state_path",
+        default=None,
+        type=click.Path(file_okay=False),
+        help="Where worker records, logs and the lock live (default: $GARDENCTL_STATE_DIR, "
+        "else $XDG_STATE_HOME/gardenctl, else ~/.local/state/gardenctl).",
+    )(func)

@@ -83,3 +83,29 @@ def _processes(nvml: Any, handle: Any) -> tuple[GpuProcess, ...]:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+class NvmlProbe:
+    """Live free memory and process lists of this machine's GPUs (for the executor)."""
+
+    def __init__(self, node: str, nvml: Any = None) -> None:
+        self.node = node
+        self.nvml = nvml if nvml is not None else load_nvml()
+        self.nvml.nvmlInit()
+
+    def _handle(self, node: str, index: int) -> Any:
+        if node != self.node:
+            raise InventoryError(f"NVML on {self.node} cannot read GPUs of node {node}")
+        return self.nvml.nvmlDeviceGetHandleByIndex(index)
+
+    def free_bytes(self, node: str, index: int) -> int:
+        return int(self.nvml.nvmlDeviceGetMemoryInfo(self._handle(node, index)).free)
+
+    def pids_on(self, node: str, index: int) -> set[int]:
+        return {p.pid for p in _processes(self.nvml, self._handle(node, index))}
+
+    def close(self) -> None:
+        try:
+            self.nvml.nvmlShutdown()
+        except self.nvml.NVMLError:
+            pass

@@ -116,6 +116,7 @@ def observed_from_json(data: Mapping[str, Any]) -> ObservedWorker:
     values["gpus"] = tuple(values["gpus"])
     values["argv"] = tuple(values["argv"])
     values["pids"] = tuple(values.get("pids", ()))
+    values["env"] = tuple(sorted(dict(values.get("env", {})).items()))
     return ObservedWorker(**values)
 
 

@@ -202,5 +202,5 @@ class FakeRuntime:
             pid=fake.pid, has_record=fake.has_record, restarts=fake.restarts,
             started_at=self.wall() - (self.clock() - fake.started),
             exit_code=status.exit_code if status else None,
-            last_error=status.detail if status else None, pids=(fake.pid,),
+            last_error=status.detail if status else None, pids=(fake.pid,), env=w.env,
         )

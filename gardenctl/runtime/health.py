@@ -67,4 +67,4 @@ def latest_milestone(log_text: str) -> str:
         for match in pattern.finditer(log_text):
             if best is None or match.start() >= best[0]:
                 best = (match.start(), describe(match))
-    return best[1] if best else "starting"
+    return best[1] if best else ""

@@ -336,6 +336,7 @@ class LocalRuntime:
             spec_hash=record.spec_hash, sizing_hash=record.sizing_hash, argv=tuple(record.argv),
             phase=phase, pid=record.pid, has_record=True, restarts=record.restarts,
             started_at=record.started_at, exit_code=exit_code, last_error=last_error, pids=pids,
+            env=tuple(sorted(record.env.items())),
         )
 
 

@@ -1,0 +1,65 @@
+"""`gardenctl down`: stop every worker of this garden."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from gardenctl.cli.options import echo_json, garden_file, output_format, state_dir
+
+DOWN_FORMAT_VERSION = 1
+
+
+@click.command()
+@garden_file
+@state_dir
+@click.option("--garden", "garden_name", default=None,
+              help="The garden's name, when its file is gone or broken.")
+@output_format("text", "json")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def down(garden_path: str, state_path: str | None, garden_name: str | None, output: str,
+         yes: bool) -> None:
+    """Stop every worker of the garden (SIGTERM, grace period, SIGKILL of the process group)
+    and remove their records. Takes the state lock."""
+    from gardenctl.down import stop_garden, workers_of
+    from gardenctl.session import open_session
+
+    name = garden_name or _garden_name(garden_path)
+    with open_session(state_path, "gardenctl down") as session:
+        targets = workers_of(session.state, name)
+        if not targets:
+            if output == "json":
+                echo_json({"format_version": DOWN_FORMAT_VERSION, "garden": name, "results": []})
+            else:
+                click.echo(f"Garden {name}: no workers to stop.")
+            return
+        if output == "text":
+            click.echo(f"Garden {name}: will stop {len(targets)} worker(s):")
+            for worker in targets:
+                click.echo(f"  - {worker.worker_id} ({worker.phase}, pid {worker.pid})")
+        if not yes:
+            if not sys.stdin.isatty():
+                raise click.UsageError("down stops workers: pass --yes when not at a terminal")
+            if not click.confirm("Stop them?", default=False, err=True):
+                raise click.exceptions.Exit(1)
+        results = stop_garden(session.state, targets)
+    if output == "json":
+        echo_json({"format_version": DOWN_FORMAT_VERSION, "garden": name,
+                   "results": [r.to_json() for r in results]})
+    else:
+        for result in results:
+            click.echo(f"  {'ok  ' if result.ok else 'FAIL'} {result.worker_id}: {result.message}")
+    if not all(r.ok for r in results):
+        raise click.exceptions.Exit(1)
+
+
+def _garden_name(garden_path: str) -> str:
+    from gardenctl.errors import GardenError
+    from gardenctl.spec.loader import load_garden
+
+    try:
+        return load_garden(garden_path).garden.name
+    except GardenError as exc:
+        raise GardenError(f"cannot tell which garden to stop: {str(exc).splitlines()[0]}; "
+                          "pass --garden NAME") from None

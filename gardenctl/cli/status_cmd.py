@@ -1,0 +1,78 @@
+"""`gardenctl status`: what runs where, claimed vs used memory, phases, in sync or not."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from gardenctl.cli.options import echo_json, garden_file, inventory_file, output_format, state_dir
+
+STATUS_FORMAT_VERSION = 1
+BAR = 40
+
+
+@click.command()
+@garden_file
+@inventory_file
+@state_dir
+@output_format("text", "json")
+def status(garden_path: str, inventory_path: str | None, state_path: str | None,
+           output: str) -> None:
+    """Show each GPU's ledger (claimed by our workers, used by them now, used by others), each
+    worker's phase, restarts, uptime and last error, and whether the garden is in sync."""
+    from gardenctl.status import gather_status
+
+    report = gather_status(garden_path, inventory_path, state_path, now=time.time())
+    if output == "json":
+        echo_json({"format_version": STATUS_FORMAT_VERSION, **report.to_json()})
+    else:
+        click.echo(render_status(report))
+
+
+def render_status(report) -> str:
+    from gardenctl.units import format_size
+
+    lines = [f"Garden {report.garden or '?'} ({report.garden_file}): {report.sync_line()}"]
+    for reason in report.out_of_sync:
+        lines.append(f"  - {reason}")
+    for note in report.notes:
+        lines.append(f"  note: {note}")
+    if report.gpus:
+        lines += ["", "GPUs ('#' others, '=' claimed by our workers, '.' free; "
+                  "'used' is what our workers' processes hold now):"]
+        for gpu in report.gpus:
+            total = max(gpu.total_bytes, 1)
+            others = round(BAR * min(gpu.used_by_others_bytes, total) / total)
+            ours = min(BAR - others, round(BAR * min(gpu.claimed_bytes, total) / total))
+            bar = "[" + "#" * others + "=" * ours + "." * (BAR - others - ours) + "]"
+            used = ("n/a (no NVML)" if gpu.used_by_ours_bytes is None
+                    else format_size(gpu.used_by_ours_bytes))
+            lines.append(f"  {gpu.node} GPU {gpu.index}  {gpu.name}  {format_size(gpu.total_bytes)}"
+                         f"  {bar}")
+            lines.append(f"      claimed {format_size(gpu.claimed_bytes)}, used {used}, others "
+                         f"{format_size(gpu.used_by_others_bytes)}")
+    lines.append("")
+    if not report.workers:
+        lines.append("No workers.")
+        return "\n".join(lines)
+    header = ("WORKER", "GPUS", "PORT", "PHASE", "RESTARTS", "UPTIME", "LAST ERROR")
+    rows = [(w.worker_id, ",".join(map(str, w.gpus)), str(w.port), w.phase, str(w.restarts),
+             _duration(w.uptime_s), (w.last_error or "")[:70]) for w in report.workers]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        lines.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    return "\n".join(lines)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

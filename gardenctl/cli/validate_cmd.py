@@ -1,0 +1,126 @@
+"""`gardenctl validate`: is the garden file well-formed, and does it fit its hardware? (for CI)"""
+
+from __future__ import annotations
+
+import click
+
+from gardenctl.cli.options import echo_json, garden_file, inventory_file, output_format
+
+VALIDATE_FORMAT_VERSION = 1
+
+
+@click.command()
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@garden_file
+@inventory_file
+@output_format("text", "json", "github")
+def validate(files: tuple[str, ...], garden_path: str, inventory_path: str | None,
+             output: str) -> None:
+    """Check the garden file (or each of FILES): schema, cross-field rules and, when an
+    inventory is declared (or given with --inventory), that every worker fits. Exit 0 when
+    valid, 1 otherwise.
+
+    Never starts or stops anything, and never reads GPUs: in CI, declare the inventory.
+    """
+    paths = list(files) or [garden_path]
+    documents = [_validate_one(path, inventory_path, output) for path in paths]
+    if output == "json":
+        if len(documents) == 1:
+            echo_json(documents[0])
+        else:
+            echo_json({"format_version": VALIDATE_FORMAT_VERSION,
+                       "valid": all(d["valid"] for d in documents), "results": documents})
+    if not all(d["valid"] for d in documents):
+        raise click.exceptions.Exit(1)
+
+
+def _validate_one(garden_path: str, inventory_path: str | None, output: str) -> dict:
+    from gardenctl.errors import SpecError
+    from gardenctl.spec.loader import load_garden
+
+    issues = []
+    summary: dict = {}
+    try:
+        loaded = load_garden(garden_path)
+    except SpecError as exc:
+        issues = list(exc.issues)
+        loaded = None
+    if loaded is not None:
+        issues = list(loaded.warnings)
+        issues += _fit_issues(loaded, garden_path, inventory_path, summary)
+    valid = not any(i.severity == "error" for i in issues)
+    return _report(garden_path, issues, valid, summary, output)
+
+
+def _fit_issues(loaded, garden_path: str, inventory_path: str | None, summary: dict) -> list:
+    from gardenctl.errors import SpecError
+    from gardenctl.inventory import resolve_inventory
+    from gardenctl.planner import gather_estimates
+    from gardenctl.validation import check_against_inventory, estimate_warnings
+
+    garden = loaded.garden
+    models = garden.resolved_models()
+    summary["models"] = len(models)
+    summary["workers"] = sum(m.replicas for m in models)
+    if inventory_path is None and garden.inventory is None:
+        summary["fit"] = "not checked: no inventory declared (add `inventory:` or --inventory)"
+        return []
+    try:
+        inventory = resolve_inventory(garden, garden_path, inventory_path)
+    except SpecError as exc:  # a broken --inventory file: its own located issues
+        return list(exc.issues)
+    estimates = gather_estimates(models, garden.placement.estimator)
+    issues = estimate_warnings(loaded, models, estimates)
+    report = check_against_inventory(loaded, inventory, estimates)
+    issues += report.issues
+    if report.placement is not None and not report.issues:
+        used = sum(1 for row in report.placement.ledgers if row.workers_after)
+        summary["fit"] = (f"fits: {summary['workers']} worker(s) on {used} of "
+                          f"{len(report.placement.ledgers)} GPU(s) ({inventory.source})")
+    return issues
+
+
+def _report(path: str, issues: list, valid: bool, summary: dict, output: str) -> dict:
+    document = {
+        "format_version": VALIDATE_FORMAT_VERSION,
+        "file": path,
+        "valid": valid,
+        "summary": summary,
+        "issues": [i.to_json() for i in issues],
+    }
+    if output == "json":
+        return document
+    if output == "github":
+        for issue in issues:
+            kind = "error" if issue.severity == "error" else "warning"
+            props = [f"file={_escape_property(issue.file or path)}"]
+            if issue.line:
+                props.append(f"line={issue.line}")
+            if issue.column:
+                props.append(f"col={issue.column}")
+            if issue.path:
+                props.append(f"title={_escape_property(issue.path)}")
+            message = issue.message + (f" ({issue.hint})" if issue.hint else "")
+            click.echo(f"::{kind} {','.join(props)}::{_escape_data(message)}")
+        if valid:
+            click.echo(f"{path}: valid. {summary.get('fit', '')}".rstrip())
+        return document
+    for issue in issues:
+        click.echo(issue.format(), err=not valid)
+    if valid:
+        parts = [f"{summary.get('models', 0)} model(s), {summary.get('workers', 0)} worker(s)"]
+        if summary.get("fit"):
+            parts.append(summary["fit"])
+        click.echo(f"{path}: valid ({'; '.join(parts)})")
+    else:
+        errors = sum(1 for i in issues if i.severity == "error")
+        click.echo(f"{path}: invalid, {errors} error(s)", err=True)
+    return document
+
+
+def _escape_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(text: str) -> str:
+    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
