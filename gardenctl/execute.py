@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol
 
 from gardenctl.errors import GardenError
+from gardenctl.observe import STARTING as STARTING_PHASE
 from gardenctl.plan.model import KEEP, REPLACE, START, STOP, Action, Plan
 from gardenctl.runtime import base
 from gardenctl.spec.models import env_reference
@@ -96,6 +97,7 @@ class _Context:
     progress: Progress
     clock: Callable[[], float]
     sleep: Callable[[float], None]
+    wall: Callable[[], float]
     poll_interval: float
     release_timeout: float
     stop_event: threading.Event
@@ -120,8 +122,9 @@ def execute(plan: Plan, runtime: base.Runtime, *, environ: Mapping[str, str],
             probe: base.GpuProbe | None = None, progress: Progress | None = None,
             clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
             poll_interval: float = 0.25, release_timeout: float = RELEASE_TIMEOUT,
-            stop_event: threading.Event | None = None) -> ApplyReport:
-    ctx = _Context(runtime, probe, progress or _Silent(), clock, sleep, poll_interval,
+            stop_event: threading.Event | None = None,
+            wall: Callable[[], float] = time.time) -> ApplyReport:
+    ctx = _Context(runtime, probe, progress or _Silent(), clock, sleep, wall, poll_interval,
                    release_timeout, stop_event or threading.Event())
     report = ApplyReport()
     envs: dict[str, dict[str, str]] = {}
@@ -159,7 +162,9 @@ def execute(plan: Plan, runtime: base.Runtime, *, environ: Mapping[str, str],
                 report.results.append(ActionResult(action.worker_id, action.action, False,
                                                    SKIPPED, "not started: the old version "
                                                    "could not be stopped"))
-        report.results += _run_starts(ctx, starts, envs)
+        loading = [a for a in plan.actions if a.action == KEEP and a.previous is not None
+                   and a.previous.phase == STARTING_PHASE and a.worker is not None]
+        report.results += _run_starts(ctx, loading + starts, envs)
         for action in plan.actions:
             if action.action == KEEP and action.previous is not None \
                     and not action.previous.has_record and action.previous.running:
@@ -220,7 +225,9 @@ def _wait_released(ctx: _Context, node: str, gpus: tuple[int, ...], pids: set[in
 
 def _run_starts(ctx: _Context, starts: list[Action],
                 envs: Mapping[str, dict[str, str]]) -> list[ActionResult]:
-    """Start workers in plan order: one at a time per GPU, different GPUs in parallel."""
+    """Start workers in plan order: one at a time per GPU, different GPUs in parallel.
+    Workers still loading from an earlier, interrupted run come first: their GPUs stay busy
+    until they are ready (vLLM's profiling must not see a neighbour start)."""
     results: list[ActionResult] = []
     pending = list(starts)
     busy: set[tuple[str, int]] = set()
@@ -229,7 +236,10 @@ def _run_starts(ctx: _Context, starts: list[Action],
 
     def run(action: Action, keys: set[tuple[str, int]]) -> None:
         try:
-            result = _start(ctx, action, envs[action.worker_id])
+            if action.action == KEEP:
+                result = _await_loading(ctx, action)
+            else:
+                result = _start(ctx, action, envs[action.worker_id])
         except Exception as exc:  # noqa: BLE001 - reported, never lost in a thread
             result = ActionResult(action.worker_id, action.action, False, SPAWN_FAILED,
                                   f"{type(exc).__name__}: {exc}")
@@ -295,10 +305,26 @@ def _start(ctx: _Context, action: Action, env: dict[str, str]) -> ActionResult:
     except base.SpawnError as exc:
         return ActionResult(worker.worker_id, action.action, False, SPAWN_FAILED, str(exc),
                             cause=exc.kind)
+    return _wait_ready(ctx, action, started, ctx.clock)
+
+
+def _await_loading(ctx: _Context, action: Action) -> ActionResult:
+    """Wait for a worker spawned by an earlier run, timing it from when it really started."""
+    previous = action.previous
+    assert previous is not None
+    began = previous.started_at if previous.started_at is not None else ctx.wall()
+    return _wait_ready(ctx, action, began, ctx.wall)
+
+
+def _wait_ready(ctx: _Context, action: Action, began: float,
+                now: Callable[[], float]) -> ActionResult:
+    """Poll until ready, exited or past the start timeout (elapsed = now() - began)."""
+    worker = action.worker
+    assert worker is not None
     last = ""
     while True:
         status = ctx.runtime.check(worker.worker_id)
-        elapsed = ctx.clock() - started
+        elapsed = now() - began
         if status.phase == base.READY:
             ctx.progress.update(worker.worker_id, "ready", "", elapsed)
             return ActionResult(worker.worker_id, action.action, True, READY_OUTCOME,
@@ -306,21 +332,19 @@ def _start(ctx: _Context, action: Action, env: dict[str, str]) -> ActionResult:
         if status.phase == base.EXITED:
             ctx.progress.update(worker.worker_id, "failed", status.detail, elapsed)
             return _exited(worker, action, status, elapsed)
-        if status.detail != last:
-            last = status.detail
+        last = status.detail or last
         ctx.progress.update(worker.worker_id, "starting", status.detail, elapsed)
         if elapsed > worker.start_timeout:
             ctx.runtime.stop(worker.worker_id)
             ctx.progress.update(worker.worker_id, "failed", "health check timed out", elapsed)
             return ActionResult(worker.worker_id, action.action, False, HEALTH_TIMEOUT,
-                                f"not ready within its start timeout of {worker.start_timeout:.0f}s "
-                                f"(last: {last}); stopped it", elapsed,
+                                f"not ready within its start timeout of {worker.start_timeout:.0f}s"
+                                + (f" (last: {last})" if last else "") + "; stopped it", elapsed,
                                 hint="raise start_timeout for large models, or read its log "
                                 f"(gardenctl logs {worker.worker_id})")
         if ctx.stop_event.is_set():
-            return ActionResult(worker.worker_id, action.action, False, INTERRUPTED,
-                                "interrupted while starting; it keeps loading and the next "
-                                "apply checks it", elapsed)
+            return ActionResult(worker.worker_id, action.action, True, INTERRUPTED,
+                                "still loading; left running (the next pass checks it)", elapsed)
         ctx.sleep(ctx.poll_interval)
 
 

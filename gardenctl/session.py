@@ -39,15 +39,19 @@ class Session:
 
     def plan(self, garden_path: str, inventory_path: str | None,
              plan_file: str | None = None) -> PlanResult:
-        from gardenctl.inventory import resolve_inventory
         from gardenctl.spec.loader import load_garden
 
         if plan_file is not None:
             return self._saved_plan(plan_file, garden_path, inventory_path)
-        loaded = load_garden(garden_path)
-        inventory = resolve_inventory(loaded.garden, garden_path, inventory_path)
+        return self.plan_loaded(load_garden(garden_path), inventory_path)
+
+    def plan_loaded(self, loaded, inventory_path: str | None) -> PlanResult:
+        """Observe the runtime and plan ``loaded`` against what runs now."""
+        from gardenctl.inventory import resolve_inventory
+
+        inventory = resolve_inventory(loaded.garden, loaded.path, inventory_path)
         observed = self.observe(loaded.garden, inventory)
-        return compute_plan(garden_path, inventory_path, observed=observed, loaded=loaded,
+        return compute_plan(loaded.path, inventory_path, observed=observed, loaded=loaded,
                             inventory=inventory)
 
     def _saved_plan(self, plan_file: str, garden_path: str,

@@ -27,7 +27,8 @@ from gardenctl.spec.models import Garden, ModelSpec, PlacementPolicy
 
 WORKER_ID_ENV = "GARDENCTL_WORKER_ID"
 SPEC_HASH_ENV = "GARDENCTL_SPEC_HASH"
-MARKER_ENVS = (WORKER_ID_ENV, SPEC_HASH_ENV)
+STATE_ENV = "GARDENCTL_STATE"  # the state directory that owns the worker
+MARKER_ENVS = (WORKER_ID_ENV, SPEC_HASH_ENV, STATE_ENV)
 
 # Fields that decide a worker's memory footprint (and so its place and F).
 SIZING_FIELDS = (

@@ -178,3 +178,26 @@ def test_unrecorded_worker_with_matching_spec_is_adopted_not_restarted():
     report = run(again, runtime, clock)
     assert {r.message for r in report.results} == {"adopted: record written"}
     assert runtime.spawned == []
+
+
+def test_worker_still_loading_from_an_interrupted_run_is_awaited_before_its_neighbour():
+    runtime, clock = fake()
+    only_a = plan_for(garden_text(MODELS.splitlines(keepends=True)[0]))
+    stop = threading.Event()
+
+    class InterruptAfterSpawn:
+        def update(self, worker_id, phase, detail, elapsed):
+            if phase == "spawning":
+                stop.set()  # e.g. Ctrl-C, or watch seeing the file change
+
+    report = ex.execute(only_a, runtime, environ={}, progress=InterruptAfterSpawn(), clock=clock,
+                        sleep=clock.sleep, stop_event=stop, wall=clock)
+    assert report.interrupted
+    assert [w.phase for w in runtime.observe().workers] == ["starting"]
+    progress = Recorder()
+    both = plan_for(garden_text(MODELS), runtime.observe())
+    report = ex.execute(both, runtime, environ={}, progress=progress, clock=clock,
+                        sleep=clock.sleep, wall=clock)
+    assert report.ok
+    order = [e for e in progress.events if e[1] in ("spawning", "ready")]
+    assert order == [("lab/a/0", "ready"), ("lab/b/0", "spawning"), ("lab/b/0", "ready")]

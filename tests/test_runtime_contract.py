@@ -130,3 +130,15 @@ def test_port_taken_by_another_worker_is_refused_at_spawn(runtime):
     with pytest.raises(base.SpawnError) as caught:
         runtime.spawn(second, env_of(second))
     assert caught.value.kind == "port_in_use"
+
+
+def test_dead_workers_lists_a_worker_whose_process_died(runtime):
+    worker = make_worker()
+    runtime.spawn(worker, env_of(worker, STANDIN_VLLM_FAIL="crash_after_ready",
+                                 STANDIN_VLLM_CRASH_AFTER="0.2"))
+    assert wait_for(runtime, worker.worker_id, phases=(base.READY,)).phase == base.READY
+    assert runtime.dead_workers() == set()
+    deadline = time.monotonic() + 5
+    while not runtime.dead_workers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {w for w, _ in runtime.dead_workers()} == {worker.worker_id}

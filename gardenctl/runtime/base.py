@@ -79,6 +79,10 @@ class Runtime(Protocol):
     def log_path(self, worker_id: str) -> str | None:
         """Where the worker's output goes, if the runtime keeps it in a file."""
 
+    def dead_workers(self) -> set[tuple[str, int | None]]:
+        """(worker id, pid) of workers believed running whose process is gone. Cheap (no HTTP,
+        no process scan): `watch` calls it every second to notice a death quickly."""
+
 
 class GpuProbe(Protocol):
     """Live GPU memory facts (NVML); absent for simulated GPUs."""

@@ -114,6 +114,11 @@ class FakeRuntime:
     def log_path(self, worker_id: str) -> str | None:
         return None
 
+    def dead_workers(self) -> set[tuple[str, int | None]]:
+        dead = {(w, fake.pid) for w, fake in self.workers.items()
+                if self._phase(fake)[0] == base.EXITED}
+        return dead | {(w, fake.pid) for w, (fake, _) in self.exited.items()}
+
     def observe(self) -> Observed:
         workers = []
         for worker_id in sorted(self.workers):

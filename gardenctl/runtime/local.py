@@ -29,7 +29,7 @@ from gardenctl.runtime.diagnose import diagnose
 from gardenctl.runtime.health import latest_milestone, probe_ready
 from gardenctl.spec.models import env_reference
 from gardenctl.state import StateDir, WorkerRecord
-from gardenctl.workers import MARKER_ENVS, SPEC_HASH_ENV, WORKER_ID_ENV, DesiredWorker
+from gardenctl.workers import MARKER_ENVS, SPEC_HASH_ENV, STATE_ENV, WORKER_ID_ENV, DesiredWorker
 
 LOG_TAIL_BYTES = 16 * 1024
 STOP_MARGIN = 10.0  # seconds beyond the worker's shutdown_timeout before SIGKILL
@@ -88,6 +88,11 @@ class LocalRuntime:
         self._children: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
 
+    @property
+    def state_id(self) -> str:
+        """Marks this state directory's workers (so two state directories never mix)."""
+        return str(self.state.root.resolve())
+
     # -- spawn -----------------------------------------------------------------------------
 
     def spawn(self, worker: DesiredWorker, env: Mapping[str, str], restarts: int = 0) -> None:
@@ -104,6 +109,7 @@ class LocalRuntime:
         full_env = {k: v for k, v in self.environ.items() if k not in STRIPPED_ENV}
         full_env.update(env)
         full_env.update({WORKER_ID_ENV: worker.worker_id, SPEC_HASH_ENV: worker.spec_hash,
+                         STATE_ENV: self.state_id,
                          "PYTHONUNBUFFERED": "1"})
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -196,7 +202,7 @@ class LocalRuntime:
         leaders: dict[int, float | None] = {}  # pid -> create time, verified ours
         if record is not None and self._exit_code(record) is _ALIVE and record.pid:
             leaders[record.pid] = record.create_time
-        for marked in procs.marked_group_leaders():
+        for marked in procs.marked_group_leaders(self.state_id):
             if marked.worker_id == worker_id:
                 leaders.setdefault(marked.pid, marked.create_time)
         groups = set(leaders)
@@ -286,6 +292,13 @@ class LocalRuntime:
         path = self.state.log_path(worker_id)
         return str(path) if path.exists() else None
 
+    def dead_workers(self) -> set[tuple[str, int | None]]:
+        dead = set()
+        for record in self.state.records():
+            if record.phase in (STARTING, READY) and self._exit_code(record) is not _ALIVE:
+                dead.add((record.worker_id, record.pid))
+        return dead
+
     # -- observe ---------------------------------------------------------------------------
 
     def observe(self) -> Observed:
@@ -295,7 +308,7 @@ class LocalRuntime:
         recorded = {(r.worker_id, r.pid) for r in records}
         by_id = {w.worker_id: w for w in workers}
         notes = []
-        for marked in procs.marked_group_leaders():
+        for marked in procs.marked_group_leaders(self.state_id):
             if (marked.worker_id, marked.pid) in recorded:
                 continue
             orphan = _orphan(marked, self.node)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from gardenctl.workers import SPEC_HASH_ENV, WORKER_ID_ENV
+from gardenctl.workers import SPEC_HASH_ENV, STATE_ENV, WORKER_ID_ENV
 
 START_TIME_TOLERANCE = 0.05  # seconds; psutil's create_time is rounded by the kernel clock tick
 
@@ -82,8 +82,9 @@ def _environ(process: psutil.Process) -> dict[str, str]:
         return {}
 
 
-def marked_group_leaders() -> list[MarkedProcess]:
-    """Every live process group leader carrying our marker (ours, readable by this user)."""
+def marked_group_leaders(state: str) -> list[MarkedProcess]:
+    """Every live process group leader carrying the marker of the state directory ``state``
+    (readable by this user). Workers of other state directories are not ours to touch."""
     found = []
     for process in psutil.process_iter(["pid", "create_time", "cmdline"]):
         try:
@@ -92,7 +93,7 @@ def marked_group_leaders() -> list[MarkedProcess]:
                 continue
             env = _environ(process)
             worker_id = env.get(WORKER_ID_ENV)
-            if not worker_id:
+            if not worker_id or env.get(STATE_ENV) != state:
                 continue
             found.append(MarkedProcess(
                 pid=pid, worker_id=worker_id, spec_hash=env.get(SPEC_HASH_ENV, ""),
