@@ -123,10 +123,13 @@ def execute(plan: Plan, runtime: base.Runtime, *, environ: Mapping[str, str],
             clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
             poll_interval: float = 0.25, release_timeout: float = RELEASE_TIMEOUT,
             stop_event: threading.Event | None = None,
-            wall: Callable[[], float] = time.time) -> ApplyReport:
+            wall: Callable[[], float] = time.time,
+            on_result: Callable[[ActionResult], None] | None = None) -> ApplyReport:
+    """Run the plan's actions; ``on_result`` hears each result as soon as it is known."""
     ctx = _Context(runtime, probe, progress or _Silent(), clock, sleep, wall, poll_interval,
                    release_timeout, stop_event or threading.Event())
     report = ApplyReport()
+    emit = _emitter(report, on_result)
     envs: dict[str, dict[str, str]] = {}
     blocked: set[str] = set()
     for action in plan.actions:
@@ -134,7 +137,7 @@ def execute(plan: Plan, runtime: base.Runtime, *, environ: Mapping[str, str],
             env, missing = resolve_env(action.worker, environ)
             if missing:
                 blocked.add(action.worker_id)
-                report.results.append(ActionResult(
+                emit(ActionResult(
                     action.worker_id, action.action, False, MISSING_SECRET,
                     f"environment variable(s) {', '.join(sorted(set(missing)))} not set; "
                     "nothing was changed for this worker",
@@ -151,7 +154,7 @@ def execute(plan: Plan, runtime: base.Runtime, *, environ: Mapping[str, str],
                 if result.ok:
                     stopped_ok.add(result.worker_id)
                 if result.action == STOP or not result.ok:
-                    report.results.append(result)
+                    emit(result)
 
         starts = [a for a in plan.actions if a.action in (START, REPLACE)
                   and a.worker_id not in blocked
@@ -159,18 +162,16 @@ def execute(plan: Plan, runtime: base.Runtime, *, environ: Mapping[str, str],
         for action in plan.actions:
             if action.action == REPLACE and action.worker_id not in blocked \
                     and action.worker_id not in stopped_ok:
-                report.results.append(ActionResult(action.worker_id, action.action, False,
-                                                   SKIPPED, "not started: the old version "
-                                                   "could not be stopped"))
+                emit(ActionResult(action.worker_id, action.action, False, SKIPPED,
+                                  "not started: the old version could not be stopped"))
         loading = [a for a in plan.actions if a.action == KEEP and a.previous is not None
                    and a.previous.phase == STARTING_PHASE and a.worker is not None]
-        report.results += _run_starts(ctx, loading + starts, envs)
+        _run_starts(ctx, loading + starts, envs, emit)
         for action in plan.actions:
             if action.action == KEEP and action.previous is not None \
                     and not action.previous.has_record and action.previous.running:
                 runtime.adopt(action.previous)
-                report.results.append(ActionResult(action.worker_id, KEEP, True, OK,
-                                                   "adopted: record written"))
+                emit(ActionResult(action.worker_id, KEEP, True, OK, "adopted: record written"))
     except KeyboardInterrupt:
         ctx.stop_event.set()
         report.interrupted = True
@@ -178,6 +179,19 @@ def execute(plan: Plan, runtime: base.Runtime, *, environ: Mapping[str, str],
         report.interrupted = True
     report.results.sort(key=lambda r: r.worker_id)
     return report
+
+
+def _emitter(report: ApplyReport,
+             listener: Callable[[ActionResult], None] | None) -> Callable[[ActionResult], None]:
+    lock = threading.Lock()
+
+    def emit(result: ActionResult) -> None:
+        with lock:
+            report.results.append(result)
+        if listener is not None:
+            listener(result)
+
+    return emit
 
 
 def _stop(ctx: _Context, action: Action) -> ActionResult:
@@ -223,12 +237,11 @@ def _wait_released(ctx: _Context, node: str, gpus: tuple[int, ...], pids: set[in
         ctx.sleep(ctx.poll_interval)
 
 
-def _run_starts(ctx: _Context, starts: list[Action],
-                envs: Mapping[str, dict[str, str]]) -> list[ActionResult]:
+def _run_starts(ctx: _Context, starts: list[Action], envs: Mapping[str, dict[str, str]],
+                emit: Callable[[ActionResult], None]) -> None:
     """Start workers in plan order: one at a time per GPU, different GPUs in parallel.
     Workers still loading from an earlier, interrupted run come first: their GPUs stay busy
     until they are ready (vLLM's profiling must not see a neighbour start)."""
-    results: list[ActionResult] = []
     pending = list(starts)
     busy: set[tuple[str, int]] = set()
     done = threading.Condition()
@@ -243,8 +256,8 @@ def _run_starts(ctx: _Context, starts: list[Action],
         except Exception as exc:  # noqa: BLE001 - reported, never lost in a thread
             result = ActionResult(action.worker_id, action.action, False, SPAWN_FAILED,
                                   f"{type(exc).__name__}: {exc}")
+        emit(result)
         with done:
-            results.append(result)
             busy.difference_update(keys)
             done.notify_all()
 
@@ -273,9 +286,8 @@ def _run_starts(ctx: _Context, starts: list[Action],
             thread.join()
         raise
     for action in pending:
-        results.append(ActionResult(action.worker_id, action.action, False, INTERRUPTED,
-                                    "not started: apply was interrupted"))
-    return results
+        emit(ActionResult(action.worker_id, action.action, True, INTERRUPTED,
+                          "not started: interrupted before its turn"))
 
 
 def _keys(action: Action) -> set[tuple[str, int]]:

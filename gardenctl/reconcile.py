@@ -60,9 +60,13 @@ def reconcile(desired: Sequence[DesiredWorker], observed: Observed,
 def _start_cause(worker: DesiredWorker, current: ObservedWorker | None,
                  running_models: set[str]) -> str:
     if current is not None and current.phase == CRASHED:
-        detail = f"exited with code {current.exit_code}" if current.exit_code is not None else "exited"
-        if current.last_error:
-            detail += f": {current.last_error}"
+        code = current.exit_code
+        if code is not None and code < 0:
+            detail = f"killed by signal {-code}"
+        else:
+            detail = f"exited with code {code}" if code is not None else "exited"
+            if current.last_error:
+                detail += f": {current.last_error}"
         return f"not running ({detail}); starting it again"
     if current is not None and current.phase == STOPPED:
         return "stopped; starting it again"

@@ -79,10 +79,11 @@ class Session:
         return PlanResult(fresh.loaded, fresh.inventory, fresh.observed, fresh.estimates, saved)
 
     def apply(self, result: PlanResult, progress: Progress | None = None,
-              stop_event=None) -> ApplyReport:
+              stop_event=None, on_result=None) -> ApplyReport:
         self.bind(result.inventory, result.loaded.garden)
         return execute(result.plan, self.runtime, environ=os.environ,  # type: ignore[arg-type]
-                       probe=self.probe, progress=progress, stop_event=stop_event)
+                       probe=self.probe, progress=progress, stop_event=stop_event,
+                       on_result=on_result)
 
 
 @contextmanager

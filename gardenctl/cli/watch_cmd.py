@@ -1,0 +1,51 @@
+"""`gardenctl watch`: converge on every save of the garden file, and heal drift and crashes."""
+
+from __future__ import annotations
+
+import signal
+
+import click
+
+from gardenctl.cli.options import garden_file, inventory_file, output_format, state_dir
+
+
+@click.command()
+@garden_file
+@inventory_file
+@state_dir
+@output_format("text", "json")
+@click.option("--resync", default=30.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds between full re-convergence passes (jittered by 10%).")
+@click.option("--debounce", "debounce_ms", default=300, show_default=True,
+              type=click.IntRange(min=0), help="Milliseconds a burst of saves is gathered for.")
+@click.option("--poll", is_flag=True,
+              help="Poll the file instead of file events (network mounts, WSL).")
+@click.option("--allow-empty", is_flag=True,
+              help="Accept a file version that would stop every worker.")
+def watch(garden_path: str, inventory_path: str | None, state_path: str | None, output: str,
+          resync: float, debounce_ms: int, poll: bool, allow_empty: bool) -> None:
+    """Keep the workers as the garden file says: re-converge on each save, on a worker's death
+    (with crash-loop backoff) and every --resync seconds. A broken or unplaceable edit changes
+    nothing. One event line per action (-o json: JSON lines). SIGTERM or Ctrl-C stops watching
+    and leaves the workers running; `gardenctl down` stops them."""
+    from gardenctl.events import EventLog
+    from gardenctl.session import open_session
+    from gardenctl.watch import Watcher, WatchOptions
+
+    options = WatchOptions(garden_path=garden_path, inventory_path=inventory_path,
+                           resync=resync, debounce_ms=debounce_ms, poll=poll,
+                           allow_empty=allow_empty)
+    log = EventLog(json_lines=output == "json")
+    with open_session(state_path, "gardenctl watch") as session:
+        watcher = Watcher(session, options, log)
+
+        def stop(signum, frame) -> None:
+            log.emit("signal", f"received {signal.Signals(signum).name}; stopping")
+            watcher.request_stop()
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            watcher.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
