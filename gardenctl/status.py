@@ -34,6 +34,15 @@ class WorkerStatusRow:
     claim_bytes: int
 
 
+@dataclass(frozen=True)
+class WatchInfo:
+    running: bool
+    pid: int | None
+    last_applied: dict | None
+    last_attempted: dict | None
+    backoff: dict  # worker id -> {failures, next_start_after, last_error}
+
+
 @dataclass
 class StatusReport:
     garden: str | None
@@ -43,6 +52,8 @@ class StatusReport:
     gpus: list[GpuStatus] = field(default_factory=list)
     workers: list[WorkerStatusRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    watch: WatchInfo | None = None
+    log_tails: dict[str, list[str]] = field(default_factory=dict)  # crashed workers' last lines
 
     def sync_line(self) -> str:
         if self.in_sync is None:
@@ -57,8 +68,11 @@ class StatusReport:
             "out_of_sync_reasons": self.out_of_sync,
             "notes": self.notes,
             "gpus": [g.__dict__ for g in self.gpus],
-            "workers": [{**w.__dict__, "worker": w.worker_id, "gpus": list(w.gpus)}
+            "workers": [{**w.__dict__, "worker": w.worker_id, "gpus": list(w.gpus),
+                         "backoff": (self.watch.backoff.get(w.worker_id) if self.watch else None),
+                         "last_log_lines": self.log_tails.get(w.worker_id, [])}
                         for w in self.workers],
+            "watch": None if self.watch is None else self.watch.__dict__,
         }
 
 
@@ -99,7 +113,41 @@ def gather_status(garden_path: str, inventory_path: str | None, state_path: str 
         report.gpus.append(GpuStatus(gpu.node, gpu.index, gpu.name, gpu.total_bytes,
                                      others.get(gpu.key, 0), claimed, used))
     report.workers = [_row(w, now) for w in mine.workers]
+    report.watch = _watch_info(state_path, loaded.garden.name)
+    report.log_tails = _crash_tails(state_path, mine)
     return report
+
+
+def _watch_info(state_path: str | None, garden: str) -> WatchInfo | None:
+    """What a `gardenctl watch` of this garden last reported (watch.json), if one ever ran."""
+    import json
+
+    import psutil
+
+    from gardenctl.state import StateDir
+
+    path = StateDir(state_path).root / "gardens" / garden / "watch.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    pid = data.get("pid")
+    running = bool(pid) and not data.get("stopped") and psutil.pid_exists(pid)
+    return WatchInfo(running, pid, data.get("last_applied"), data.get("last_attempted"),
+                     data.get("backoff") or {})
+
+
+def _crash_tails(state_path: str | None, observed: Observed) -> dict[str, list[str]]:
+    from gardenctl.runtime.local import last_lines, read_tail
+    from gardenctl.state import StateDir
+
+    state = StateDir(state_path)
+    tails = {}
+    for worker in observed.workers:
+        if worker.phase == "crashed":
+            text = last_lines(read_tail(str(state.log_path(worker.worker_id))), 3)
+            tails[worker.worker_id] = text.splitlines()
+    return tails
 
 
 def _from_records_only(report: StatusReport, state_path: str | None, now: float) -> StatusReport:

@@ -260,14 +260,14 @@ class Watcher:
                       elapsed_s=round(r.elapsed, 3))
         if r.ok or r.action not in ("start", "replace"):
             return
-        if r.log_tail:
-            self.log.emit("log", r.log_tail.splitlines()[-1][:300], worker=r.worker_id)
         self.tracker.start_failed(r.worker_id, self.wall(), r.message)
         held = self.tracker.held(r.worker_id, self.wall())
         if held:
-            failures = self.tracker.workers[r.worker_id].failures
-            self.log.emit("backoff", f"next start in {held:.0f}s ({failures} failures in a row)",
-                          worker=r.worker_id, seconds=round(held, 1), failures=failures)
+            entry = self.tracker.workers[r.worker_id]
+            self._held_logged[r.worker_id] = entry.not_before
+            self.log.emit("backoff", f"next start in {held:.0f}s ({entry.failures} failures in a "
+                          "row)", worker=r.worker_id, seconds=round(held, 1),
+                          failures=entry.failures)
 
     def _without_held(self, plan: Plan, now: float) -> Plan:
         """The plan minus starts of workers in crash-loop backoff (reported, not forgotten)."""
@@ -281,7 +281,7 @@ class Watcher:
             if self._held_logged.get(action.worker_id) != until:
                 self._held_logged[action.worker_id] = until
                 entry = self.tracker.workers[action.worker_id]
-                self.log.emit("backoff", f"crashed {entry.failures} time(s) in a row; next start "
+                self.log.emit("backoff", f"failed {entry.failures} time(s) in a row; next start "
                               f"in {held:.0f}s (last error: {entry.last_error})",
                               worker=action.worker_id, seconds=round(held, 1),
                               failures=entry.failures)

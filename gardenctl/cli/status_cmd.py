@@ -38,6 +38,8 @@ def render_status(report) -> str:
         lines.append(f"  - {reason}")
     for note in report.notes:
         lines.append(f"  note: {note}")
+    if report.watch is not None:
+        lines.append(_watch_line(report.watch))
     if report.gpus:
         lines += ["", "GPUs ('#' others, '=' claimed by our workers, '.' free; "
                   "'used' is what our workers' processes hold now):"]
@@ -57,12 +59,40 @@ def render_status(report) -> str:
         lines.append("No workers.")
         return "\n".join(lines)
     header = ("WORKER", "GPUS", "PORT", "PHASE", "RESTARTS", "UPTIME", "LAST ERROR")
-    rows = [(w.worker_id, ",".join(map(str, w.gpus)), str(w.port), w.phase, str(w.restarts),
-             _duration(w.uptime_s), (w.last_error or "")[:70]) for w in report.workers]
+    rows = [(w.worker_id, ",".join(map(str, w.gpus)), str(w.port), _phase(w, report),
+             str(w.restarts), _duration(w.uptime_s), (w.last_error or "")[:70])
+            for w in report.workers]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         lines.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    for worker_id, tail in sorted(report.log_tails.items()):
+        if tail:
+            lines.append(f"  last log lines of {worker_id} (gardenctl logs {worker_id}):")
+            lines += [f"    | {line[:150]}" for line in tail]
     return "\n".join(lines)
+
+
+def _phase(worker, report) -> str:
+    backoff = report.watch.backoff.get(worker.worker_id) if report.watch else None
+    if worker.phase == "crashed" and backoff and backoff.get("next_start_after"):
+        wait = max(0, backoff["next_start_after"] - time.time())
+        return f"crashed, restart in {wait:.0f}s ({backoff['failures']} in a row)"
+    return worker.phase
+
+
+def _watch_line(watch) -> str:
+    state = f"running (pid {watch.pid})" if watch.running else "not running"
+    text = f"  watch: {state}"
+    if watch.last_applied:
+        text += f"; last applied version {watch.last_applied['version']}"
+    attempted = watch.last_attempted
+    if attempted and (not watch.last_applied
+                      or attempted["version"] != watch.last_applied["version"]):
+        verdict = "accepted" if attempted.get("accepted") else "rejected"
+        text += f"; last attempted {attempted['version']} ({verdict})"
+        if attempted.get("error"):
+            text += f": {attempted['error'].splitlines()[0][:120]}"
+    return text
 
 
 def _duration(seconds: float | None) -> str:

@@ -27,8 +27,9 @@ _pids = itertools.count(40000)
 class FakeWorker:
     worker: DesiredWorker
     pid: int
-    started: float
+    started: float  # runtime clock
     ready_delay: float
+    started_wall: float = 0.0  # wall time, as a real process's start time
     failure_lines: tuple[str, ...] = ()  # set: it exits after ready_delay with these lines
     exit_code: int = 1
     hang: bool = False
@@ -72,6 +73,7 @@ class FakeRuntime:
             return
         lines, code = self._startup_failure(worker, settings)
         fake = FakeWorker(worker=worker, pid=next(_pids), started=self.clock(),
+                          started_wall=self.wall(),
                           ready_delay=settings.ready_delay, failure_lines=lines,
                           exit_code=code if code is not None else settings.exit_code,
                           hang=settings.fail == "hang",
@@ -137,6 +139,7 @@ class FakeRuntime:
         """A worker running with our marker but no record (gardenctl died after spawning it)."""
         self.workers[worker.worker_id] = FakeWorker(worker=worker, pid=next(_pids),
                                                     started=self.clock() - 3600,
+                                                    started_wall=self.wall() - 3600,
                                                     ready_delay=0.0, has_record=False)
 
     def kill(self, worker_id: str, code: int = -9) -> None:
@@ -171,7 +174,8 @@ class FakeRuntime:
     def _record_exit(self, worker: DesiredWorker, code: int, lines: tuple[str, ...],
                      restarts: int) -> None:
         fake = FakeWorker(worker=worker, pid=next(_pids), started=self.clock(), ready_delay=0,
-                          failure_lines=lines, exit_code=code, restarts=restarts)
+                          started_wall=self.wall(), failure_lines=lines, exit_code=code,
+                          restarts=restarts)
         self.workers[worker.worker_id] = fake
         self.spawned.append(worker.worker_id)
 
@@ -205,7 +209,7 @@ class FakeRuntime:
             gpus=w.gpus, port=w.port, utilization=w.utilization, claim_bytes=w.claim_bytes,
             spec_hash=w.spec_hash, sizing_hash=w.sizing_hash, argv=w.argv, phase=phase,
             pid=fake.pid, has_record=fake.has_record, restarts=fake.restarts,
-            started_at=self.wall() - (self.clock() - fake.started),
+            started_at=fake.started_wall,
             exit_code=status.exit_code if status else None,
             last_error=status.detail if status else None, pids=(fake.pid,), env=w.env,
         )
