@@ -67,13 +67,14 @@ class SpecError(GardenError):
     """The garden file is not valid. Carries every issue found, not only the first."""
 
     issues: list[SpecIssue] = field(default_factory=list)
+    what: str = "garden file"
 
     def __post_init__(self) -> None:
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
         errors = [i for i in self.issues if i.severity == "error"]
-        head = f"{len(errors)} error{'s' if len(errors) != 1 else ''} in the garden file"
+        head = f"{len(errors)} error{'s' if len(errors) != 1 else ''} in the {self.what}"
         return head + ":\n" + "\n".join("  " + i.format() for i in self.issues)
 
 
@@ -83,6 +84,10 @@ class ModelMetadataError(GardenError):
 
 class InventoryError(GardenError):
     """No GPUs could be discovered or the declared inventory is unusable."""
+
+
+class GpuReadError(InventoryError, TemporaryError):
+    """Reading a GPU failed now (lost from the bus, driver reloading); a later try may work."""
 
 
 class StateError(GardenError):

@@ -206,10 +206,10 @@ def _stop(ctx: _Context, action: Action) -> ActionResult:
             return ActionResult(action.worker_id, action.action, True, OK,
                                 "already exited; record removed")
         result = ctx.runtime.stop(action.worker_id)
+        released = _wait_released(ctx, previous.node, previous.gpus, set(result.pids))
     except GardenError as exc:
         return ActionResult(action.worker_id, action.action, False, STOP_FAILED, str(exc),
                             ctx.clock() - started)
-    released = _wait_released(ctx, previous.node, previous.gpus, set(result.pids))
     elapsed = ctx.clock() - started
     if released is not None:
         return ActionResult(action.worker_id, action.action, False, MEMORY_NOT_RELEASED,

@@ -86,7 +86,7 @@ def used_by_others(inventory: Inventory, observed: Observed) -> dict[GpuKey, int
 def make_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
               estimates: Mapping[str, MemoryEstimate]) -> Plan:
     garden = loaded.garden
-    models = garden.resolved_models()
+    models = loaded.models()
     mine = observed.of_garden(garden.name)
     requests = build_requests(garden, models, estimates)
     placement = place(requests, inventory, garden.placement, mine.holdings(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from gardenctl.observe import CRASHED, STOPPED, Observed, ObservedWorker
+from gardenctl.observe import CRASHED, STARTING, STOPPED, Observed, ObservedWorker
 from gardenctl.placement.model import Unplaced
 from gardenctl.plan.model import ACTION_ORDER, KEEP, REPLACE, START, STOP, Action
 from gardenctl.workers import DesiredWorker
@@ -32,8 +32,12 @@ def reconcile(desired: Sequence[DesiredWorker], observed: Observed,
                                   describe_change(current, worker), worker=worker,
                                   previous=current))
         else:
-            cause = "up to date" if current.has_record else (
-                "found running with the same spec but no record: adopting it")
+            if not current.has_record:
+                cause = "found running with the same spec but no record: adopting it"
+            elif current.phase == STARTING:
+                cause = "up to date, still loading"
+            else:
+                cause = "up to date"
             actions.append(Action(KEEP, worker.worker_id, worker.model, cause, worker=worker,
                                   previous=current))
     desired_models = {w.model for w in desired} | {u.model for u in unplaced}

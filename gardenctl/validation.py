@@ -30,7 +30,7 @@ def check_against_inventory(loaded: LoadedGarden, inventory: Inventory,
                             estimates: Mapping[str, MemoryEstimate]) -> FitReport:
     garden = loaded.garden
     source = loaded.source
-    models = garden.resolved_models()
+    models = loaded.models()
     issues: list[SpecIssue] = []
     nodes = {node.name: node for node in inventory.nodes}
     largest = max((len(node.gpus) for node in inventory.nodes), default=0)

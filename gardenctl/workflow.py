@@ -36,7 +36,7 @@ def compute_plan(garden_path: str, inventory_path: str | None = None,
     if inventory is None:
         inventory = resolve_inventory(garden, garden_path, inventory_path, nvml=nvml)
     observed = observed if observed is not None else Observed()
-    estimates = gather_estimates(garden.resolved_models(), garden.placement.estimator)
+    estimates = gather_estimates(loaded.models(), garden.placement.estimator)
     plan = make_plan(loaded, inventory, observed, estimates)
     return PlanResult(loaded, inventory, observed, estimates, plan)
 

@@ -74,3 +74,12 @@ def test_spec_hash_is_stable_and_changes_with_argv():
     assert one.spec_hash == two.spec_hash
     other = plan_for(garden_text(EVERYTHING.replace("max_num_seqs: 32", "max_num_seqs: 64")))
     assert other.actions[0].worker.spec_hash != one.spec_hash
+
+
+def test_relative_model_path_is_anchored_at_the_garden_file(tmp_path):
+    from gardenctl.spec import parse_garden
+
+    loaded = parse_garden(b"name: lab\nmodels: [{name: m, model: ./models/m}]\n",
+                          str(tmp_path / "sub" / "garden.yaml"))
+    (model,) = loaded.models()
+    assert model.model == str(tmp_path / "sub" / "models" / "m")

@@ -34,12 +34,12 @@ def apply(plan_file: str | None, garden_path: str, inventory_path: str | None,
             from gardenctl.plan.render import render_plan
 
             click.echo(render_plan(plan))
-        if not plan.has_changes:
+        if not plan.has_work:
             if output == "json":
                 echo_json(_document(plan, None))
             _exit_for(plan, None)
             return
-        if not yes:
+        if plan.has_changes and not yes:
             if not sys.stdin.isatty():
                 raise click.UsageError("apply changes workers: pass --yes when not at a terminal")
             if not click.confirm("Apply these changes?", default=False, err=True):

@@ -59,7 +59,7 @@ def _fit_issues(loaded, garden_path: str, inventory_path: str | None, summary: d
     from gardenctl.validation import check_against_inventory, estimate_warnings
 
     garden = loaded.garden
-    models = garden.resolved_models()
+    models = loaded.models()
     summary["models"] = len(models)
     summary["workers"] = sum(m.replicas for m in models)
     if inventory_path is None and garden.inventory is None:

@@ -33,14 +33,20 @@ def load_inventory_file(path: str | Path) -> Inventory:
 
     The document is either `{nodes: [...]}` or `{inventory: {nodes: [...]}}`.
     """
+    from gardenctl.errors import SpecError
     from gardenctl.spec.loader import read_file, read_mapping, validate_document
 
     name = str(path)
-    data, source = read_mapping(read_file(path), name, what="inventory file",
-                                hint="write `nodes:` with each node's `name:` and `gpus:`")
-    if set(data) == {"inventory"} and isinstance(data["inventory"], dict):
-        data = data["inventory"]
-        source.values = {k[1:]: v for k, v in source.values.items() if k[:1] == ("inventory",)}
-        source.keys = {k[1:]: v for k, v in source.keys.items() if k[:1] == ("inventory",)}
-    spec = validate_document(data, source, InventorySpec)
+    raw = read_file(path, missing_hint="check the path given to --inventory")
+    try:
+        data, source = read_mapping(raw, name, what="inventory file",
+                                    hint="write `nodes:` with each node's `name:` and `gpus:`")
+        if set(data) == {"inventory"} and isinstance(data["inventory"], dict):
+            data = data["inventory"]
+            source.values = {k[1:]: v for k, v in source.values.items() if k[:1] == ("inventory",)}
+            source.keys = {k[1:]: v for k, v in source.keys.items() if k[:1] == ("inventory",)}
+        spec = validate_document(data, source, InventorySpec)
+    except SpecError as exc:
+        raise SpecError(exc.issues, what="inventory file") from None
     return inventory_from_spec(spec, source=f"file {name}")
+

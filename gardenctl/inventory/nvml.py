@@ -11,7 +11,7 @@ import socket
 from types import ModuleType
 from typing import Any
 
-from gardenctl.errors import InventoryError
+from gardenctl.errors import GpuReadError, InventoryError
 from gardenctl.inventory.model import Gpu, GpuProcess, Inventory, Node
 
 
@@ -86,23 +86,36 @@ def _text(value: bytes | str) -> str:
 
 
 class NvmlProbe:
-    """Live free memory and process lists of this machine's GPUs (for the executor)."""
+    """Live free memory and process lists of this machine's GPUs (for the executor).
+
+    NVML failures (a GPU lost, the driver reloaded) are GpuReadErrors (temporary): the action that needed
+    the answer fails with a clear message and a later pass may succeed."""
 
     def __init__(self, node: str, nvml: Any = None) -> None:
         self.node = node
         self.nvml = nvml if nvml is not None else load_nvml()
-        self.nvml.nvmlInit()
+        self._call("initialise NVML", self.nvml.nvmlInit)
+
+    def _call(self, what: str, function: Any, *args: Any) -> Any:
+        try:
+            return function(*args)
+        except self.nvml.NVMLError as exc:
+            raise GpuReadError(f"NVML could not {what}: {exc}") from None
 
     def _handle(self, node: str, index: int) -> Any:
         if node != self.node:
             raise InventoryError(f"NVML on {self.node} cannot read GPUs of node {node}")
-        return self.nvml.nvmlDeviceGetHandleByIndex(index)
+        return self._call(f"find GPU {index}", self.nvml.nvmlDeviceGetHandleByIndex, index)
 
     def free_bytes(self, node: str, index: int) -> int:
-        return int(self.nvml.nvmlDeviceGetMemoryInfo(self._handle(node, index)).free)
+        handle = self._handle(node, index)
+        memory = self._call(f"read GPU {index}'s memory", self.nvml.nvmlDeviceGetMemoryInfo, handle)
+        return int(memory.free)
 
     def pids_on(self, node: str, index: int) -> set[int]:
-        return {p.pid for p in _processes(self.nvml, self._handle(node, index))}
+        handle = self._handle(node, index)
+        return {p.pid for p in self._call(f"list GPU {index}'s processes", _processes, self.nvml,
+                                          handle)}
 
     def close(self) -> None:
         try:

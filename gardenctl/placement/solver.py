@@ -3,8 +3,9 @@
 Pure: values in, values out. The rules, in order:
 1. Workers already running stay where they are when the garden still wants them unchanged
    (same sizing hash, GPUs still present, pins still satisfied). Their claims come first.
-2. The others are placed highest priority first, then multi-GPU workers, then largest first
-   (best-fit decreasing); ties break by worker id, so the same input gives the same plan.
+2. The others are placed highest priority first, then pinned ones (they have the fewest
+   options), then multi-GPU workers, then largest first (best-fit decreasing); ties break by
+   worker id, so the same input gives the same plan.
 3. A GPU admits a new worker only under `accepts_new_worker` (the min-available threshold), and
    only if the worker's claim fits in what is left after others' use, our claims and the reserve:
    the solver never over-commits a GPU.
@@ -123,8 +124,11 @@ def place(
 
 
 def _order(request: m.WorkerRequest) -> tuple:
-    return (-request.priority, -request.tensor_parallel_size, -request.estimate.total_bytes,
-            request.worker_id)
+    """Highest priority first; within a priority the most constrained first (pinned, then
+    multi-GPU), then the largest (best-fit decreasing); ties by worker id."""
+    pinned = request.pin_node is not None or request.pin_gpus is not None
+    return (-request.priority, not pinned, -request.tensor_parallel_size,
+            -request.estimate.total_bytes, request.worker_id)
 
 
 def _may_stay(holding: m.Holding, request: m.WorkerRequest, present: set[GpuKey]) -> bool:

@@ -55,7 +55,20 @@ class Action:
 
     @property
     def changes(self) -> bool:
-        return self.action != KEEP
+        """True when applying it changes a worker or gardenctl's records of one: every action
+        but keep, and a keep that adopts a worker found running without a record."""
+        return self.action != KEEP or self.adopts
+
+    @property
+    def adopts(self) -> bool:
+        return (self.action == KEEP and self.previous is not None
+                and not self.previous.has_record and self.previous.running)
+
+    @property
+    def loading(self) -> bool:
+        """A kept worker that is still starting (an earlier apply was interrupted)."""
+        return (self.action == KEEP and self.previous is not None
+                and self.previous.phase == "starting")
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,11 @@ class Plan:
     @property
     def has_changes(self) -> bool:
         return any(a.changes for a in self.actions)
+
+    @property
+    def has_work(self) -> bool:
+        """Something for apply to do: changes, or workers still loading to wait for."""
+        return any(a.changes or a.loading for a in self.actions)
 
     def count(self, action: str) -> int:
         return sum(1 for a in self.actions if a.action == action)

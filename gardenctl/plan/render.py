@@ -47,6 +47,12 @@ def summary_line(plan: Plan) -> str:
     else:
         text = (f"Plan: {s['start']} to start, {s['replace']} to replace, {s['stop']} to stop, "
                 f"{s['keep']} unchanged.")
+        adopted = sum(1 for a in plan.actions if a.adopts)
+        if adopted:
+            text += f" {adopted} to adopt."
+    loading = sum(1 for a in plan.actions if a.loading)
+    if loading:
+        text += f" {loading} still loading (apply waits for them)."
     if s["unplaced"]:
         text += f" {s['unplaced']} unplaced."
     return text

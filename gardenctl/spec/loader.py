@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from gardenctl.errors import SpecError, SpecIssue
 from gardenctl.spec.checks import check_garden
-from gardenctl.spec.models import Garden
+from gardenctl.spec.models import Garden, ModelSpec
 from gardenctl.spec.yamlsource import MAX_FILE_BYTES, Path, SourceMap, format_path, read_yaml
 
 M = TypeVar("M", bound=BaseModel)
@@ -41,13 +41,30 @@ class LoadedGarden:
     content_hash: str  # sha256 of the file's bytes: "which version of the file is this"
     warnings: tuple[SpecIssue, ...] = ()
 
+    def models(self) -> list[ModelSpec]:
+        """The garden's models with defaults applied and relative local model paths
+        (`./models/x`, `../x`) made absolute against the garden file's directory, so a worker
+        finds its model wherever gardenctl runs from."""
+        base = FsPath(self.path).resolve().parent
+        return [_anchor(model, base) for model in self.garden.resolved_models()]
+
+
+def _anchor(model: ModelSpec, base: FsPath) -> ModelSpec:
+    ref = model.model
+    if ref.startswith(("./", "../")) or ref in (".", ".."):
+        return model.model_copy(update={"model": str((base / ref).resolve())})
+    return model
+
 
 def load_garden(path: str | FsPath) -> LoadedGarden:
     """Read, parse and validate a garden file. Raises SpecError listing every problem found."""
     return parse_garden(read_file(path), str(path))
 
 
-def read_file(path: str | FsPath) -> bytes:
+GARDEN_MISSING_HINT = ("create one (see garden.yaml in the gardenctl repository) or pass -f PATH")
+
+
+def read_file(path: str | FsPath, missing_hint: str = GARDEN_MISSING_HINT) -> bytes:
     """A small text file's bytes, or a SpecError that says why it cannot be read."""
     name = str(path)
     try:
@@ -59,8 +76,7 @@ def read_file(path: str | FsPath) -> bytes:
         raw = fs_path.read_bytes()
     except FileNotFoundError:
         raise SpecError([SpecIssue(message="no such file", file=name,
-                                   hint="create one (see garden.yaml in the gardenctl repository) "
-                                   "or pass -f PATH")]) from None
+                                   hint=missing_hint)]) from None
     except IsADirectoryError:
         raise SpecError([SpecIssue(message="is a directory, not a garden file", file=name)]) from None
     except OSError as exc:
@@ -178,7 +194,9 @@ def _issue_for(path: Path, kind: str, errors: list[dict], source: SourceMap,
         if close:
             hint = f"did you mean {close!r}? " + hint
         return source.issue(path, message, hint=hint)
-    message = f"{_clean(first['msg'])}, got {got}"
+    message = _clean(first["msg"])
+    if first["type"] != "value_error":  # our own validators already name the value
+        message += f", got {got}"
     hint = FIELD_HINTS.get(field, "")
     plain = source.plain_text.get(path)
     if first["type"] == "string_type" and plain is not None:
@@ -188,9 +206,17 @@ def _issue_for(path: Path, kind: str, errors: list[dict], source: SourceMap,
             hint = "leading zeros are ambiguous in YAML; write the number without them"
         elif first["type"] == "bool_type":
             hint = "write true or false (yes/no/on/off are text here)"
-        elif plain is None:
+        elif plain is None and _is_number(value):
             hint = "remove the quotes to give a number"
     return source.issue(path, message, hint=hint)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _clean(msg: str) -> str:

@@ -181,6 +181,7 @@ class ModelSettings(_Strict):
             "Environment of the worker. Secrets only as ${NAME} references, resolved when the "
             "worker starts; merged with the defaults' env."
         ),
+        json_schema_extra={"propertyNames": {"pattern": ENV_NAME_PATTERN}},
     )
     trust_remote_code: bool = Field(False, description="Needs a pinned revision (commit hash).")
     vllm_command: list[Annotated[str, Field(min_length=1)]] = Field(
