@@ -18,7 +18,7 @@ from gardenctl.inventory.model import Inventory
 from gardenctl.observe import Observed
 from gardenctl.placement.ledger import GpuKey
 from gardenctl.placement.solver import place
-from gardenctl.plan.model import Plan
+from gardenctl.plan.model import ModelSummary, Plan
 from gardenctl.reconcile import reconcile
 from gardenctl.spec.loader import LoadedGarden
 from gardenctl.spec.models import ModelSpec
@@ -95,6 +95,7 @@ def make_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
     actions = reconcile(desired, mine, placement.unplaced)
     warnings = [w for name in sorted(estimates) for w in _prefixed(name, estimates[name].warnings)]
     warnings += [issue.format() for issue in loaded.warnings]
+    summaries = tuple(summarise(m.name, m.model, m.replicas, estimates[m.name]) for m in models)
     return Plan(
         garden=garden.name,
         garden_file=loaded.path,
@@ -108,6 +109,19 @@ def make_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
         ledgers=placement.ledgers,
         unplaced=placement.unplaced,
         warnings=tuple(warnings),
+        models=summaries,
+    )
+
+
+def summarise(name: str, ref: str, replicas: int, estimate: MemoryEstimate) -> ModelSummary:
+    return ModelSummary(
+        name=name, model=ref, replicas=replicas,
+        tensor_parallel_size=estimate.tensor_parallel_size, max_model_len=estimate.max_model_len,
+        min_concurrency=estimate.min_concurrency, kv_bytes_per_token=estimate.kv_bytes_per_token,
+        weights_bytes=estimate.weights.bytes, kv_cache_bytes=estimate.kv_cache.bytes,
+        activation_bytes=estimate.activation.bytes, cuda_graph_bytes=estimate.cuda_graph.bytes,
+        non_torch_bytes=estimate.non_torch.bytes, cuda_context_bytes=estimate.cuda_context.bytes,
+        total_bytes=estimate.total_bytes, weights_source=estimate.weights.source,
     )
 
 

@@ -99,10 +99,19 @@ class StateDir:
             raise StateError(f"cannot use state directory {self.root}: {exc.strerror}") from None
         return self
 
-    def _garden_dir(self, garden: str, kind: str) -> Path:
-        path = self.root / "gardens" / garden / kind
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    def _private_dir(self, *parts: str) -> Path:
+        path = self.root
+        for part in parts:  # each level 0700 (mkdir with parents=True would not do that)
+            path = path / part
+            path.mkdir(mode=0o700, exist_ok=True)
         return path
+
+    def _garden_dir(self, garden: str, kind: str) -> Path:
+        return self._private_dir("gardens", garden, kind)
+
+    def garden_file(self, garden: str, name: str) -> Path:
+        """A file of the garden's own, e.g. watch.json (its folder is created 0700)."""
+        return self._private_dir("gardens", garden) / name
 
     def record_path(self, worker_id: str) -> Path:
         garden, stem = _split(worker_id)

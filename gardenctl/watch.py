@@ -311,6 +311,5 @@ class Watcher:
                 "accepted": self.last_attempted[2], "error": self.last_attempted[3]},
             "backoff": self.tracker.to_json(now),
         }
-        path = self.session.state.root / "gardens" / garden / "watch.json"
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.session.state.garden_file(garden, "watch.json")
         write_json_atomic(path, document)

@@ -6,12 +6,13 @@ appear: worker environments hold `${NAME}` references, resolved only when a work
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 from gardenctl.errors import GardenError
 from gardenctl.observe import ObservedWorker
 from gardenctl.placement.model import LedgerRow, Reason, Unplaced
-from gardenctl.plan.model import PLAN_FORMAT_VERSION, Action, Plan
+from gardenctl.plan.model import PLAN_FORMAT_VERSION, Action, ModelSummary, Plan
 from gardenctl.workers import DesiredWorker
 
 
@@ -28,6 +29,7 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
         "actions": [_action_json(a) for a in plan.actions],
         "gpus": [_ledger_json(row) for row in plan.ledgers],
         "unplaced": [_unplaced_json(u) for u in plan.unplaced],
+        "models": [dataclasses.asdict(m) for m in plan.models],
         "warnings": list(plan.warnings),
     }
 
@@ -92,6 +94,7 @@ def plan_from_json(document: Mapping[str, Any]) -> Plan:
             ledgers=tuple(_ledger_from(g) for g in document["gpus"]),
             unplaced=tuple(_unplaced_from(u) for u in document["unplaced"]),
             warnings=tuple(document.get("warnings", ())),
+            models=tuple(ModelSummary(**m) for m in document.get("models", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise GardenError(f"the plan file is damaged ({type(exc).__name__}: {exc}); make it "

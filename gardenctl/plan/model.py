@@ -72,6 +72,32 @@ class Action:
 
 
 @dataclass(frozen=True)
+class ModelSummary:
+    """What the plan assumed about one model's memory, per GPU (see `gardenctl estimate`)."""
+
+    name: str
+    model: str
+    replicas: int
+    tensor_parallel_size: int
+    max_model_len: int
+    min_concurrency: int
+    kv_bytes_per_token: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    cuda_graph_bytes: int
+    non_torch_bytes: int
+    cuda_context_bytes: int
+    total_bytes: int
+    weights_source: str
+
+    @property
+    def other_bytes(self) -> int:
+        return (self.activation_bytes + self.cuda_graph_bytes + self.non_torch_bytes
+                + self.cuda_context_bytes)
+
+
+@dataclass(frozen=True)
 class Plan:
     garden: str
     garden_file: str
@@ -81,6 +107,7 @@ class Plan:
     ledgers: tuple[LedgerRow, ...]
     unplaced: tuple[Unplaced, ...]
     warnings: tuple[str, ...] = field(default=())
+    models: tuple[ModelSummary, ...] = field(default=())
 
     @property
     def has_changes(self) -> bool:

@@ -23,6 +23,7 @@ def render_plan(plan: Plan, *, show_idle_gpus: bool = False) -> str:
         for action in plan.actions:
             lines += _action_lines(action, width)
         lines.append("")
+    lines += _model_lines(plan)
     lines += _ledger_lines(plan.ledgers, show_idle_gpus)
     if plan.unplaced:
         lines.append(f"Unplaced ({len(plan.unplaced)}):")
@@ -67,6 +68,23 @@ def _action_lines(action: Action, width: int) -> list[str]:
         head += (f"{where}  util {action.utilization:.3f}  claims {format_size(action.claim_bytes)}"
                  f"  port {action.port}")
     return [head.rstrip(), f"      {action.cause}"]
+
+
+def _model_lines(plan: Plan) -> list[str]:
+    if not plan.models:
+        return []
+    lines = ["Models (estimated memory per GPU; `gardenctl estimate MODEL` itemises it):"]
+    width = max(len(m.name) for m in plan.models)
+    for m in plan.models:
+        basis = m.weights_source.split(":", 1)[0][:40]
+        sequences = f"{m.max_model_len:,} tokens" + (f" x {m.min_concurrency}"
+                                                     if m.min_concurrency > 1 else "")
+        tp = f", TP {m.tensor_parallel_size}" if m.tensor_parallel_size > 1 else ""
+        lines.append(f"  {m.name:<{width}}  {format_size(m.total_bytes):>9} = weights "
+                     f"{format_size(m.weights_bytes)} ({basis}) + KV {format_size(m.kv_cache_bytes)}"
+                     f" ({sequences}{tp}) + other {format_size(m.other_bytes)}")
+    lines.append("")
+    return lines
 
 
 def _ledger_lines(rows: tuple[LedgerRow, ...], show_idle: bool) -> list[str]:
