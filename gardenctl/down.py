@@ -21,13 +21,11 @@ def stop_garden(state: StateDir, workers: list[ObservedWorker]) -> list[ActionRe
 
     def stop(worker: ObservedWorker) -> ActionResult:
         try:
-            if not worker.running:
-                runtime.forget(worker.worker_id)
-                return ActionResult(worker.worker_id, "stop", True, OK,
-                                    "already exited; record removed")
-            result = runtime.stop(worker.worker_id)
+            result = runtime.stop(worker.worker_id)  # also ends what a dead worker left behind
         except GardenError as exc:
             return ActionResult(worker.worker_id, "stop", False, STOP_FAILED, str(exc))
+        if result.outcome == "gone":
+            return ActionResult(worker.worker_id, "stop", True, OK, "already exited; record removed")
         return ActionResult(worker.worker_id, "stop", True, OK, result.detail or result.outcome)
 
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(workers)))) as pool:

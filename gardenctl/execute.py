@@ -200,12 +200,7 @@ def _stop(ctx: _Context, action: Action) -> ActionResult:
     assert previous is not None
     ctx.progress.update(action.worker_id, "stopping", "", 0.0)
     try:
-        if not previous.running:
-            ctx.runtime.forget(action.worker_id)
-            ctx.progress.update(action.worker_id, "stopped", "record removed", 0.0)
-            return ActionResult(action.worker_id, action.action, True, OK,
-                                "already exited; record removed")
-        result = ctx.runtime.stop(action.worker_id)
+        result = ctx.runtime.stop(action.worker_id)  # also ends what a dead worker left behind
         released = _wait_released(ctx, previous.node, previous.gpus, set(result.pids))
     except GardenError as exc:
         return ActionResult(action.worker_id, action.action, False, STOP_FAILED, str(exc),
@@ -216,6 +211,10 @@ def _stop(ctx: _Context, action: Action) -> ActionResult:
                             released, elapsed,
                             hint="a process of the worker still holds GPU memory; check "
                             "`gardenctl inventory`")
+    if result.outcome == "gone":
+        ctx.progress.update(action.worker_id, "stopped", "already exited", elapsed)
+        return ActionResult(action.worker_id, action.action, True, OK,
+                            "already exited; record removed", elapsed)
     ctx.progress.update(action.worker_id, "stopped", result.detail, elapsed)
     return ActionResult(action.worker_id, action.action, True, OK,
                         f"stopped ({result.detail or result.outcome})", elapsed)
@@ -311,6 +310,18 @@ def _start(ctx: _Context, action: Action, env: dict[str, str]) -> ActionResult:
         return ActionResult(worker.worker_id, action.action, False, INSUFFICIENT_FREE, short,
                             hint="another process took GPU memory since the plan was made; "
                             "run plan again")
+    previous = action.previous
+    if previous is not None and not previous.running:
+        # A crashed worker's EngineCore or TP processes may survive it, holding GPU memory.
+        try:
+            leftovers = ctx.runtime.stop(worker.worker_id)
+            held = _wait_released(ctx, worker.node, previous.gpus, set(leftovers.pids))
+        except GardenError as exc:
+            held = str(exc)
+        if held:
+            return ActionResult(worker.worker_id, action.action, False, MEMORY_NOT_RELEASED,
+                                f"what its previous run left behind still holds GPU memory: "
+                                f"{held}")
     ctx.progress.update(worker.worker_id, "spawning", "", 0.0)
     try:
         ctx.runtime.spawn(worker, env, restart_count(action))

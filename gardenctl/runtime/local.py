@@ -25,6 +25,7 @@ from typing import Callable, Mapping
 from gardenctl.observe import CRASHED, READY, STARTING, STOPPED, UNKNOWN, Observed, ObservedWorker
 from gardenctl.runtime import base
 from gardenctl.runtime import processes as procs
+from gardenctl.runtime.diagnose import UNKNOWN as UNKNOWN_CAUSE
 from gardenctl.runtime.diagnose import diagnose
 from gardenctl.runtime.health import latest_milestone, probe_ready
 from gardenctl.spec.models import env_reference
@@ -177,8 +178,15 @@ class LocalRuntime:
         if record.phase not in (CRASHED, STOPPED):
             record.phase = CRASHED
             record.exit_code = code
-            record.last_error = (f"killed by signal {signal_number}" if signal_number
-                                 else diagnosis.message)
+            if signal_number:
+                record.last_error = f"killed by signal {signal_number}"
+            elif diagnosis.cause != UNKNOWN_CAUSE:
+                record.last_error = diagnosis.message
+            elif code is None:
+                record.last_error = ("its process is gone (exit status unknown: it was not "
+                                     "started by this gardenctl process)")
+            else:
+                record.last_error = f"exited with code {code}"
             self.state.write_record(record)
         return base.WorkerStatus(base.EXITED, record.last_error or "",
                                  exit_code=None if signal_number else code, signal=signal_number,
@@ -342,6 +350,8 @@ class LocalRuntime:
                 self._mark_exited(record, code)
             phase = STOPPED if record.phase == STOPPED else CRASHED
             exit_code, last_error = record.exit_code, record.last_error
+            # EngineCore or TP workers can outlive a killed main process, holding GPU memory
+            pids = tuple(procs.group_members(record.pgid, record.worker_id)) if record.pgid else ()
         return ObservedWorker(
             worker_id=record.worker_id, garden=record.garden, model=record.model,
             replica=record.replica, node=record.node, gpus=tuple(record.gpus), port=record.port,

@@ -193,7 +193,12 @@ class ModelSettings(_Strict):
         900.0, gt=0, description="How long a worker may take to become ready."
     )
     shutdown_timeout: Seconds = Field(
-        30.0, ge=0, description="Grace period for a stopping worker to drain before SIGKILL."
+        30.0,
+        ge=0,
+        description=(
+            "How long vLLM drains in-flight requests when stopped (--shutdown-timeout); its "
+            "process group is SIGKILLed if it has not exited 10 s after that."
+        ),
     )
 
 
