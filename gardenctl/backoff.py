@@ -76,9 +76,9 @@ class CrashTracker:
             return None
         return entry.not_before - now
 
-    def next_due(self, now: float) -> float | None:
-        """When the earliest held worker may start (wall time), if any is held."""
-        pending = [e.not_before for e in self.workers.values() if e.not_before > now]
+    def next_due(self, since: float) -> float | None:
+        """When the earliest worker held at ``since`` (or failed since then) may start again."""
+        pending = [e.not_before for e in self.workers.values() if e.not_before >= since]
         return min(pending) if pending else None
 
     def forget(self, keep: set[str]) -> None:

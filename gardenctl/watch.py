@@ -34,6 +34,14 @@ from gardenctl.spec.loader import LoadedGarden, parse_garden
 from gardenctl.workflow import PlanResult
 
 WATCH_FORMAT_VERSION = 1
+POLL_INTERVAL = 0.25  # seconds, --poll
+
+
+def _digest_of(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        return f"unreadable:{exc.errno}"
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ class Watcher:
         self.started_at = wall()
         self._held_logged: dict[str, float] = {}
         self.last_attempted_refused = False
+        self.pass_started = wall()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -106,6 +115,9 @@ class Watcher:
                           "stops them)")
 
     def _watch_files(self) -> None:
+        if self.options.poll:
+            self._poll_file()
+            return
         import watchfiles
 
         path = Path(self.options.garden_path).resolve()
@@ -118,18 +130,33 @@ class Watcher:
             for _ in watchfiles.watch(path.parent, watch_filter=only_the_garden,
                                       debounce=self.options.debounce_ms, step=50,
                                       stop_event=self.stop, recursive=False,
-                                      force_polling=True if self.options.poll else None,
-                                      poll_delay_ms=300, raise_interrupt=False):
+                                      raise_interrupt=False):
                 self.triggers.put("file changed")
                 self.interrupt.set()
         except Exception as exc:  # noqa: BLE001 - reported; resync keeps converging
             self.log.emit("error", f"file watching stopped ({type(exc).__name__}: {exc}); "
                           "changes are picked up at each resync")
 
+    def _poll_file(self) -> None:
+        """--poll: read the file every POLL_INTERVAL and compare contents (mtimes can be too
+        coarse on network file systems to see two saves in one second)."""
+        seen = _digest_of(self.options.garden_path)
+        changed_at: float | None = None
+        while not self.stop.wait(POLL_INTERVAL):
+            digest = _digest_of(self.options.garden_path)
+            if digest != seen:
+                seen = digest
+                changed_at = time.monotonic()  # wait for the burst to settle
+            elif changed_at is not None and \
+                    time.monotonic() - changed_at >= self.options.debounce_ms / 1000:
+                changed_at = None
+                self.triggers.put("file changed")
+                self.interrupt.set()
+
     def _wait_for_trigger(self) -> str | None:
         resync_at = self.wall() + self.options.resync * self.rng.uniform(
             1 - self.options.jitter, 1 + self.options.jitter)
-        due = self.tracker.next_due(self.wall())
+        due = self.tracker.next_due(self.pass_started)
         while not self.stop.is_set():
             try:
                 reason = self.triggers.get(timeout=self.options.liveness_interval)
@@ -156,6 +183,7 @@ class Watcher:
     # -- one pass --------------------------------------------------------------------------
 
     def pass_once(self, reason: str) -> None:
+        self.pass_started = self.wall()
         try:
             self._pass(reason)
         except GardenError as exc:
@@ -225,9 +253,14 @@ class Watcher:
                     f"{self.last_good.garden.name}` and restart watch")
         plan = result.plan
         if plan.unplaced:
-            details = "; ".join(f"{u.worker_id}: {u.reasons[0].message}" if u.reasons
-                                else u.worker_id for u in plan.unplaced)
-            return f"version {candidate.content_hash[:12]} does not fit: {details}"
+            index = {m.name: i for i, m in enumerate(garden.models)}
+            for unplaced in plan.unplaced:
+                reasons = "; ".join(r.message for r in unplaced.reasons[:2])
+                issue = candidate.source.issue(("models", index.get(unplaced.model, 0)),
+                                               f"{unplaced.worker_id} does not fit: {reasons}")
+                self.log.emit("rejected", issue.format(), issue=issue.to_json())
+            names = ", ".join(u.worker_id for u in plan.unplaced)
+            return f"version {candidate.content_hash[:12]} does not fit the GPUs ({names})"
         wanted = sum(1 for a in plan.actions if a.worker is not None)
         running = sum(1 for w in result.observed.of_garden(garden.name).workers if w.running)
         if wanted == 0 and running and not self.options.allow_empty:

@@ -84,8 +84,10 @@ def test_a_version_that_does_not_fit_is_rejected(setup):
     garden.write_text(HEAD + A + "  - {name: huge, model: meta-llama/Llama-3.3-70B-Instruct}\n")
     watcher.pass_once("file changed")
     assert pids(runtime) == before  # b was not stopped for a version that cannot be applied
-    (rejected,) = [e for e in events() if e["event"] == "rejected"]
-    assert "does not fit" in rejected["message"]
+    rejected = [e for e in events() if e["event"] == "rejected"]
+    assert any("does not fit the GPUs" in e["message"] for e in rejected)
+    located = [e["issue"] for e in rejected if "issue" in e]
+    assert located and located[0]["line"] == 6 and located[0]["path"] == "models[1]"
 
 
 def test_emptying_the_garden_needs_allow_empty(setup):
