@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gardenctl.estimate.catalog_build import NOTE_KEYS
+from gardenctl.estimate.catalog_build import QUANTIZATION_CONFIGS as CATALOG_QUANTIZATION
 
 MODEL_CONFIGS = Path(__file__).resolve().parent / "data" / "model-configs.json"
 GiB = 1024**3
@@ -64,52 +65,10 @@ def config_json(model_id: str, *, dtype: str = "bfloat16", quantization: str | N
 
 
 QUANTIZATION_CONFIGS: dict[str, dict[str, Any]] = {
-    "w4a16": {
-        "quant_method": "compressed-tensors",
-        "ignore": ["lm_head"],
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": {
-                    "num_bits": 4,
-                    "type": "int",
-                    "strategy": "group",
-                    "group_size": 128,
-                    "symmetric": True,
-                },
-            }
-        },
-    },
-    "w8a8": {
-        "quant_method": "compressed-tensors",
-        "ignore": ["lm_head"],
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
-            }
-        },
-    },
-    "fp8-dynamic": {
-        "quant_method": "compressed-tensors",
-        "ignore": ["lm_head"],
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": {
-                    "num_bits": 8,
-                    "type": "float",
-                    "strategy": "channel",
-                    "symmetric": True,
-                },
-            }
-        },
-    },
-    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True},
-    "mxfp4": {
-        "quant_method": "mxfp4",
-        "modules_to_not_convert": ["self_attn", "router", "embedding"],
-    },
+    **CATALOG_QUANTIZATION,
+    # gpt-oss's own config.json keeps attention, router and embeddings unquantized
+    "mxfp4": {"quant_method": "mxfp4",
+              "modules_to_not_convert": ["self_attn", "router", "embedding"]},
 }
 
 

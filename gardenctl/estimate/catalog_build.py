@@ -78,6 +78,9 @@ _FP8_BLOCK = {
     "weight_block_size": [128, 128],
 }
 _AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+# The quantization_config of each scheme, as published models write it (tests reuse them).
+QUANTIZATION_CONFIGS = {"fp8-dynamic": _CT_FP8_DYNAMIC, "w8a8": _CT_W8A8, "w4a16": _CT_W4A16,
+                        "fp8": _FP8_BLOCK, "awq": _AWQ}
 _MXFP4 = {"quant_method": "mxfp4"}
 
 

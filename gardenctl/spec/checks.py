@@ -63,12 +63,12 @@ def known_vllm_flags() -> frozenset[str]:
 
 def flag_name(arg: str) -> str | None:
     """`--foo=bar` -> `--foo`; values (not starting with '-') -> None."""
-    if not arg.startswith("-") or arg == "-" or _is_number(arg):
+    if not arg.startswith("-") or arg == "-" or is_number(arg):
         return None
     return arg.split("=", 1)[0]
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:

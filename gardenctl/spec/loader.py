@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from gardenctl.errors import SpecError, SpecIssue
-from gardenctl.spec.checks import check_garden
+from gardenctl.spec.checks import check_garden, is_number
 from gardenctl.spec.models import Garden, ModelSpec
 from gardenctl.spec.yamlsource import MAX_FILE_BYTES, Path, SourceMap, format_path, read_yaml
 
@@ -206,17 +206,9 @@ def _issue_for(path: Path, kind: str, errors: list[dict], source: SourceMap,
             hint = "leading zeros are ambiguous in YAML; write the number without them"
         elif first["type"] == "bool_type":
             hint = "write true or false (yes/no/on/off are text here)"
-        elif plain is None and _is_number(value):
+        elif plain is None and is_number(value):
             hint = "remove the quotes to give a number"
     return source.issue(path, message, hint=hint)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _clean(msg: str) -> str:
