@@ -35,7 +35,6 @@ def check_against_inventory(loaded: LoadedGarden, inventory: Inventory,
     nodes = {node.name: node for node in inventory.nodes}
     largest = max((len(node.gpus) for node in inventory.nodes), default=0)
     for i, model in enumerate(models):
-        path = ("models", i)
         pin = model.placement
         if pin and pin.node is not None and pin.node not in nodes:
             issues.append(source.issue(_field(loaded, i, "placement"),
