@@ -65,7 +65,11 @@ class Observed:
     notes: tuple[str, ...] = field(default=())
 
     def get(self, worker_id: str) -> ObservedWorker | None:
-        return next((w for w in self.workers if w.worker_id == worker_id), None)
+        index = self.__dict__.get("_index")
+        if index is None:  # built once per snapshot: reconcile looks up every worker
+            index = {w.worker_id: w for w in reversed(self.workers)}
+            object.__setattr__(self, "_index", index)
+        return index.get(worker_id)
 
     def of_garden(self, garden: str) -> "Observed":
         return Observed(tuple(w for w in self.workers if w.garden == garden), self.source,

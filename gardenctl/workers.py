@@ -117,6 +117,7 @@ def build_requests(garden: Garden, models: Sequence[ModelSpec],
                 pin_node=pin.node if pin else None,
                 pin_gpus=tuple(pin.gpus) if pin and pin.gpus is not None else None,
                 sizing_hash=sizing,
+                spread=model.spread_replicas,
             ))
     return requests
 
@@ -197,6 +198,7 @@ def desired_workers(garden: Garden, models: Sequence[ModelSpec], placement: Plac
                     current_ports: Mapping[str, int]) -> list[DesiredWorker]:
     """Every placed worker, fully specified: what `apply` will run."""
     by_name = {m.name: m for m in models}
+    sizing = {m.name: sizing_hash(m, garden.placement) for m in models}
     placed = {a.worker_id: a for a in placement.assignments}
     ports = assign_ports(garden, models, set(placed), current_ports)
     workers = []
@@ -223,7 +225,7 @@ def desired_workers(garden: Garden, models: Sequence[ModelSpec], placement: Plac
             claim_bytes=assignment.claim_bytes,
             argv=tuple(argv),
             env=tuple(env),
-            sizing_hash=sizing_hash(model, garden.placement),
+            sizing_hash=sizing[model.name],
             spec_hash=spec_hash(argv, env, assignment.node, assignment.gpus),
             start_timeout=model.start_timeout,
             shutdown_timeout=model.shutdown_timeout,

@@ -102,10 +102,38 @@ def test_changed_worker_that_no_longer_fits_keeps_its_running_place():
     assert result.ledgers[0].claimed_after_bytes == 12 * GiB
 
 
-def test_replicas_prefer_different_gpus():
-    reqs = [request("g/m/0", 4), request("g/m/1", 4)]
-    result = place(reqs, inventory(("n", 2, 24)), policy())
+def test_replicas_spread_over_the_gpus_the_garden_already_uses():
+    reqs = [request("g/big/0", 12), request("g/other/0", 12), request("g/m/0", 4),
+            request("g/m/1", 4)]
+    result = place(reqs, inventory(("n", 3, 24)), policy())
     assert {gpus_of(result, "g/m/0"), gpus_of(result, "g/m/1")} == {("n", (0,)), ("n", (1,))}
+
+
+def test_no_gpu_is_opened_only_to_separate_replicas():
+    result = place([request("g/m/0", 4), request("g/m/1", 4)], inventory(("n", 2, 24)), policy())
+    assert gpus_of(result, "g/m/0") == gpus_of(result, "g/m/1") == ("n", (0,))
+
+
+def test_a_new_gpu_is_the_roomiest_one():
+    inv = inventory(("small", 1, 24), ("large", 1, 80))
+    result = place([request("g/a/0", 4)], inv, policy())
+    assert gpus_of(result, "g/a/0") == ("large", (0,))
+
+
+def test_gpus_already_in_use_are_filled_before_another_is_opened():
+    holdings = [Holding("g/x/0", "x", "large", (0,), 0.2, 16 * GiB, "s")]
+    inv = inventory(("small", 1, 24), ("large", 1, 80))
+    result = place([request("g/x/0", 15.5), request("g/a/0", 20)], inv, policy(), holdings)
+    assert gpus_of(result, "g/a/0") == ("large", (0,))  # not the empty 24 GiB GPU it fits best
+
+
+def test_new_workers_of_one_plan_are_admitted_smallest_first():
+    # 60 + 15 GiB on an 80 GiB GPU: admitted in that order the 15 would find 25% unclaimed,
+    # below 30%; started smallest first both pass the threshold.
+    result = place([request("g/big/0", 59.5), request("g/small/0", 14.5)],
+                   inventory(("n", 1, 80)), policy())
+    assert result.unplaced == ()
+    assert gpus_of(result, "g/big/0") == gpus_of(result, "g/small/0")
 
 
 def test_fill_policy_shares_spare_memory_among_new_workers():
@@ -129,3 +157,12 @@ def test_same_input_same_placement():
     first = place(reqs, inv, policy())
     second = place(list(reversed(reqs)), inv, policy())
     assert first == second
+
+
+def test_spread_replicas_gives_each_replica_a_gpu_of_its_own():
+    reqs = [request("g/m/0", 4), request("g/m/1", 4)]
+    reqs = [r.__class__(**{**r.__dict__, "spread": True}) for r in reqs]
+    result = place(reqs, inventory(("n", 2, 24)), policy())
+    assert {gpus_of(result, "g/m/0"), gpus_of(result, "g/m/1")} == {("n", (0,)), ("n", (1,))}
+    crowded = place(reqs, inventory(("n", 1, 24)), policy())
+    assert crowded.unplaced[0].reasons[0].code == "replicas_apart"

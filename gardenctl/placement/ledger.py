@@ -1,8 +1,10 @@
 """Per-GPU byte ledgers: total, used by processes that are not ours, claimed by our workers.
 
-The one admission rule for a new worker on a GPU is `accepts_new_worker`; the index kept here
-answers "which GPU of this size has the least free memory that is still enough" in O(log n), so
-planning 10,000 workers over 8,192 GPUs stays interactive.
+The admission rule for new workers is `admits` (one documented predicate; `accepts_new_worker`
+is its single-worker form). Sorted indexes of free memory, per GPU size and split into GPUs that
+already hold our workers and GPUs that do not, answer "which GPU of this size has the least free
+memory that is still enough" in O(log n), so planning 10,000 workers over 8,192 GPUs stays
+interactive.
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ GpuKey = tuple[str, int]  # (node, index)
 
 
 def accepts_new_worker(total: int, others: int, claimed: int, min_available_fraction: float) -> bool:
-    """THE admission predicate: a GPU takes a new worker only while the share of its total
-    memory that is neither used by others nor claimed by our workers is at least
-    `min_available_gpu_fraction` (0.3 by default, the ndif scheduler's threshold).
+    """A GPU takes a new worker only while the share of its total memory that is neither used
+    by others nor claimed by our workers is at least `min_available_gpu_fraction` (0.3 by
+    default, the ndif scheduler's threshold). Workers already running are never evicted by it.
 
-    Whether the worker then fits is a separate question: its claim must not exceed the
-    GPU's free memory (total - others - claimed - reserve). Workers already running are never
-    evicted by this rule."""
+    Whether the worker then fits is a separate question: its claim must not exceed the GPU's
+    free memory (total - others - claimed - reserve)."""
     return (total - others - claimed) >= min_available_fraction * total
 
 
@@ -33,14 +34,17 @@ class GpuAccount:
     others: int
     claims: dict[str, int] = field(default_factory=dict)  # worker_id -> bytes
     models: dict[str, int] = field(default_factory=dict)  # model -> workers here
+    kept: int = 0  # claims of workers that already run
+    new_sum: int = 0  # claims of workers this plan adds
+    new_max: int = 0
 
     @property
     def claimed(self) -> int:
-        return sum(self.claims.values())
+        return self.kept + self.new_sum
 
 
 class Pool:
-    """The GPUs being planned, with a sorted index of free memory per GPU size."""
+    """The GPUs being planned, with sorted indexes of free memory."""
 
     def __init__(self, gpus: list[Gpu], others: dict[GpuKey, int], reserve: int,
                  min_available_fraction: float) -> None:
@@ -48,41 +52,96 @@ class Pool:
         self.threshold = min_available_fraction
         self.accounts: dict[GpuKey, GpuAccount] = {}
         self.free: dict[GpuKey, int] = {}
-        self.by_size: dict[int, list[tuple[int, str, int]]] = {}  # total -> [(free, node, idx)]
+        self.used: dict[int, list[tuple[int, str, int]]] = {}  # total -> [(free, node, index)]
+        self.empty: dict[int, list[tuple[int, str, int]]] = {}
         self.by_node_size: dict[tuple[str, int], list[tuple[int, int]]] = {}  # -> [(free, idx)]
         for gpu in gpus:
             key = gpu.key
             self.accounts[key] = GpuAccount(gpu=gpu, others=others.get(key, 0))
             free = gpu.total_bytes - self.accounts[key].others - reserve
             self.free[key] = free
-            self.by_size.setdefault(gpu.total_bytes, []).append((free, gpu.node, gpu.index))
+            self.used.setdefault(gpu.total_bytes, [])
+            self.empty.setdefault(gpu.total_bytes, []).append((free, gpu.node, gpu.index))
             self.by_node_size.setdefault((gpu.node, gpu.total_bytes), []).append((free, gpu.index))
-        for entries in self.by_size.values():
+        for entries in self.empty.values():
             entries.sort()
         for entries in self.by_node_size.values():
             entries.sort()
+        self.node_sizes = sorted(self.by_node_size)
+        self.limits = {key: self.limit(key) for key in self.accounts}
+        # (size, tp) -> sorted [(the node's tp-th largest free, node)], built on first use
+        self._group_index: dict[tuple[int, int], list[tuple[int, str]]] = {}
 
-    def min_free_for(self, total: int, claim: int) -> int:
-        """Free bytes a GPU of this size needs to take a worker claiming ``claim``:
-        enough room, and admission under the min-available threshold."""
-        admission = math.ceil(self.threshold * total) - self.reserve
-        return max(claim, admission)
-
-    def admits(self, key: GpuKey) -> bool:
+    def limit(self, key: GpuKey) -> int:
+        """Most our workers may claim on the GPU, counting all but the last one admitted."""
         account = self.accounts[key]
-        return accepts_new_worker(account.gpu.total_bytes, account.others, account.claimed,
-                                  self.threshold)
+        total = account.gpu.total_bytes
+        return total - math.ceil(self.threshold * total) - account.others
 
-    def add_claim(self, key: GpuKey, worker_id: str, model: str, amount: int) -> None:
+    def group_index(self, total: int, tp: int) -> list[tuple[int, str]]:
+        """Nodes with GPUs of ``total`` bytes, sorted by the free memory of their tp-th roomiest
+        GPU: the nodes that can hold a tp-GPU worker claiming c are those at or after c."""
+        index = self._group_index.get((total, tp))
+        if index is None:
+            index = sorted((self._group_key(node, total, tp), node)
+                           for node, size in self.node_sizes if size == total)
+            self._group_index[(total, tp)] = index
+        return index
+
+    def _group_key(self, node: str, total: int, tp: int) -> int:
+        entries = self.by_node_size[(node, total)]
+        return entries[-tp][0] if len(entries) >= tp else -(1 << 62)
+
+    def admits(self, key: GpuKey, claim: int) -> bool:
+        """THE admission rule. The workers one plan adds to a GPU are admitted if they could be
+        added one by one, smallest first, each finding at least `min_available_gpu_fraction` of
+        the GPU unclaimed (so the set less its largest claim must stay within that bound).
+        Running workers count as claimed; with a single new worker this is `accepts_new_worker`."""
+        account = self.accounts[key]
+        added = account.new_sum + claim - max(account.new_max, claim)
+        return account.kept + added <= self.limits[key]
+
+    def fits(self, key: GpuKey, claim: int) -> bool:
+        return self.free[key] >= claim
+
+    def holds_ours(self, key: GpuKey) -> bool:
+        return bool(self.accounts[key].claims)
+
+    def add_claim(self, key: GpuKey, worker_id: str, model: str, amount: int,
+                  new: bool = True) -> None:
         account = self.accounts[key]
         old = self.free[key]
-        new = old - amount
+        new_free = old - amount
         total = account.gpu.total_bytes
-        _replace(self.by_size[total], (old, key[0], key[1]), (new, key[0], key[1]))
-        _replace(self.by_node_size[(key[0], total)], (old, key[1]), (new, key[1]))
-        self.free[key] = new
+        node, index = key
+        if account.claims:
+            _replace(self.used[total], (old, node, index), (new_free, node, index))
+        else:
+            self.empty[total].pop(bisect.bisect_left(self.empty[total], (old, node, index)))
+            bisect.insort(self.used[total], (new_free, node, index))
+        group_keys = {tp: self._group_key(node, total, tp)
+                      for size, tp in self._group_index if size == total}
+        _replace(self.by_node_size[(node, total)], (old, index), (new_free, index))
+        for tp, before in group_keys.items():
+            _replace(self._group_index[(total, tp)], (before, node),
+                     (self._group_key(node, total, tp), node))
+        self.free[key] = new_free
         account.claims[worker_id] = account.claims.get(worker_id, 0) + amount
         account.models[model] = account.models.get(model, 0) + 1
+        if new:
+            account.new_sum += amount
+            account.new_max = max(account.new_max, amount)
+        else:
+            account.kept += amount
+
+    def most_free(self, count: int) -> list[GpuKey]:
+        """The ``count`` GPUs with the most free memory (ties: lowest node, index)."""
+        tails = []
+        for lists in (self.used, self.empty):
+            for entries in lists.values():
+                tails += entries[-count:]
+        tails.sort(key=lambda e: (-e[0], e[1], e[2]))
+        return [(node, index) for _, node, index in tails[:count]]
 
 
 def _replace(entries: list, old: tuple, new: tuple) -> None:

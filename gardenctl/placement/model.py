@@ -21,6 +21,7 @@ class WorkerRequest:
     pin_node: str | None = None
     pin_gpus: tuple[int, ...] | None = None
     sizing_hash: str = ""  # what sizes the worker: changes force a new placement
+    spread: bool = False  # never on a GPU that holds a replica of the same model
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ EXCEEDS_GPU = "exceeds_gpu"
 NOT_ENOUGH_GPUS = "not_enough_gpus"
 PINNED_NODE_MISSING = "pinned_node_missing"
 PINNED_GPU_MISSING = "pinned_gpu_missing"
+REPLICAS_APART = "replicas_apart"
 NO_GPUS = "no_gpus"
 MORE_GPUS = "more_gpus_tried"
 

@@ -161,6 +161,14 @@ class ModelSettings(_Strict):
     priority: int = Field(
         0, description="Higher is placed first when the garden does not fit on its GPUs."
     )
+    spread_replicas: bool = Field(
+        False,
+        description=(
+            "true: no two replicas of this model share a GPU (opening another GPU if needed). "
+            "false: replicas go to different GPUs among those the garden already uses, and "
+            "share one rather than open another."
+        ),
+    )
     port: int | None = Field(
         None,
         ge=1024,
