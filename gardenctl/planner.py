@@ -11,7 +11,7 @@ plan, byte for byte. Only `gather_estimates` touches the disk (config.json, safe
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 from gardenctl.estimate.types import EstimateRequest, MemoryEstimate, ModelMetadata
 from gardenctl.inventory.model import Inventory
@@ -84,14 +84,16 @@ def used_by_others(inventory: Inventory, observed: Observed) -> dict[GpuKey, int
 
 
 def make_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
-              estimates: Mapping[str, MemoryEstimate]) -> Plan:
+              estimates: Mapping[str, MemoryEstimate],
+              busy_ports: Collection[int] = ()) -> Plan:
+    """The plan; ``busy_ports`` are ports other programs listen on, which new workers avoid."""
     garden = loaded.garden
     models = loaded.models()
     mine = observed.of_garden(garden.name)
     requests = build_requests(garden, models, estimates)
     placement = place(requests, inventory, garden.placement, mine.holdings(),
                       used_by_others(inventory, mine))
-    desired = desired_workers(garden, models, placement, estimates, mine.ports())
+    desired = desired_workers(garden, models, placement, estimates, mine.ports(), busy_ports)
     actions = reconcile(desired, mine, placement.unplaced)
     warnings = [w for name in sorted(estimates) for w in _prefixed(name, estimates[name].warnings)]
     warnings += [issue.format() for issue in loaded.warnings]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from gardenctl.estimate.types import MemoryEstimate
 from gardenctl.placement.model import Placement, WorkerRequest
@@ -123,9 +123,11 @@ def build_requests(garden: Garden, models: Sequence[ModelSpec],
 
 
 def assign_ports(garden: Garden, models: Sequence[ModelSpec], placed_ids: set[str],
-                 current_ports: Mapping[str, int]) -> dict[str, int]:
+                 current_ports: Mapping[str, int],
+                 busy_ports: Collection[int] = ()) -> dict[str, int]:
     """Ports for placed workers: explicit ones (port + replica), else the port a running
-    worker already has, else the lowest free port from placement.base_port up."""
+    worker already has, else the lowest port from placement.base_port up that no other worker
+    and no other program (``busy_ports``) uses."""
     ports: dict[str, int] = {}
     auto: list[str] = []
     for model in models:
@@ -140,9 +142,10 @@ def assign_ports(garden: Garden, models: Sequence[ModelSpec], placed_ids: set[st
     taken = set(ports.values())
     for worker_id in sorted(auto):
         port = current_ports.get(worker_id)
-        if port is not None and port not in taken:
+        if port is not None and port not in taken:  # a running worker keeps the port it holds
             ports[worker_id] = port
             taken.add(port)
+    taken |= set(busy_ports)
     candidate = garden.placement.base_port
     for worker_id in sorted(auto):
         if worker_id in ports:
@@ -194,13 +197,13 @@ def worker_env(model: ModelSpec, gpus: Sequence[int]) -> list[tuple[str, str]]:
 
 
 def desired_workers(garden: Garden, models: Sequence[ModelSpec], placement: Placement,
-                    estimates: Mapping[str, MemoryEstimate],
-                    current_ports: Mapping[str, int]) -> list[DesiredWorker]:
+                    estimates: Mapping[str, MemoryEstimate], current_ports: Mapping[str, int],
+                    busy_ports: Collection[int] = ()) -> list[DesiredWorker]:
     """Every placed worker, fully specified: what `apply` will run."""
     by_name = {m.name: m for m in models}
     sizing = {m.name: sizing_hash(m, garden.placement) for m in models}
     placed = {a.worker_id: a for a in placement.assignments}
-    ports = assign_ports(garden, models, set(placed), current_ports)
+    ports = assign_ports(garden, models, set(placed), current_ports, busy_ports)
     workers = []
     for worker_id in sorted(placed):
         assignment = placed[worker_id]

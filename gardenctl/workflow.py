@@ -37,8 +37,18 @@ def compute_plan(garden_path: str, inventory_path: str | None = None,
         inventory = resolve_inventory(garden, garden_path, inventory_path, nvml=nvml)
     observed = observed if observed is not None else Observed()
     estimates = gather_estimates(loaded.models(), garden.placement.estimator)
-    plan = make_plan(loaded, inventory, observed, estimates)
+    plan = make_plan(loaded, inventory, observed, estimates, busy_ports(loaded, inventory, observed))
     return PlanResult(loaded, inventory, observed, estimates, plan)
+
+
+def busy_ports(loaded: LoadedGarden, inventory: Inventory, observed: Observed) -> set[int]:
+    """Ports other programs listen on here, when the garden runs here (the local runtime on a
+    one-node inventory); the garden's own workers' ports are not counted."""
+    if loaded.garden.runtime.kind != "local" or len(inventory.nodes) != 1:
+        return set()
+    from gardenctl.runtime.processes import listening_ports
+
+    return listening_ports() - set(observed.of_garden(loaded.garden.name).ports().values())
 
 
 def observe_without_lock(loaded: LoadedGarden, inventory: Inventory,

@@ -83,3 +83,22 @@ def test_relative_model_path_is_anchored_at_the_garden_file(tmp_path):
                           str(tmp_path / "sub" / "garden.yaml"))
     (model,) = loaded.models()
     assert model.model == str(tmp_path / "sub" / "models" / "m")
+
+
+def test_assigned_ports_skip_ports_other_programs_listen_on():
+    from builders import estimate, observed_from
+
+    from gardenctl.inventory.declared import inventory_from_spec
+    from gardenctl.planner import make_plan
+    from gardenctl.spec import parse_garden
+
+    text = garden_text("  - {name: a, model: org/a, max_model_len: 1024}\n"
+                       "  - {name: b, model: org/b, max_model_len: 1024}\n")
+    loaded = parse_garden(text, "garden.yaml")
+    inv = inventory_from_spec(loaded.garden.inventory, "declared")
+    estimates = {m.name: estimate(4) for m in loaded.garden.resolved_models()}
+    running = observed_from(plan_for(text.replace(b"name: b", b"name: zz")))  # a on 8001
+    plan = make_plan(loaded, inv, running, estimates, busy_ports={8001, 8002, 8003})
+    ports = {a.worker_id: a.port for a in plan.actions}
+    assert ports["lab/a/0"] == 8001  # a running worker keeps the port it listens on
+    assert ports["lab/b/0"] == 8004  # a new one skips ports other programs use

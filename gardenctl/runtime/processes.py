@@ -119,6 +119,15 @@ def kill_members(pids: list[int]) -> None:
         signal_process(pid, signal.SIGKILL)
 
 
+def listening_ports() -> set[int]:
+    """TCP ports something on this machine listens on (empty where that cannot be read)."""
+    try:
+        return {conn.laddr.port for conn in psutil.net_connections(kind="inet")
+                if conn.status == psutil.CONN_LISTEN and conn.laddr}
+    except (psutil.AccessDenied, OSError):
+        return set()
+
+
 def port_owner(host: str, port: int) -> str | None:
     """Who listens on host:port, if anything does ("pid 123 (python3)" when visible)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
