@@ -25,9 +25,6 @@ at the end, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +37,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import fleets  # noqa: E402  (benchmarks/, the script's own folder)
 from e2e_helpers import READY_DELAY as DEFAULT_DELAY  # noqa: E402
 from e2e_helpers import Garden, http_get, model  # noqa: E402
 
@@ -150,19 +148,6 @@ def measure_edits(garden: Garden, runs: int) -> dict[str, list[tuple[float, int]
     return results
 
 
-def describe_machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10, help="repetitions per measure")
@@ -179,7 +164,7 @@ def main() -> int:
 
     detect = [s[0] for s in latency]
     overhead = [s[1] for s in latency]
-    print(f"# apply timing, {datetime.date.today().isoformat()}, {describe_machine()}")
+    print(f"# apply timing. {fleets.machine().markdown()}")
     print(f"# stand-in READY_DELAY {READY_DELAY:.1f}s for (b); "
           f"{DEFAULT_DELAY}s elsewhere; one worker per simulated GPU; "
           f"{args.runs} runs\n")

@@ -35,11 +35,9 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,6 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+import fleets  # noqa: E402  (benchmarks/, the script's own folder)
 from watch_helpers import Watch, WatchedGarden, model  # noqa: E402
 
 SAVE_TARGET_S = 1.0
@@ -184,22 +183,12 @@ def row(label: str, values: list[float], target: float | None = None) -> str:
             f"{p90(values) * 1000:.0f} | {max(values) * 1000:.0f} | {verdict} |")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine() -> list[str]:
-    uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
+    where = fleets.machine()
     return [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-            f"- machine: `{uname}`",
-            f"- CPU: {cpu_model()}, {os.cpu_count()} cores",
-            f"- Python {platform.python_version()}; stand-in vLLM workers "
+            f"- machine: `{where.uname}`",
+            f"- CPU: {where.cpu}, {where.cores} cores",
+            f"- Python {where.python}; stand-in vLLM workers "
             "(STANDIN_VLLM_READY_DELAY 0.25 s), 2 simulated GPUs on one node"]
 
 
