@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 from gardenctl.errors import GardenError, StalePlanError
@@ -23,7 +23,6 @@ class Session:
     command: str
     runtime: object | None = None
     probe: object | None = None
-    _node: str | None = field(default=None, repr=False)
 
     def bind(self, result_inventory, garden) -> None:
         """Open the runtime for this inventory (once; the node must not change)."""

@@ -19,7 +19,7 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -68,10 +68,8 @@ class WorkerRecord:
     exit_code: int | None = None
     last_error: str | None = None
     restarts: int = 0
-    next_start_after: float | None = None  # crash-loop backoff (watch)
     log_path: str | None = None
     version: int = RECORD_VERSION
-    extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)

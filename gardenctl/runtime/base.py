@@ -73,9 +73,6 @@ class Runtime(Protocol):
     def adopt(self, worker: ObservedWorker) -> None:
         """Write a record for a worker found running by its marker (no record)."""
 
-    def forget(self, worker_id: str) -> None:
-        """Remove the record of a worker whose process is gone."""
-
     def log_path(self, worker_id: str) -> str | None:
         """Where the worker's output goes, if the runtime keeps it in a file."""
 

@@ -110,9 +110,6 @@ class FakeRuntime:
         if fake is not None:
             fake.has_record = True
 
-    def forget(self, worker_id: str) -> None:
-        self.exited.pop(worker_id, None)
-
     def log_path(self, worker_id: str) -> str | None:
         return None
 

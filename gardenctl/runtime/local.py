@@ -273,9 +273,6 @@ class LocalRuntime:
 
     # -- records ---------------------------------------------------------------------------
 
-    def forget(self, worker_id: str) -> None:
-        self.state.delete_record(worker_id)
-
     def adopt(self, worker: ObservedWorker) -> None:
         if worker.pid is None:
             return
