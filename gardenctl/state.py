@@ -61,7 +61,8 @@ class WorkerRecord:
     shutdown_timeout: float
     pid: int | None = None
     pgid: int | None = None
-    create_time: float | None = None  # the process's start time: a reused pid never matches
+    create_time: float | None = None  # the process's start (wall clock)
+    start_ticks: int | None = None  # and in clock ticks since boot: a reused pid never matches
     started_at: float | None = None
     ready_at: float | None = None
     phase: str = "starting"  # starting | ready | stopped | crashed

@@ -156,7 +156,7 @@ def _from_records_only(report: StatusReport, state_path: str | None, now: float)
 
     state = StateDir(state_path)
     if (state.root / "gardens").is_dir():
-        observed: Observed = LocalRuntime(state, node="").observe()
+        observed: Observed = LocalRuntime(state, node="", writable=False).observe()
         report.workers = [_row(w, now) for w in observed.workers]
     return report
 

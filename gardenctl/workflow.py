@@ -65,7 +65,7 @@ def observe_without_lock(loaded: LoadedGarden, inventory: Inventory,
     if not (state.root / "gardens").is_dir():
         return Observed()
     try:
-        runtime = open_runtime(loaded.garden, inventory, state)
+        runtime = open_runtime(loaded.garden, inventory, state, writable=False)
     except GardenError as exc:
         return Observed(notes=(str(exc),))
     return runtime.observe()

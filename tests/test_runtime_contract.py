@@ -142,3 +142,54 @@ def test_dead_workers_lists_a_worker_whose_process_died(runtime):
     while not runtime.dead_workers() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert {w for w, _ in runtime.dead_workers()} == {worker.worker_id}
+
+
+@pytest.mark.e2e
+def test_a_reused_pid_is_never_signalled(tmp_path):
+    import dataclasses
+    import subprocess
+    import sys
+
+    from gardenctl.runtime.processes import identity_of
+    from gardenctl.state import WorkerRecord
+
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                start_new_session=True)
+    try:
+        runtime = LocalRuntime(StateDir(tmp_path / "state"), node="node-a")
+        worker = make_worker()
+        now = identity_of(stranger.pid)
+        # a record whose worker died long ago, and whose pid the kernel gave to the stranger
+        record = WorkerRecord(
+            worker_id=worker.worker_id, garden=worker.garden, model=worker.model, replica=0,
+            node="node-a", gpus=[0], host="127.0.0.1", port=worker.port,
+            served_model_name=worker.served_model_name, utilization=0.1, claim_bytes=1,
+            spec_hash=worker.spec_hash, sizing_hash=worker.sizing_hash, argv=list(worker.argv),
+            env={}, start_timeout=5, shutdown_timeout=1, pid=stranger.pid, pgid=stranger.pid,
+            create_time=now.create_time - 100, start_ticks=now.start_ticks - 10_000,
+            phase="ready")
+        runtime.state.write_record(dataclasses.replace(record))
+        assert runtime.dead_workers() == {(worker.worker_id, stranger.pid)}
+        assert runtime.stop(worker.worker_id).outcome == "gone"
+        assert stranger.poll() is None  # still alive: never signalled
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+@pytest.mark.e2e
+def test_an_adopted_worker_is_recorded_as_the_garden_wants_it(tmp_path):
+    runtime = LocalRuntime(StateDir(tmp_path / "state"), node="node-a",
+                           environ={"LAB_KEY": "k-123"})
+    worker = make_worker({"VLLM_API_KEY": "${LAB_KEY}"})
+    runtime.spawn(worker, {**env_of(worker), "VLLM_API_KEY": "k-123"})
+    assert wait_for(runtime, worker.worker_id).phase == base.READY
+    runtime.state.delete_record(worker.worker_id)  # gardenctl died before writing it
+    (orphan,) = runtime.observe().workers
+    assert not orphan.has_record
+    runtime.adopt(orphan, worker)
+    record = runtime.state.read_record(worker.worker_id)
+    assert record.env["VLLM_API_KEY"] == "${LAB_KEY}"  # the reference, never the value
+    assert (record.claim_bytes, record.sizing_hash, record.phase) == (
+        worker.claim_bytes, worker.sizing_hash, "ready")
+    runtime.stop(worker.worker_id, grace=2)

@@ -89,8 +89,8 @@ def execute(plan: Plan, runtime: base.Runtime, *, environ: Mapping[str, str],
     try:
         _run(ctx, steps, actions, envs, emit)
         for action in plan.actions:
-            if action.adopts and action.previous is not None:
-                runtime.adopt(action.previous)
+            if action.adopts and action.previous is not None and action.worker is not None:
+                runtime.adopt(action.previous, action.worker)
                 emit(ActionResult(action.worker_id, KEEP, True, OK, "adopted: record written"))
     except KeyboardInterrupt:
         ctx.stop_event.set()

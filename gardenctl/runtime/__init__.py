@@ -8,8 +8,10 @@ from gardenctl.spec.models import Garden
 from gardenctl.state import StateDir
 
 
-def open_runtime(garden: Garden | None, inventory: Inventory, state: StateDir):
-    """The runtime a garden asks for, bound to the node it runs on."""
+def open_runtime(garden: Garden | None, inventory: Inventory, state: StateDir, *,
+                 writable: bool = True):
+    """The runtime a garden asks for, bound to the node it runs on. ``writable``: the caller
+    holds the state lock (read-only commands pass False and change no record)."""
     kind = garden.runtime.kind if garden is not None else "local"
     if kind == "ray":
         raise GardenError(
@@ -25,7 +27,7 @@ def open_runtime(garden: Garden | None, inventory: Inventory, state: StateDir):
             f"({inventory.source}) has {len(inventory.nodes)} nodes ({names}); declare this "
             "machine alone, or plan the fleet without applying it here"
         )
-    return LocalRuntime(state, node=inventory.nodes[0].name)
+    return LocalRuntime(state, node=inventory.nodes[0].name, writable=writable)
 
 
 def open_probe(inventory: Inventory):

@@ -70,8 +70,8 @@ class Runtime(Protocol):
         """SIGTERM, wait ``grace`` seconds, SIGKILL the whole group, verify nothing survives.
         Removes the worker's record."""
 
-    def adopt(self, worker: ObservedWorker) -> None:
-        """Write a record for a worker found running by its marker (no record)."""
+    def adopt(self, worker: ObservedWorker, desired: DesiredWorker) -> None:
+        """Record a worker found running by its marker (no record) as the garden wants it."""
 
     def log_path(self, worker_id: str) -> str | None:
         """Where the worker's output goes, if the runtime keeps it in a file."""

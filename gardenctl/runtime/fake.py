@@ -105,7 +105,7 @@ class FakeRuntime:
         outcome = "killed" if fake.ignore_sigterm else "stopped"
         return base.StopResult(outcome, (fake.pid,), f"{outcome} (fake)")
 
-    def adopt(self, worker: ObservedWorker) -> None:
+    def adopt(self, worker: ObservedWorker, desired: DesiredWorker) -> None:
         fake = self.workers.get(worker.worker_id)
         if fake is not None:
             fake.has_record = True

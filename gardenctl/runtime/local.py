@@ -80,9 +80,13 @@ class LocalRuntime:
     name = "local"
 
     def __init__(self, state: StateDir, node: str, *, environ: Mapping[str, str] | None = None,
-                 probe: Callable[..., bool] = probe_ready, probe_timeout: float = 1.0) -> None:
+                 probe: Callable[..., bool] = probe_ready, probe_timeout: float = 1.0,
+                 writable: bool = True) -> None:
+        """``writable``: this runtime's owner holds the state lock and may update records
+        (phases seen while observing); read-only commands (plan, status) pass False."""
         self.state = state
         self.node = node
+        self.writable = writable
         self.environ = environ if environ is not None else os.environ
         self.probe = probe
         self.probe_timeout = probe_timeout
@@ -137,9 +141,9 @@ class LocalRuntime:
             spec_hash=worker.spec_hash, sizing_hash=worker.sizing_hash, argv=list(worker.argv),
             env={k: v for k, v in worker.env}, start_timeout=worker.start_timeout,
             shutdown_timeout=worker.shutdown_timeout, pid=child.pid, pgid=child.pid,
-            create_time=procs.create_time_of(child.pid), started_at=time.time(), phase=STARTING,
-            restarts=restarts, log_path=str(log_path),
+            started_at=time.time(), phase=STARTING, restarts=restarts, log_path=str(log_path),
         )
+        _set_identity(record, procs.identity_of(child.pid))
         self.state.write_record(record)
 
     # -- check -----------------------------------------------------------------------------
@@ -157,7 +161,7 @@ class LocalRuntime:
             if record.phase != READY:
                 record.phase = READY
                 record.ready_at = time.time()
-                self.state.write_record(record)
+                self._save(record)
             return base.WorkerStatus(base.READY, "ready")
         return base.WorkerStatus(base.STARTING, latest_milestone(read_tail(record.log_path)))
 
@@ -167,9 +171,14 @@ class LocalRuntime:
         if child is not None and child.pid == record.pid:
             code = child.poll()
             return _ALIVE if code is None else code
-        if procs.is_same_process(record.pid, record.create_time):
+        identity = _identity(record)
+        if identity is not None and identity.alive():
             return _ALIVE
         return record.exit_code  # not our child: the code is unknown unless recorded
+
+    def _save(self, record: WorkerRecord) -> None:
+        if self.writable:
+            self.state.write_record(record)
 
     def _mark_exited(self, record: WorkerRecord, code: int | None) -> base.WorkerStatus:
         tail = last_lines(read_tail(record.log_path), 25)
@@ -187,7 +196,7 @@ class LocalRuntime:
                                      "started by this gardenctl process)")
             else:
                 record.last_error = f"exited with code {code}"
-            self.state.write_record(record)
+            self._save(record)
         return base.WorkerStatus(base.EXITED, record.last_error or "",
                                  exit_code=None if signal_number else code, signal=signal_number,
                                  log_tail=tail, diagnosis=diagnosis)
@@ -203,20 +212,27 @@ class LocalRuntime:
 
     def stop(self, worker_id: str, grace: float | None = None) -> base.StopResult:
         """Stop every process of the worker: its recorded group and any marked group with its
-        id (an orphan left by an interrupted gardenctl)."""
+        id (an orphan left by an interrupted gardenctl). Only processes proven to be the worker
+        (identity or marker) are ever signalled."""
         record = self.state.read_record(worker_id)
         if grace is None:
             grace = (record.shutdown_timeout if record else 30.0) + STOP_MARGIN
-        leaders: dict[int, float | None] = {}  # pid -> create time, verified ours
-        if record is not None and self._exit_code(record) is _ALIVE and record.pid:
-            leaders[record.pid] = record.create_time
+        leaders: dict[int, procs.Identity] = {}  # verified alive and ours
+        recorded = _identity(record) if record is not None else None
+        if record is not None and recorded is not None and self._exit_code(record) is _ALIVE:
+            leaders[recorded.pid] = recorded
         for marked in procs.marked_group_leaders(self.state_id):
             if marked.worker_id == worker_id:
-                leaders.setdefault(marked.pid, marked.create_time)
-        groups = set(leaders)
+                leaders.setdefault(marked.pid, marked.identity)
+        groups: dict[int, procs.Identity | None] = {pid: ident for pid, ident in leaders.items()}
         if record is not None and record.pgid:
-            groups.add(record.pgid)
-        members = {pid for pgid in groups for pid in procs.group_members(pgid, worker_id)}
+            groups.setdefault(record.pgid, recorded)
+
+        def members_now() -> set[int]:
+            return {pid for pgid, leader in groups.items()
+                    for pid in procs.group_members(pgid, worker_id, leader)}
+
+        members = members_now()
         if not leaders and not members:
             self._reap(worker_id)
             self.state.delete_record(worker_id)
@@ -224,17 +240,16 @@ class LocalRuntime:
         outcome = "stopped"
         for pid in leaders:
             procs.signal_process(pid, signal.SIGTERM)
-        if leaders and not self._wait_gone(leaders, grace):
+        if leaders and not self._wait_gone(list(leaders.values()), grace):
             outcome = "killed"
-        survivors = {pid for pgid in groups for pid in procs.group_members(pgid, worker_id)}
+        survivors = members_now()
         if survivors:
             outcome = "killed"
             procs.kill_members(sorted(survivors))
             deadline = time.monotonic() + KILL_WAIT
             while survivors and time.monotonic() < deadline:
                 time.sleep(0.05)
-                survivors = {pid for pgid in groups
-                             for pid in procs.group_members(pgid, worker_id)}
+                survivors = members_now()
             if survivors:
                 raise base.StopError(f"{worker_id}: processes {sorted(survivors)} survived "
                                      "SIGKILL")
@@ -245,11 +260,11 @@ class LocalRuntime:
                   "processes behind)")
         return base.StopResult(outcome, tuple(sorted(members | set(leaders))), detail)
 
-    def _wait_gone(self, leaders: dict[int, float | None], grace: float) -> bool:
+    def _wait_gone(self, leaders: list[procs.Identity], grace: float) -> bool:
         deadline = time.monotonic() + grace
         while True:
             self._poll_children()
-            if not any(procs.is_same_process(pid, created) for pid, created in leaders.items()):
+            if not any(leader.alive() for leader in leaders):
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -273,21 +288,27 @@ class LocalRuntime:
 
     # -- records ---------------------------------------------------------------------------
 
-    def adopt(self, worker: ObservedWorker) -> None:
-        if worker.pid is None:
+    def adopt(self, worker: ObservedWorker, desired: DesiredWorker) -> None:
+        """Record a worker found running by its marker, as the garden wants it (``desired``:
+        same spec hash), so that it is managed like one this gardenctl started."""
+        identity = procs.identity_of(worker.pid) if worker.pid is not None else None
+        if identity is None:
             return
-        create_time = procs.create_time_of(worker.pid)
         record = WorkerRecord(
-            worker_id=worker.worker_id, garden=worker.garden, model=worker.model,
-            replica=worker.replica, node=worker.node, gpus=list(worker.gpus), host="127.0.0.1",
-            port=worker.port, served_model_name=_flag(worker.argv, "--served-model-name") or
-            worker.model, utilization=worker.utilization, claim_bytes=worker.claim_bytes,
-            spec_hash=worker.spec_hash, sizing_hash=worker.sizing_hash, argv=list(worker.argv),
-            env={}, start_timeout=900.0, shutdown_timeout=30.0, pid=worker.pid, pgid=worker.pid,
-            create_time=create_time, started_at=create_time, phase=STARTING,
-            log_path=str(self.state.log_path(worker.worker_id)),
+            worker_id=desired.worker_id, garden=desired.garden, model=desired.model,
+            replica=desired.replica, node=desired.node, gpus=list(desired.gpus),
+            host=desired.host, port=desired.port, served_model_name=desired.served_model_name,
+            utilization=desired.utilization, claim_bytes=desired.claim_bytes,
+            spec_hash=desired.spec_hash, sizing_hash=desired.sizing_hash,
+            argv=list(desired.argv), env={k: v for k, v in desired.env},
+            start_timeout=desired.start_timeout, shutdown_timeout=desired.shutdown_timeout,
+            pid=identity.pid, pgid=identity.pid, started_at=identity.create_time,
+            log_path=str(self.state.log_path(desired.worker_id)),
         )
-        record.host = _flag(worker.argv, "--host") or record.host
+        _set_identity(record, identity)
+        ready = self.probe(record.host, record.port, record.served_model_name,
+                           self._api_key(record), self.probe_timeout)
+        record.phase = READY if ready else STARTING
         self.state.write_record(record)
 
     def log_path(self, worker_id: str) -> str | None:
@@ -339,8 +360,9 @@ class LocalRuntime:
             if ready and record.phase != READY:
                 record.phase = READY
                 record.ready_at = time.time()
-                self.state.write_record(record)
-            pids = tuple(procs.group_members(record.pgid, record.worker_id)) if record.pgid else ()
+                self._save(record)
+            pids = tuple(procs.group_members(record.pgid, record.worker_id, _identity(record))
+                         ) if record.pgid else ()
             exit_code, last_error = None, None
         else:
             if record.phase not in (CRASHED, STOPPED):
@@ -349,6 +371,7 @@ class LocalRuntime:
             exit_code, last_error = record.exit_code, record.last_error
             # EngineCore or TP workers can outlive a killed main process, holding GPU memory
             pids = tuple(procs.group_members(record.pgid, record.worker_id)) if record.pgid else ()
+
         return ObservedWorker(
             worker_id=record.worker_id, garden=record.garden, model=record.model,
             replica=record.replica, node=record.node, gpus=tuple(record.gpus), port=record.port,
@@ -361,6 +384,18 @@ class LocalRuntime:
 
 
 _ALIVE = object()
+
+
+def _identity(record: WorkerRecord) -> procs.Identity | None:
+    if record.pid is None:
+        return None
+    return procs.Identity(record.pid, record.create_time, record.start_ticks)
+
+
+def _set_identity(record: WorkerRecord, identity: procs.Identity | None) -> None:
+    if identity is not None:
+        record.create_time = identity.create_time
+        record.start_ticks = identity.start_ticks
 
 
 def _flag(argv, name: str) -> str | None:
@@ -384,5 +419,5 @@ def _orphan(marked: procs.MarkedProcess, node: str) -> ObservedWorker | None:
         node=node, gpus=gpus, port=int(port) if port and port.isdigit() else 0,
         utilization=float(utilization) if utilization else 0.0, claim_bytes=0,
         spec_hash=marked.spec_hash, sizing_hash="", argv=argv, phase=UNKNOWN, pid=marked.pid,
-        has_record=False, started_at=marked.create_time, pids=(marked.pid,),
+        has_record=False, started_at=marked.identity.create_time, pids=(marked.pid,),
     )

@@ -15,44 +15,76 @@ import psutil
 
 from gardenctl.workers import SPEC_HASH_ENV, STATE_ENV, WORKER_ID_ENV
 
-START_TIME_TOLERANCE = 0.05  # seconds; psutil's create_time is rounded by the kernel clock tick
+START_TIME_TOLERANCE = 0.05  # seconds, for identities known only by their wall-clock start
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a process is: its pid and when it started. A pid alone is reused by the kernel.
+
+    ``start_ticks`` (Linux: clock ticks since boot, from /proc/<pid>/stat) is exact and does not
+    move when the wall clock is stepped (NTP, resume); ``create_time`` (wall clock) is the
+    fallback where /proc cannot be read."""
+
+    pid: int
+    create_time: float | None = None
+    start_ticks: int | None = None
+
+    def alive(self) -> bool:
+        """True when this very process is alive (not a zombie, not a newer one with its pid)."""
+        stat = _proc_stat(self.pid)
+        if self.start_ticks is not None and stat is not None:
+            state, ticks = stat
+            return state != "Z" and ticks == self.start_ticks
+        try:
+            process = psutil.Process(self.pid)
+            if process.status() == psutil.STATUS_ZOMBIE or self.create_time is None:
+                return False
+            return abs(process.create_time() - self.create_time) <= START_TIME_TOLERANCE
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+
+
+def identity_of(pid: int) -> Identity | None:
+    """The identity of the live process ``pid``, or None if it is gone."""
+    try:
+        create_time = psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    stat = _proc_stat(pid)
+    return Identity(pid, create_time, stat[1] if stat else None)
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) from /proc/<pid>/stat (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()  # after "pid (comm) ": field 3 onwards
+    return fields[0].decode(), int(fields[19])  # field 3 (state), field 22 (starttime)
 
 
 @dataclass(frozen=True)
 class MarkedProcess:
     """A process group leader that carries our worker marker in its environment."""
 
-    pid: int
+    identity: Identity
     worker_id: str
     spec_hash: str
-    create_time: float
     cmdline: tuple[str, ...]
     cuda_visible_devices: str
 
-
-def is_same_process(pid: int | None, create_time: float | None) -> bool:
-    """True when ``pid`` is alive and is the very process that started at ``create_time``."""
-    if pid is None or create_time is None:
-        return False
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return abs(process.create_time() - create_time) <= START_TIME_TOLERANCE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+    @property
+    def pid(self) -> int:
+        return self.identity.pid
 
 
-def create_time_of(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-def group_members(pgid: int, worker_id: str | None = None) -> list[int]:
-    """Live processes of process group ``pgid``; with ``worker_id``, only those whose
-    environment carries that marker (or cannot be read), so a reused group id is never hit."""
+def group_members(pgid: int, worker_id: str, leader: Identity | None = None) -> list[int]:
+    """Live processes of process group ``pgid`` that belong to ``worker_id``: those whose
+    environment carries its marker, and the group leader if it is ``leader``. A process whose
+    environment cannot be read, or a leader that merely reuses the pid, is never included."""
     members = []
     for pid in psutil.pids():
         try:
@@ -61,17 +93,12 @@ def group_members(pgid: int, worker_id: str | None = None) -> list[int]:
             process = psutil.Process(pid)
             if process.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if worker_id is not None:
-                marker = _environ(process).get(WORKER_ID_ENV)
-                if marker is not None and marker != worker_id:
-                    continue
-                if marker is None and pid != pgid:
-                    continue
-        except (ProcessLookupError, psutil.NoSuchProcess):
+            marker = _environ(process).get(WORKER_ID_ENV)
+            if marker == worker_id or (pid == pgid and marker is None and leader is not None
+                                       and leader.pid == pid and leader.alive()):
+                members.append(pid)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError, psutil.AccessDenied):
             continue
-        except (PermissionError, psutil.AccessDenied):
-            continue
-        members.append(pid)
     return sorted(members)
 
 
@@ -95,9 +122,10 @@ def marked_group_leaders(state: str) -> list[MarkedProcess]:
             worker_id = env.get(WORKER_ID_ENV)
             if not worker_id or env.get(STATE_ENV) != state:
                 continue
+            stat = _proc_stat(pid)
             found.append(MarkedProcess(
-                pid=pid, worker_id=worker_id, spec_hash=env.get(SPEC_HASH_ENV, ""),
-                create_time=process.info["create_time"],
+                identity=Identity(pid, process.info["create_time"], stat[1] if stat else None),
+                worker_id=worker_id, spec_hash=env.get(SPEC_HASH_ENV, ""),
                 cmdline=tuple(process.info["cmdline"] or ()),
                 cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES", ""),
             ))
