@@ -32,6 +32,7 @@ class WorkerBackoff:
     not_before: float = 0.0  # wall-clock time
     last_error: str = ""
     counted_until: float = float("-inf")  # crashes of processes started before this are counted
+    spec_hash: str | None = None  # the version of the worker that failed
 
 
 @dataclass
@@ -53,16 +54,25 @@ class CrashTracker:
                 started = worker.started_at if worker.started_at is not None else now
                 if started > entry.counted_until:
                     entry.counted_until = started
+                    entry.spec_hash = worker.spec_hash
                     self._fail(entry, now, worker.last_error or "exited")
             elif worker.phase == READY and worker.worker_id in self.workers:
                 if worker.started_at is not None and now - worker.started_at >= self.policy.reset_after:
                     del self.workers[worker.worker_id]
 
-    def start_failed(self, worker_id: str, now: float, error: str) -> None:
+    def start_failed(self, worker_id: str, now: float, error: str,
+                     spec_hash: str | None = None) -> None:
         """A start that failed (its process, if any, began before ``now``: counted here)."""
         entry = self.workers.setdefault(worker_id, WorkerBackoff())
         entry.counted_until = max(entry.counted_until, now)
+        entry.spec_hash = spec_hash or entry.spec_hash
         self._fail(entry, now, error)
+
+    def reset_if_changed(self, worker_id: str, spec_hash: str) -> None:
+        """A new version of the worker (another spec) starts with no failures behind it."""
+        entry = self.workers.get(worker_id)
+        if entry is not None and entry.spec_hash is not None and entry.spec_hash != spec_hash:
+            del self.workers[worker_id]
 
     def _fail(self, entry: WorkerBackoff, now: float, error: str) -> None:
         entry.failures += 1

@@ -24,13 +24,18 @@ class Session:
     runtime: object | None = None
     probe: object | None = None
 
-    def bind(self, result_inventory, garden) -> None:
-        """Open the runtime for this inventory (once; the node must not change)."""
+    def bind(self, inventory, garden) -> None:
+        """Open the runtime for this inventory; again when the node it names changes (a
+        declared inventory renamed while watch runs)."""
         from gardenctl.runtime import open_probe, open_runtime
 
-        if self.runtime is None:
-            self.runtime = open_runtime(garden, result_inventory, self.state)
-            self.probe = open_probe(result_inventory)
+        node = inventory.nodes[0].name if len(inventory.nodes) == 1 else None
+        if self.runtime is None or getattr(self.runtime, "node", None) != node:
+            close = getattr(self.probe, "close", None)
+            if close:
+                close()
+            self.runtime = open_runtime(garden, inventory, self.state)
+            self.probe = open_probe(inventory)
 
     def observe(self, garden, inventory):
         self.bind(inventory, garden)

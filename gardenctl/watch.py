@@ -87,12 +87,18 @@ class Watcher:
         self.seen_dead: set[tuple[str, int | None]] = set()
         self.started_at = wall()
         self._held_logged: dict[str, float] = {}
-        self.last_attempted_refused = False
+        self.rejected: tuple[str, LoadedGarden, str] | None = None  # digest, version, why
+        self.invalid_digest: str | None = None
+        self._waiting_logged = False
+        self.stop_reason: str | None = None
+        self._specs: dict[str, str] = {}
         self.pass_started = wall()
 
     # -- the loop --------------------------------------------------------------------------
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str | None = None) -> None:
+        """Safe in a signal handler: sets flags only; the loop logs the reason as it ends."""
+        self.stop_reason = reason
         self.stop.set()
         self.interrupt.set()
 
@@ -110,6 +116,8 @@ class Watcher:
                 reason = self._wait_for_trigger()
         finally:
             self.stop.set()
+            if self.stop_reason:
+                self.log.emit("signal", f"received {self.stop_reason}; stopping")
             self._write_status(stopped=True)
             self.log.emit("stopped", "watch stopped; workers keep running (`gardenctl down` "
                           "stops them)")
@@ -183,44 +191,64 @@ class Watcher:
     # -- one pass --------------------------------------------------------------------------
 
     def pass_once(self, reason: str) -> None:
+        """One pass; whatever goes wrong, the watcher lives on and keeps the last good garden."""
         self.pass_started = self.wall()
         try:
             self._pass(reason)
         except GardenError as exc:
             self.log.emit("error", f"pass failed: {exc}", reason=reason)
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop the healing
+            self.log.emit("error", f"internal error in this pass (a bug in gardenctl, please "
+                          f"report it): {type(exc).__name__}: {exc}", reason=reason)
         self._write_status()
 
     def _pass(self, reason: str) -> None:
         candidate = self._read_candidate()
         result = None
         if candidate is not None:
-            result = self.session.plan_loaded(candidate, self.options.inventory_path)
-            refusal = self._refusal(candidate, result)
+            digest = candidate.content_hash
+            try:
+                result = self.session.plan_loaded(candidate, self.options.inventory_path)
+                refusal = self._refusal(candidate, result)
+            except GardenError as exc:
+                refusal = f"version {digest[:12]} cannot be planned: {exc}"
             if refusal:
-                self._attempted(candidate.content_hash, accepted=False, error=refusal)
-                self.log.emit("rejected", f"{refusal}; the last good version stays in force",
-                              attempted=candidate.content_hash[:12],
-                              applied=self.last_applied[0][:12] if self.last_applied else None)
+                self._reject(candidate, refusal)
                 result = None
             else:
-                self.last_attempted_refused = bool(self.last_attempted
-                                                   and not self.last_attempted[2])
-                self._attempted(candidate.content_hash, accepted=True, error=None)
-                refused_before = self.last_attempted_refused
+                refused_before = self.last_attempted is not None and not self.last_attempted[2]
+                self.rejected = None
+                self._attempted(digest, accepted=True, error=None)
                 if (self.last_good is None or refused_before
-                        or candidate.content_hash != self.last_good.content_hash):
-                    self.log.emit("accepted", f"garden file version {candidate.content_hash[:12]}"
-                                  f" ({reason})", version=candidate.content_hash[:12])
+                        or digest != self.last_good.content_hash):
+                    self.log.emit("accepted", f"garden file version {digest[:12]} ({reason})",
+                                  version=digest[:12])
                 self.last_good = candidate
         if result is None:
             if self.last_good is None:
-                self.log.emit("waiting", "no valid garden file yet; nothing is changed")
+                if not self._waiting_logged:
+                    self._waiting_logged = True
+                    self.log.emit("waiting", "no valid garden file yet; nothing is changed")
                 return
             result = self.session.plan_loaded(self.last_good, self.options.inventory_path)
         self._execute(result, reason)
 
+    def _reject(self, candidate: LoadedGarden, refusal: str) -> None:
+        """Keep the last good version; a refusal that depends on the world (GPUs taken, workers
+        running) is re-examined at every pass, and logged again only when it changes."""
+        digest = candidate.content_hash
+        repeated = self.rejected is not None and self.rejected[0] == digest \
+            and self.rejected[2] == refusal
+        self.rejected = (digest, candidate, refusal)
+        self._attempted(digest, accepted=False, error=refusal)
+        if not repeated:
+            self.log.emit("rejected", f"{refusal}; the last good version stays in force",
+                          attempted=digest[:12],
+                          applied=self.last_applied[0][:12] if self.last_applied else None)
+
     def _read_candidate(self) -> LoadedGarden | None:
-        """The file's current version if it differs from the last one tried, parsed."""
+        """The file's version to consider: None when it is the version in force, cannot be
+        read, or failed to parse (until its bytes change)."""
         path = self.options.garden_path
         try:
             raw = Path(path).read_bytes()
@@ -232,11 +260,18 @@ class Watcher:
             self._attempted(marker, accepted=False, error=f"cannot read {path}: {exc.strerror}")
             return None
         digest = hashlib.sha256(raw).hexdigest()
-        if self.last_attempted is not None and self.last_attempted[0] == digest:
+        if self.last_good is not None and digest == self.last_good.content_hash:
+            if self.last_attempted is not None and self.last_attempted[0] != digest:
+                self._attempted(digest, accepted=True, error=None)  # back to the version in force
             return None
+        if digest == self.invalid_digest:
+            return None
+        if self.rejected is not None and self.rejected[0] == digest:
+            return self.rejected[1]
         try:
             return parse_garden(raw, path)
         except SpecError as exc:
+            self.invalid_digest = digest
             self._attempted(digest, accepted=False, error=str(exc))
             self.log.emit("invalid", f"garden file version {digest[:12]} is invalid; the last "
                           "good version stays in force", version=digest[:12],
@@ -279,6 +314,7 @@ class Watcher:
             self.log.emit("plan", f"{s['start']} to start, {s['replace']} to replace, {s['stop']} "
                           f"to stop, {s['keep']} unchanged ({reason})", reason=reason, **s)
         causes = {a.worker_id: a.cause for a in plan.actions}
+        self._specs = {a.worker_id: a.worker.spec_hash for a in plan.actions if a.worker}
         self.session.apply(dataclasses.replace(result, plan=plan), _Progress(self.log),
                            stop_event=self.interrupt,
                            on_result=lambda r: self._result(r, causes.get(r.worker_id, "")))
@@ -293,7 +329,7 @@ class Watcher:
                       elapsed_s=round(r.elapsed, 3))
         if r.ok or r.action not in ("start", "replace"):
             return
-        self.tracker.start_failed(r.worker_id, self.wall(), r.message)
+        self.tracker.start_failed(r.worker_id, self.wall(), r.message, self._specs.get(r.worker_id))
         held = self.tracker.held(r.worker_id, self.wall())
         if held:
             entry = self.tracker.workers[r.worker_id]
@@ -306,6 +342,8 @@ class Watcher:
         """The plan minus starts of workers in crash-loop backoff (reported, not forgotten)."""
         kept = []
         for action in plan.actions:
+            if action.worker is not None:  # a new version of a failing worker starts afresh
+                self.tracker.reset_if_changed(action.worker_id, action.worker.spec_hash)
             held = self.tracker.held(action.worker_id, now) if action.action == START else None
             if held is None:
                 kept.append(action)

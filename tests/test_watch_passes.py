@@ -138,3 +138,60 @@ def test_a_failing_worker_does_not_hold_back_the_others(setup):
     assert seen["lab/b/0"] == "ready"
     assert [e["outcome"] for e in events() if e.get("worker") == "lab/a/0"
             and e["event"] == "start"][0] == "exited_before_ready"
+
+
+def test_a_version_refused_for_lack_of_room_is_retried_when_room_appears(tmp_path):
+    garden = tmp_path / "garden.yaml"
+    gpus = tmp_path / "gpus.yaml"
+    gpus.write_text("nodes: [{name: node-a, gpus: [{name: L4, memory: 24GiB, used: 20GiB}]}]\n")
+    garden.write_text(HEAD.replace("inventory: {nodes: [{name: node-a, gpus: [{name: L4, "
+                                   "memory: 24GiB, count: 2}]}]}\n", "") + A)
+    runtime = FakeRuntime(node="node-a")
+    session = Session(StateDir(tmp_path / "state").ensure(), "test", runtime=runtime)
+    out = io.StringIO()
+    watcher = Watcher(session, WatchOptions(garden_path=str(garden), inventory_path=str(gpus)),
+                      EventLog(out, json_lines=True))
+    watcher.pass_once("start")
+    assert runtime.spawned == []  # the only GPU is taken by another program
+    gpus.write_text("nodes: [{name: node-a, gpus: [{name: L4, memory: 24GiB}]}]\n")
+    watcher.pass_once("resync")  # same garden bytes, more room: accepted now
+    assert runtime.spawned == ["lab/a/0"]
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    refusals = [e for e in events if e["event"] == "rejected" and "stays in force" in e["message"]]
+    assert len(refusals) == 1 and any(e["event"] == "accepted" for e in events)
+
+
+def test_a_version_that_cannot_be_planned_keeps_the_last_good_one_healing(setup):
+    garden, runtime, watcher, events, clock = setup
+    watcher.pass_once("start")
+    garden.write_text(HEAD.replace("inventory: {nodes: [{name: node-a, gpus: [{name: L4, "
+                                   "memory: 24GiB, count: 2}]}]}\n", "") + A + B)
+    runtime.kill("lab/a/0")
+    watcher.pass_once("worker exited")  # no inventory and no NVML here: cannot be planned
+    assert runtime.spawned.count("lab/a/0") == 2  # still healed from the last good version
+    assert any("cannot be planned" in e["message"] for e in events() if e["event"] == "rejected")
+
+
+def test_a_new_version_of_a_failing_worker_starts_without_its_backoff(setup):
+    garden, runtime, watcher, events, clock = setup
+    watcher.pass_once("start")
+    for _ in range(2):
+        runtime.kill("lab/a/0")
+        clock.now += 1
+        watcher.pass_once("worker exited")
+    spawned = runtime.spawned.count("lab/a/0")  # second crash in a row: held for 10 s
+    garden.write_text(HEAD + A.replace("max_model_len: 2048", "max_model_len: 1024") + B)
+    clock.now += 1
+    watcher.pass_once("file changed")
+    assert runtime.spawned.count("lab/a/0") == spawned + 1  # the fix starts at once
+
+
+def test_a_bug_in_a_pass_does_not_stop_the_watcher(setup, monkeypatch):
+    garden, runtime, watcher, events, _ = setup
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(watcher.session, "plan_loaded", broken)
+    watcher.pass_once("start")  # must not raise
+    assert any("internal error" in e["message"] for e in events() if e["event"] == "error")

@@ -40,8 +40,7 @@ def watch(garden_path: str, inventory_path: str | None, state_path: str | None, 
         watcher = Watcher(session, options, log)
 
         def stop(signum, frame) -> None:
-            log.emit("signal", f"received {signal.Signals(signum).name}; stopping")
-            watcher.request_stop()
+            watcher.request_stop(signal.Signals(signum).name)  # flags only: signal-safe
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:

@@ -54,12 +54,21 @@ ByteSize = Annotated[
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 
+MAX_SECONDS = 7 * 24 * 3600  # a week: anything longer is a typo
+
+
 def _to_seconds(value: Any) -> float:
+    seconds = _parse_seconds(value)
+    if not 0 <= seconds <= MAX_SECONDS:  # also refuses .nan and .inf
+        raise ValueError(f"a duration must be between 0 and {MAX_SECONDS} seconds (a week), "
+                         f"got {value!r}")
+    return seconds
+
+
+def _parse_seconds(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 90s, 15m or a number of seconds")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
         return float(value)
     if isinstance(value, str):
         match = _DURATION_RE.match(value)
@@ -224,7 +233,7 @@ class GpuGroupSpec(_Strict):
     """`count` identical GPUs of one node."""
 
     name: str = Field(min_length=1, description="e.g. NVIDIA A10G")
-    memory: ByteSize = Field(description="Total memory of one GPU, e.g. 24GiB.")
+    memory: ByteSize = Field(gt=0, description="Total memory of one GPU, e.g. 24GiB.")
     count: int = Field(1, ge=1, le=64)
     used: ByteSize = Field(0, description="Memory already used by processes that are not ours.")
 

@@ -128,8 +128,8 @@ def read_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
         root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         raise _yaml_error(exc, file) from None
-    except yaml.YAMLError as exc:  # pragma: no cover - PyYAML marks nearly everything
-        raise _fail(file, None, f"not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # e.g. ReaderError: a control character in the text
+        raise _fail(file, _reader_mark(exc, text), _reader_message(exc)) from None
     source = SourceMap(file=file)
     if root is None:
         return None, source
@@ -179,6 +179,24 @@ def _prescan(text: str, file: str) -> None:
                                 "too many aliases (over 1000)")
     except yaml.MarkedYAMLError as exc:
         raise _yaml_error(exc, file) from None
+    except yaml.YAMLError as exc:  # e.g. ReaderError: a control character in the text
+        raise _fail(file, _reader_mark(exc, text), _reader_message(exc)) from None
+
+
+def _reader_message(exc: yaml.YAMLError) -> str:
+    reason = getattr(exc, "reason", None)
+    character = getattr(exc, "character", None)
+    if reason and isinstance(character, str):
+        return f"not valid YAML: {reason} (character U+{ord(character):04X})"
+    return f"not valid YAML: {str(exc).splitlines()[0]}"
+
+
+def _reader_mark(exc: yaml.YAMLError, text: str) -> Mark | None:
+    position = getattr(exc, "position", None)
+    if not isinstance(position, int):
+        return None
+    before = text[:position]
+    return Mark(before.count("\n") + 1, position - (before.rfind("\n") + 1) + 1)
 
 
 class _Builder:
