@@ -69,8 +69,9 @@ def _start_cause(worker: DesiredWorker, current: ObservedWorker | None,
             detail = f"killed by signal {-code}"
         else:
             detail = f"exited with code {code}" if code is not None else "exited"
-            if current.last_error:
-                detail += f": {current.last_error}"
+            if current.last_error and current.last_error != detail:
+                detail = (current.last_error if current.last_error.startswith(detail)
+                          else f"{detail}: {current.last_error}")
         return f"not running ({detail}); starting it again"
     if current is not None and current.phase == STOPPED:
         return "stopped; starting it again"

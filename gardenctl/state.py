@@ -117,11 +117,14 @@ class StateDir:
         return self._garden_dir(garden, "workers") / f"{stem}.json"
 
     def log_path(self, worker_id: str) -> Path:
+        """Where the worker's log is (nothing is created: read-only commands use it too)."""
         garden, stem = _split(worker_id)
-        return self._garden_dir(garden, "logs") / f"{stem}.log"
+        return self.root / "gardens" / garden / "logs" / f"{stem}.log"
 
     def new_log(self, worker_id: str) -> Path:
         """Rotate the worker's log (keeping LOGS_KEPT older runs) and return the fresh path."""
+        garden, _ = _split(worker_id)
+        self._garden_dir(garden, "logs")
         path = self.log_path(worker_id)
         for n in range(LOGS_KEPT - 1, 0, -1):
             older = path.with_name(f"{path.name}.{n}")
@@ -144,7 +147,11 @@ class StateDir:
     def read_record(self, worker_id: str) -> WorkerRecord | None:
         return self._read(self.record_path(worker_id))
 
-    def records(self, garden: str | None = None) -> list[WorkerRecord]:
+    def records(self, garden: str | None = None,
+                damaged: list[str] | None = None) -> list[WorkerRecord]:
+        """Every readable record; a damaged one is skipped (and named in ``damaged``) so that
+        one bad file never blocks the other workers. Its worker, if it runs, carries our
+        marker and is found as an orphan."""
         base = self.root / "gardens"
         if not base.is_dir():
             return []
@@ -155,7 +162,12 @@ class StateDir:
             if not directory.is_dir():
                 continue
             for path in sorted(directory.glob("*.json")):
-                record = self._read(path)
+                try:
+                    record = self._read(path)
+                except StateError as exc:
+                    if damaged is not None:
+                        damaged.append(str(exc))
+                    continue
                 if record is not None:
                     found.append(record)
         return found
@@ -163,10 +175,13 @@ class StateDir:
     @staticmethod
     def _read(path: Path) -> WorkerRecord | None:
         try:
-            return WorkerRecord.from_json(json.loads(path.read_text()))
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError(f"a {type(data).__name__}, not a record")
+            return WorkerRecord.from_json(data)
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OSError) as exc:
             raise StateError(f"the worker record {path} is damaged ({exc}); if its worker is "
                              "gone, delete the file") from None
 

@@ -87,7 +87,8 @@ def gather_status(garden_path: str, inventory_path: str | None, state_path: str 
     try:
         loaded = load_garden(garden_path)
     except GardenError as exc:
-        report.notes.append(f"the garden file cannot be used: {str(exc).splitlines()[0]}")
+        report.notes.append(f"the garden file cannot be used: {exc}")
+        report.notes.append("showing the workers of every garden in the state directory")
         return _from_records_only(report, state_path, now)
     report.garden = loaded.garden.name
     inventory = resolve_inventory(loaded.garden, garden_path, inventory_path)

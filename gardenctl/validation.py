@@ -32,15 +32,18 @@ def check_against_inventory(loaded: LoadedGarden, inventory: Inventory,
     source = loaded.source
     models = loaded.models()
     issues: list[SpecIssue] = []
+    bad: set[int] = set()
     nodes = {node.name: node for node in inventory.nodes}
     largest = max((len(node.gpus) for node in inventory.nodes), default=0)
     for i, model in enumerate(models):
+        before = len(issues)
         pin = model.placement
         if pin and pin.node is not None and pin.node not in nodes:
             issues.append(source.issue(_field(loaded, i, "placement"),
                                        f"pinned to node {pin.node!r}, which the inventory "
                                        f"({inventory.source}) does not have",
                                        hint="nodes: " + ", ".join(sorted(nodes))))
+            bad.add(i)
             continue
         candidates = [nodes[pin.node]] if pin and pin.node else list(nodes.values())
         if pin and pin.gpus is not None:
@@ -59,9 +62,10 @@ def check_against_inventory(loaded: LoadedGarden, inventory: Inventory,
                 f"tensor_parallel_size {model.tensor_parallel_size} needs that many GPUs on one "
                 f"node; the largest {'allowed ' if pin and pin.node else ''}node has {most}",
                 hint=f"at most {largest} here"))
-    if issues:
-        return FitReport(tuple(issues), None)
-    placement = place(build_requests(garden, models, estimates), inventory, garden.placement)
+        if len(issues) > before:
+            bad.add(i)
+    fitting = [m for i, m in enumerate(models) if i not in bad]  # the rest is still checked
+    placement = place(build_requests(garden, fitting, estimates), inventory, garden.placement)
     index = {m.name: i for i, m in enumerate(models)}
     for unplaced in placement.unplaced:
         i = index[unplaced.model]
@@ -70,7 +74,7 @@ def check_against_inventory(loaded: LoadedGarden, inventory: Inventory,
                                    f"inventory ({inventory.source}): {detail}",
                                    hint="lower max_model_len or min_concurrency, use a smaller or "
                                    "quantized model, lower priority elsewhere, or add GPUs"))
-    return FitReport(tuple(issues), placement)
+    return FitReport(tuple(issues), None if bad else placement)
 
 
 def _field(loaded: LoadedGarden, index: int, name: str) -> tuple:

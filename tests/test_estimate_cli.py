@@ -172,4 +172,4 @@ def test_invalid_tensor_parallel_size_is_a_clear_error(capsys):
     code, _, err = run(capsys, "Qwen/Qwen2.5-7B-Instruct", "--tp", "0")
 
     assert code == 1
-    assert "tensor_parallel_size must be >= 1" in err
+    assert "Invalid value for '--tp'" in err and "x>=1" in err

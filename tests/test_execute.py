@@ -140,7 +140,7 @@ class Probe:
         return self.held.get(index, set())
 
 
-def test_start_is_refused_early_when_the_gpu_lacks_free_memory():
+def test_start_is_refused_when_the_gpu_never_has_the_free_memory():
     runtime, clock = fake()
     report = run(plan_for(garden_text(MODELS)), runtime, clock, probe=Probe(free=1024))
     assert {r.outcome for r in report.results} == {ex.INSUFFICIENT_FREE}

@@ -201,3 +201,17 @@ def test_content_hash_identifies_the_file_version():
     two = parse_garden((BASE + "# comment\n").encode(), "g")
     assert one.content_hash != two.content_hash
     assert one.garden == two.garden
+
+
+def test_flags_with_underscores_are_checked_like_vllm_reads_them():
+    issues = errors_of(BASE + "    args: [--api_key=sk-9, --gpu_memory_utilization, '0.99', "
+                              "--config, x.yaml]\n")
+    messages = " ".join(i.message for i in issues if i.severity == "error")
+    assert "--api-key would put a secret in argv" in messages
+    assert "--gpu-memory-utilization is set by gardenctl" in messages
+    assert "--config is not allowed in args" in messages
+
+
+def test_an_environment_value_is_never_repeated_in_an_error():
+    issues = errors_of(BASE + "    env: {HF_TOKEN: 123456789}\n")
+    assert all("123456789" not in i.format() for i in issues)

@@ -32,7 +32,7 @@ ITEMS = (  # (MemoryEstimate attribute, JSON key, label in the text table)
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hugging Face model.")
 @click.option(
     "--max-model-len",
-    type=int,
+    type=click.IntRange(min=16),
     default=None,
     help="Context length; default: the model's own limit from config.json.",
 )
@@ -40,7 +40,7 @@ ITEMS = (  # (MemoryEstimate attribute, JSON key, label in the text table)
     "--tp",
     "--tensor-parallel-size",
     "tp",
-    type=int,
+    type=click.IntRange(min=1),
     default=1,
     show_default=True,
     help="Tensor-parallel size (GPUs per worker).",
@@ -57,20 +57,20 @@ ITEMS = (  # (MemoryEstimate attribute, JSON key, label in the text table)
 )
 @click.option(
     "--min-concurrency",
-    type=int,
+    type=click.IntRange(min=1),
     default=1,
     show_default=True,
     help="Sequences of max_model_len the KV cache must hold.",
 )
 @click.option(
     "--max-num-batched-tokens",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Drives the activation peak; default: assume 8192 (vLLM's H100 default).",
 )
 @click.option(
     "--max-num-seqs",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Sequences sampled at once; default: assume 1024 (vLLM's H100 default).",
 )
@@ -123,6 +123,8 @@ def estimate(
     from gardenctl.estimate import EstimateRequest, estimate_memory, read_model_metadata
     from gardenctl.estimate.metadata import looks_like_path
 
+    if not model.strip():
+        raise GardenError("MODEL is empty: give a local folder or a Hugging Face id")
     gpu_total = _parse_gpu_memory(gpu_memory)
     if safety_margin < 0:
         raise GardenError(f"--safety-margin must be >= 0, got {safety_margin}")

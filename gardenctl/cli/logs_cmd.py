@@ -14,7 +14,7 @@ from gardenctl.cli.options import DEFAULT_GARDEN, state_dir
 @click.argument("worker")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C to stop).")
 @click.option("-n", "--lines", "count", default=100, show_default=True,
-              help="How many of the last lines to show first.")
+              type=click.IntRange(min=0), help="How many of the last lines to show first.")
 @click.option("--file", "garden_path", default=DEFAULT_GARDEN, show_default=True,
               type=click.Path(dir_okay=False), help="Garden file, to complete short names.")
 @click.option("--previous", is_flag=True, help="The log of the run before (after a restart).")
@@ -78,7 +78,8 @@ def _full_id(worker: str, garden_path: str, state) -> str:
         except GardenError:
             garden = None
     if garden is None:
-        gardens = sorted(p.name for p in (state.root / "gardens").glob("*") if p.is_dir())
+        base = state.root / "gardens"
+        gardens = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
         if len(gardens) != 1:
             raise GardenError(f"which garden is {worker!r} in? Give garden/model/replica")
         garden = gardens[0]

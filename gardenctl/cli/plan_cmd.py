@@ -34,9 +34,13 @@ def plan(garden_path: str, inventory_path: str | None, state_path: str | None, o
                           inventory=inventory)
     document = plan_to_json(result.plan)
     if out_path:
+        from gardenctl.errors import GardenError
         from gardenctl.files import write_json_atomic
 
-        write_json_atomic(out_path, document)
+        try:
+            write_json_atomic(out_path, document)
+        except OSError as exc:
+            raise GardenError(f"cannot write the plan to {out_path}: {exc.strerror}") from None
     if output == "json":
         echo_json(document)
     else:

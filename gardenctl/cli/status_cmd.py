@@ -37,7 +37,9 @@ def render_status(report) -> str:
     for reason in report.out_of_sync:
         lines.append(f"  - {reason}")
     for note in report.notes:
-        lines.append(f"  note: {note}")
+        first, *rest = note.splitlines()
+        lines.append(f"  note: {first}")
+        lines += [f"        {line.strip()}" for line in rest]
     if report.watch is not None:
         lines.append(_watch_line(report.watch))
     if report.gpus:
@@ -73,7 +75,8 @@ def render_status(report) -> str:
 
 
 def _phase(worker, report) -> str:
-    backoff = report.watch.backoff.get(worker.worker_id) if report.watch else None
+    watching = report.watch is not None and report.watch.running
+    backoff = report.watch.backoff.get(worker.worker_id) if watching else None
     if worker.phase == "crashed" and backoff and backoff.get("next_start_after"):
         wait = max(0, backoff["next_start_after"] - time.time())
         return f"crashed, restart in {wait:.0f}s ({backoff['failures']} in a row)"

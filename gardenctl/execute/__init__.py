@@ -85,6 +85,17 @@ def execute(plan: Plan, runtime: base.Runtime, *, environ: Mapping[str, str],
                     hint="export them where gardenctl runs (they are passed to the worker, "
                     "never written down)"))
             envs[action.worker_id] = env
+    # A replace left undone keeps its old worker's memory: nothing may start on those GPUs.
+    held = {(a.previous.node, index) for a in plan.actions
+            if a.worker_id in blocked and a.action == REPLACE and a.previous is not None
+            for index in a.previous.gpus}
+    for action in plan.actions:
+        if action.action in (START, REPLACE) and action.worker_id not in blocked \
+                and gpu_keys(action) & held:
+            blocked.add(action.worker_id)
+            emit(ActionResult(action.worker_id, action.action, False, SKIPPED,
+                              "not started: its GPU still holds a worker whose replacement "
+                              "could not start (see the missing secret)"))
     steps, actions = _steps(plan, blocked)
     try:
         _run(ctx, steps, actions, envs, emit)

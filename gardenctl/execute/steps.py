@@ -125,11 +125,6 @@ def start_worker(ctx: Context, action: Action, env: dict[str, str]) -> ActionRes
     worker = action.worker
     assert worker is not None
     started = ctx.clock()
-    short = _check_free_memory(ctx, worker)
-    if short:
-        return ActionResult(worker.worker_id, action.action, False, INSUFFICIENT_FREE, short,
-                            hint="another process took GPU memory since the plan was made; "
-                            "run plan again")
     previous = action.previous
     if previous is not None and not previous.running:
         # A crashed worker's EngineCore or TP processes may survive it, holding GPU memory.
@@ -142,6 +137,14 @@ def start_worker(ctx: Context, action: Action, env: dict[str, str]) -> ActionRes
             return ActionResult(worker.worker_id, action.action, False, MEMORY_NOT_RELEASED,
                                 f"what its previous run left behind still holds GPU memory: "
                                 f"{held}")
+    try:
+        short = _wait_free_memory(ctx, worker)
+    except GardenError as exc:
+        short = str(exc)
+    if short:
+        return ActionResult(worker.worker_id, action.action, False, INSUFFICIENT_FREE, short,
+                            hint="another process holds GPU memory the plan counted on; see "
+                            "`gardenctl inventory`, then run plan again")
     ctx.progress.update(worker.worker_id, "spawning", "", 0.0)
     try:
         ctx.runtime.spawn(worker, env, restart_count(action))
@@ -207,6 +210,19 @@ def _exited(worker: DesiredWorker, action: Action, status: base.WorkerStatus,
                         log_tail=status.log_tail, cause=diagnosis.cause if diagnosis else None,
                         suggested_max_model_len=diagnosis.suggested_max_model_len
                         if diagnosis else None)
+
+
+def _wait_free_memory(ctx: Context, worker: DesiredWorker) -> str | None:
+    """Wait (up to the release timeout) until the worker's GPUs have its claim free: memory a
+    stopped neighbour held can take a moment to come back, and NVML's process list cannot
+    always tell (inside containers it shows host pids)."""
+    deadline = ctx.clock() + ctx.release_timeout
+    while True:
+        short = _check_free_memory(ctx, worker)
+        if short is None or ctx.clock() >= deadline or ctx.stop_event.is_set():
+            return short
+        ctx.progress.update(worker.worker_id, "waiting", "for GPU memory to be free", 0.0)
+        ctx.sleep(ctx.poll_interval)
 
 
 def _check_free_memory(ctx: Context, worker: DesiredWorker) -> str | None:

@@ -78,7 +78,7 @@ def _unplaced_json(unplaced: Unplaced) -> dict[str, Any]:
 
 def plan_from_json(document: Mapping[str, Any]) -> Plan:
     """Rebuild a Plan from its JSON document; GardenError if it is not one."""
-    if document.get("kind") != "gardenctl-plan":
+    if not isinstance(document, Mapping) or document.get("kind") != "gardenctl-plan":
         raise GardenError("this file is not a gardenctl plan (made by `gardenctl plan --out`)")
     version = document.get("format_version")
     if not isinstance(version, int) or version > PLAN_FORMAT_VERSION:

@@ -320,7 +320,7 @@ class LocalRuntime:
 
     def dead_workers(self) -> set[tuple[str, int | None]]:
         dead = set()
-        for record in self.state.records():
+        for record in self.state.records(damaged=[]):
             if record.phase in (STARTING, READY) and self._exit_code(record) is not _ALIVE:
                 dead.add((record.worker_id, record.pid))
         return dead
@@ -328,12 +328,13 @@ class LocalRuntime:
     # -- observe ---------------------------------------------------------------------------
 
     def observe(self) -> Observed:
-        records = self.state.records()
+        damaged: list[str] = []
+        records = self.state.records(damaged=damaged)
         with ThreadPoolExecutor(max_workers=min(16, max(1, len(records)))) as pool:
             workers = list(pool.map(self._observe_record, records))
         recorded = {(r.worker_id, r.pid) for r in records}
         by_id = {w.worker_id: w for w in workers}
-        notes = []
+        notes = [f"ignored: {problem}" for problem in damaged]
         for marked in procs.marked_group_leaders(self.state_id):
             if (marked.worker_id, marked.pid) in recorded:
                 continue

@@ -49,6 +49,11 @@ MANAGED_FLAGS = {
     "--shutdown-timeout": "shutdown_timeout",
     "--model": "model",
 }
+# Flags that would let something else decide what gardenctl must control.
+FORBIDDEN_FLAGS = {
+    "--config": "a vLLM config file could override what gardenctl sets (port, utilization, "
+                "API key); put its settings in the model's fields and args",
+}
 # Flags whose value is a secret: argv is readable by every local user.
 SECRET_FLAGS = {"--api-key": API_KEY_ENV, "--hf-token": "HF_TOKEN"}
 
@@ -62,10 +67,12 @@ def known_vllm_flags() -> frozenset[str]:
 
 
 def flag_name(arg: str) -> str | None:
-    """`--foo=bar` -> `--foo`; values (not starting with '-') -> None."""
+    """`--foo_bar=1` -> `--foo-bar` (vLLM's parser reads '_' as '-' in flag names); values
+    (not starting with '-') -> None."""
     if not arg.startswith("-") or arg == "-" or is_number(arg):
         return None
-    return arg.split("=", 1)[0]
+    name = arg.split("=", 1)[0]
+    return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
 
 
 def is_number(text: str) -> bool:
@@ -209,6 +216,9 @@ def _check_args(garden: Garden, i: int, model: ModelSpec,
         elif name in MANAGED_FLAGS:
             yield source.issue(path, f"{name} is set by gardenctl",
                                hint=f"use the model's `{MANAGED_FLAGS[name]}` field instead")
+        elif name in FORBIDDEN_FLAGS:
+            yield source.issue(path, f"{name} is not allowed in args",
+                               hint=FORBIDDEN_FLAGS[name])
         elif name not in known:
             import difflib
 

@@ -185,7 +185,10 @@ def _issue_for(path: Path, kind: str, errors: list[dict], source: SourceMap,
                             hint="environment names are letters, digits and '_', "
                             "not starting with a digit", at_key=True)
     value = first.get("input")
-    got = _describe(value, source.plain_text.get(path))
+    secret = "env" in path  # environment values may be secrets: never repeat them
+    got = _describe(value, None if secret else source.plain_text.get(path))
+    if secret:
+        got = "a number" if isinstance(value, (int, float)) else f"a {type(value).__name__}"
     if len(errors) > 1 or first["type"] == "literal_error":
         expected = FIELD_HINTS.get(field) or _expected_literals(errors)
         message = f"invalid value {got}"
@@ -200,7 +203,8 @@ def _issue_for(path: Path, kind: str, errors: list[dict], source: SourceMap,
     hint = FIELD_HINTS.get(field, "")
     plain = source.plain_text.get(path)
     if first["type"] == "string_type" and plain is not None:
-        hint = f'YAML read this as {type(value).__name__}; quote it to keep it text: "{plain}"'
+        shown = "the value" if secret else f'"{plain}"'
+        hint = f"YAML read this as {type(value).__name__}; quote it to keep it text: {shown}"
     elif first["type"] in ("int_type", "float_type", "bool_type") and isinstance(value, str):
         if plain is not None and plain[:1] == "0" and plain[1:2].isdigit():
             hint = "leading zeros are ambiguous in YAML; write the number without them"

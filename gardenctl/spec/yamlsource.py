@@ -123,7 +123,7 @@ def read_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise _fail(file, None, f"file is larger than {MAX_FILE_BYTES // 1024} KiB",
                     "a garden file is small; split or trim it")
-    _prescan(text, file)
+    explicit = _prescan(text, file)
     try:
         root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
@@ -133,7 +133,7 @@ def read_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
     source = SourceMap(file=file)
     if root is None:
         return None, source
-    builder = _Builder(file, source)
+    builder = _Builder(file, source, explicit)
     return builder.build(root, ()), source
 
 
@@ -151,11 +151,14 @@ def _yaml_error(exc: yaml.MarkedYAMLError, file: str) -> SpecError:
     return _fail(file, where, f"not valid YAML: {problem}", hint)
 
 
-def _prescan(text: str, file: str) -> None:
-    """Check depth, document count and alias use on the event stream, before building anything."""
+def _prescan(text: str, file: str) -> dict[tuple[int, int], str]:
+    """Check depth, document count and alias use on the event stream, before building anything.
+    Returns the explicitly tagged scalars (`!!str 123`), by position: the node tree does not
+    tell an explicit tag from a resolved one."""
     depth = 0
     documents = 0
     aliases = 0
+    explicit: dict[tuple[int, int], str] = {}
     try:
         for event in yaml.parse(text, Loader=_Loader):
             if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
@@ -172,6 +175,8 @@ def _prescan(text: str, file: str) -> None:
                     raise _fail(file, Mark(event.start_mark.line + 1, event.start_mark.column + 1),
                                 "more than one YAML document", "a garden file holds one document; "
                                 "remove the extra '---'")
+            elif isinstance(event, yaml.ScalarEvent) and event.tag not in (None, "!"):
+                explicit[(event.start_mark.line, event.start_mark.column)] = event.tag
             elif isinstance(event, yaml.AliasEvent):
                 aliases += 1
                 if aliases > 1000:
@@ -181,6 +186,7 @@ def _prescan(text: str, file: str) -> None:
         raise _yaml_error(exc, file) from None
     except yaml.YAMLError as exc:  # e.g. ReaderError: a control character in the text
         raise _fail(file, _reader_mark(exc, text), _reader_message(exc)) from None
+    return explicit
 
 
 def _reader_message(exc: yaml.YAMLError) -> str:
@@ -200,9 +206,11 @@ def _reader_mark(exc: yaml.YAMLError, text: str) -> Mark | None:
 
 
 class _Builder:
-    def __init__(self, file: str, source: SourceMap) -> None:
+    def __init__(self, file: str, source: SourceMap,
+                 explicit: dict[tuple[int, int], str] | None = None) -> None:
         self.file = file
         self.source = source
+        self.explicit = explicit or {}
         self.budget = MAX_VALUES
 
     def _spend(self, node: yaml.Node) -> None:
@@ -258,10 +266,27 @@ class _Builder:
         return merged
 
     def _scalar(self, node: yaml.ScalarNode, path: Path) -> Any:
+        tag = self.explicit.get((node.start_mark.line, node.start_mark.column))
+        if tag is not None:
+            return self._tagged(node, tag)
         if node.style:  # quoted or block scalar: always a string
             return node.value
         self.source.plain_text[path] = node.value
         return resolve_plain_scalar(node.value)
+
+    def _tagged(self, node: yaml.ScalarNode, tag: str) -> Any:
+        """An explicitly tagged scalar: `!!str 123` is text, `!!int "8"` a number."""
+        if tag == _STR_TAG:
+            return node.value
+        value = resolve_plain_scalar(node.value)
+        wanted = {"tag:yaml.org,2002:int": int, "tag:yaml.org,2002:float": (int, float),
+                  "tag:yaml.org,2002:bool": bool, "tag:yaml.org,2002:null": type(None)}.get(tag)
+        if wanted is None:
+            return node.value
+        if isinstance(value, bool) and wanted is int or not isinstance(value, wanted):
+            kind = tag.rsplit(":", 1)[1]
+            raise _fail(self.file, _mark(node), f"{node.value!r} is not a valid {kind}")
+        return float(value) if tag.endswith(":float") else value
 
 
 def resolve_plain_scalar(text: str) -> Any:
