@@ -1,7 +1,7 @@
 """Per-GPU byte ledgers: total, used by processes that are not ours, claimed by our workers.
 
-The admission rule for new workers is `admits` (one documented predicate; `accepts_new_worker`
-is its single-worker form). Sorted indexes of free memory, per GPU size and split into GPUs that
+The admission rule is `accepts_new_worker`, one documented predicate; `Pool.admits` applies it
+to the set of workers one plan adds to a GPU. Sorted indexes of free memory, per GPU size and split into GPUs that
 already hold our workers and GPUs that do not, answer "which GPU of this size has the least free
 memory that is still enough" in O(log n), so planning 10,000 workers over 8,192 GPUs stays
 interactive.
@@ -10,7 +10,6 @@ interactive.
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass, field
 
 from gardenctl.inventory.model import Gpu
@@ -68,15 +67,8 @@ class Pool:
         for entries in self.by_node_size.values():
             entries.sort()
         self.node_sizes = sorted(self.by_node_size)
-        self.limits = {key: self.limit(key) for key in self.accounts}
         # (size, tp) -> sorted [(the node's tp-th largest free, node)], built on first use
         self._group_index: dict[tuple[int, int], list[tuple[int, str]]] = {}
-
-    def limit(self, key: GpuKey) -> int:
-        """Most our workers may claim on the GPU, counting all but the last one admitted."""
-        account = self.accounts[key]
-        total = account.gpu.total_bytes
-        return total - math.ceil(self.threshold * total) - account.others
 
     def group_index(self, total: int, tp: int) -> list[tuple[int, str]]:
         """Nodes with GPUs of ``total`` bytes, sorted by the free memory of their tp-th roomiest
@@ -96,10 +88,11 @@ class Pool:
         """THE admission rule. The workers one plan adds to a GPU are admitted if they could be
         added one by one, smallest first, each finding at least `min_available_gpu_fraction` of
         the GPU unclaimed (so the set less its largest claim must stay within that bound).
-        Running workers count as claimed; with a single new worker this is `accepts_new_worker`."""
+        Running workers count as claimed."""
         account = self.accounts[key]
-        added = account.new_sum + claim - max(account.new_max, claim)
-        return account.kept + added <= self.limits[key]
+        before_largest = account.kept + account.new_sum + claim - max(account.new_max, claim)
+        return accepts_new_worker(account.gpu.total_bytes, account.others, before_largest,
+                                  self.threshold)
 
     def fits(self, key: GpuKey, claim: int) -> bool:
         return self.free[key] >= claim
