@@ -100,7 +100,3 @@ class LockHeldError(TemporaryError):
 
 class StalePlanError(GardenError):
     """A saved plan no longer matches the garden file, the inventory or the running workers."""
-
-
-class ExecutionError(GardenError):
-    """Applying a plan failed; the report says which workers and why."""

@@ -49,14 +49,17 @@ class Session:
             return self._saved_plan(plan_file, garden_path, inventory_path)
         return self.plan_loaded(load_garden(garden_path), inventory_path)
 
-    def plan_loaded(self, loaded, inventory_path: str | None) -> PlanResult:
-        """Observe the runtime and plan ``loaded`` against what runs now."""
+    def plan_loaded(self, loaded, inventory_path: str | None,
+                    observed=None) -> PlanResult:
+        """Plan ``loaded`` against what runs now: observed here, or the snapshot given (one
+        observation serves every plan of a watch pass)."""
         from gardenctl.inventory import resolve_inventory
 
         inventory = resolve_inventory(loaded.garden, loaded.path, inventory_path)
-        observed = self.observe(loaded.garden, inventory)
-        return compute_plan(loaded.path, inventory_path, observed=observed, loaded=loaded,
-                            inventory=inventory)
+        self.bind(inventory, loaded.garden)
+        if observed is None:
+            observed = self.observe(loaded.garden, inventory)
+        return compute_plan(loaded, inventory, observed)
 
     def _saved_plan(self, plan_file: str, garden_path: str,
                     inventory_path: str | None) -> PlanResult:

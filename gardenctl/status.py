@@ -95,8 +95,7 @@ def gather_status(garden_path: str, inventory_path: str | None, state_path: str 
     observed = observe_without_lock(loaded, inventory, state_path)
     report.notes += list(observed.notes)
     mine = observed.of_garden(loaded.garden.name)
-    result = compute_plan(garden_path, inventory_path, observed=observed, loaded=loaded,
-                          inventory=inventory)
+    result = compute_plan(loaded, inventory, observed)
     plan = result.plan
     report.in_sync = not plan.has_changes and not plan.unplaced
     report.out_of_sync = [f"{a.action} {a.worker_id}: {a.cause}" for a in plan.actions

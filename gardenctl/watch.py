@@ -205,10 +205,12 @@ class Watcher:
     def _pass(self, reason: str) -> None:
         candidate = self._read_candidate()
         result = None
+        observed = None  # one snapshot of the workers per pass
         if candidate is not None:
             digest = candidate.content_hash
             try:
                 result = self.session.plan_loaded(candidate, self.options.inventory_path)
+                observed = result.observed
                 refusal = self._refusal(candidate, result)
             except GardenError as exc:
                 refusal = f"version {digest[:12]} cannot be planned: {exc}"
@@ -230,7 +232,8 @@ class Watcher:
                     self._waiting_logged = True
                     self.log.emit("waiting", "no valid garden file yet; nothing is changed")
                 return
-            result = self.session.plan_loaded(self.last_good, self.options.inventory_path)
+            result = self.session.plan_loaded(self.last_good, self.options.inventory_path,
+                                              observed)
         self._execute(result, reason)
 
     def _reject(self, candidate: LoadedGarden, refusal: str) -> None:

@@ -23,20 +23,12 @@ class PlanResult:
     plan: Plan
 
 
-def compute_plan(garden_path: str, inventory_path: str | None = None,
-                 observed: Observed | None = None, nvml=None,
-                 loaded: LoadedGarden | None = None,
-                 inventory: Inventory | None = None) -> PlanResult:
-    from gardenctl.inventory import resolve_inventory
+def compute_plan(loaded: LoadedGarden, inventory: Inventory,
+                 observed: Observed) -> PlanResult:
+    """Read the models' metadata (the only I/O left), then plan: a pure function of the rest."""
     from gardenctl.planner import gather_estimates, make_plan
-    from gardenctl.spec.loader import load_garden
 
-    loaded = loaded or load_garden(garden_path)
-    garden = loaded.garden
-    if inventory is None:
-        inventory = resolve_inventory(garden, garden_path, inventory_path, nvml=nvml)
-    observed = observed if observed is not None else Observed()
-    estimates = gather_estimates(loaded.models(), garden.placement.estimator)
+    estimates = gather_estimates(loaded.models(), loaded.garden.placement.estimator)
     plan = make_plan(loaded, inventory, observed, estimates, busy_ports(loaded, inventory, observed))
     return PlanResult(loaded, inventory, observed, estimates, plan)
 

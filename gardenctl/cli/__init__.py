@@ -40,7 +40,8 @@ COMMANDS = {
 
 EXIT_OK = 0
 EXIT_ERROR = 1
-EXIT_CHANGES = 2
+EXIT_CHANGES = 2  # plan --detailed-exitcode only
+EXIT_INTERRUPTED = 130
 
 
 class LazyGroup(click.Group):
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         rc = exc.exit_code
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
-        rc = 130
+        rc = EXIT_INTERRUPTED
     except BrokenPipeError:
         rc = EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - the one place that tells bugs apart

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from gardenctl.cli import EXIT_ERROR, EXIT_INTERRUPTED
 from gardenctl.cli.options import echo_json, garden_file, inventory_file, output_format, state_dir
 
 APPLY_FORMAT_VERSION = 1
@@ -43,7 +44,7 @@ def apply(plan_file: str | None, garden_path: str, inventory_path: str | None,
             if not sys.stdin.isatty():
                 raise click.UsageError("apply changes workers: pass --yes when not at a terminal")
             if not click.confirm("Apply these changes?", default=False, err=True):
-                raise click.exceptions.Exit(1)
+                raise click.exceptions.Exit(EXIT_ERROR)
         report = apply_plan(session, result, quiet=output == "json")
         if output == "json":
             echo_json(_document(plan, report))
@@ -87,8 +88,8 @@ def _print_report(report) -> None:
 
 def _exit_for(plan, report) -> None:
     if report is not None and report.interrupted:
-        raise click.exceptions.Exit(130)
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
     if report is not None and not report.ok:
-        raise click.exceptions.Exit(1)
+        raise click.exceptions.Exit(EXIT_ERROR)
     if plan.unplaced:
-        raise click.exceptions.Exit(1)
+        raise click.exceptions.Exit(EXIT_ERROR)

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from gardenctl.cli import EXIT_ERROR
 from gardenctl.cli.options import echo_json, garden_file, output_format, state_dir
 
 DOWN_FORMAT_VERSION = 1
@@ -42,7 +43,7 @@ def down(garden_path: str, state_path: str | None, garden_name: str | None, outp
             if not sys.stdin.isatty():
                 raise click.UsageError("down stops workers: pass --yes when not at a terminal")
             if not click.confirm("Stop them?", default=False, err=True):
-                raise click.exceptions.Exit(1)
+                raise click.exceptions.Exit(EXIT_ERROR)
         results = stop_garden(session.state, targets)
     if output == "json":
         echo_json({"format_version": DOWN_FORMAT_VERSION, "garden": name,
@@ -51,7 +52,7 @@ def down(garden_path: str, state_path: str | None, garden_name: str | None, outp
         for result in results:
             click.echo(f"  {'ok  ' if result.ok else 'FAIL'} {result.worker_id}: {result.message}")
     if not all(r.ok for r in results):
-        raise click.exceptions.Exit(1)
+        raise click.exceptions.Exit(EXIT_ERROR)
 
 
 def _garden_name(garden_path: str) -> str:

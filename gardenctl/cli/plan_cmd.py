@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from gardenctl.cli import EXIT_CHANGES, EXIT_ERROR
 from gardenctl.cli.options import echo_json, garden_file, inventory_file, output_format, state_dir
 
 
@@ -30,8 +31,7 @@ def plan(garden_path: str, inventory_path: str | None, state_path: str | None, o
     loaded = load_garden(garden_path)
     inventory = resolve_inventory(loaded.garden, garden_path, inventory_path)
     observed = observe_without_lock(loaded, inventory, state_path)
-    result = compute_plan(garden_path, inventory_path, observed=observed, loaded=loaded,
-                          inventory=inventory)
+    result = compute_plan(loaded, inventory, observed)
     document = plan_to_json(result.plan)
     if out_path:
         from gardenctl.errors import GardenError
@@ -48,6 +48,6 @@ def plan(garden_path: str, inventory_path: str | None, state_path: str | None, o
         if out_path:
             click.echo(f"Saved to {out_path}; run `gardenctl apply {out_path}` to execute it.")
     if result.plan.unplaced:
-        raise click.exceptions.Exit(1)
+        raise click.exceptions.Exit(EXIT_ERROR)
     if detailed_exitcode and result.plan.has_changes:
-        raise click.exceptions.Exit(2)
+        raise click.exceptions.Exit(EXIT_CHANGES)

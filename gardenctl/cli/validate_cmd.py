@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from gardenctl.cli import EXIT_ERROR
 from gardenctl.cli.options import echo_json, garden_file, inventory_file, output_format
 
 VALIDATE_FORMAT_VERSION = 1
@@ -31,7 +32,7 @@ def validate(files: tuple[str, ...], garden_path: str, inventory_path: str | Non
             echo_json({"format_version": VALIDATE_FORMAT_VERSION,
                        "valid": all(d["valid"] for d in documents), "results": documents})
     if not all(d["valid"] for d in documents):
-        raise click.exceptions.Exit(1)
+        raise click.exceptions.Exit(EXIT_ERROR)
 
 
 def _validate_one(garden_path: str, inventory_path: str | None, output: str) -> dict:

@@ -154,14 +154,8 @@ def _read_folder(model: str, folder: Path, where: str) -> ModelMetadata:
         ref=model,
         config=config,
         config_source=f"config.json in {where}" if config is not None else None,
-        safetensors_bytes=summary.data_bytes if summary else None,
-        safetensors_params=summary.elements if summary else None,
-        safetensors_dtypes=summary.dtype_bytes if summary else {},
-        safetensors_source=(
-            f"safetensors headers ({n_files}, {summary.tensors:,} tensors) in {where}"
-            if summary
-            else None
-        ),
+        **_weights_fields(summary, lambda t: f"safetensors headers ({n_files}, {t:,} tensors) "
+                          f"in {where}"),
         notes=tuple(notes),
         weight_files_bytes=sum(p.stat().st_size for p in weight_files) or None,
     )
@@ -219,16 +213,21 @@ def _fetch(model: str, revision: str | None, cache_dir: Path) -> ModelMetadata:
         ref=model,
         config=config,
         config_source=config_source,
-        safetensors_bytes=summary.data_bytes if summary else None,
-        safetensors_params=summary.elements if summary else None,
-        safetensors_dtypes=summary.dtype_bytes if summary else {},
-        safetensors_source=(
-            f"safetensors headers from the Hugging Face Hub ({summary.tensors:,} tensors)"
-            if summary
-            else None
-        ),
+        **_weights_fields(summary, lambda t: "safetensors headers from the Hugging Face Hub "
+                          f"({t:,} tensors)"),
         notes=tuple(notes),
     )
+
+
+def _weights_fields(summary, describe) -> dict:
+    """ModelMetadata's safetensors fields from a header summary (or None); ``describe`` names
+    the source from the number of tensors."""
+    if summary is None:
+        return {"safetensors_bytes": None, "safetensors_params": None,
+                "safetensors_dtypes": {}, "safetensors_source": None}
+    return {"safetensors_bytes": summary.data_bytes, "safetensors_params": summary.elements,
+            "safetensors_dtypes": summary.dtype_bytes,
+            "safetensors_source": describe(summary.tensors)}
 
 
 def _merge(fetched: ModelMetadata, cached: ModelMetadata | None) -> ModelMetadata:

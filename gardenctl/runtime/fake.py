@@ -37,7 +37,6 @@ class FakeWorker:
     ignore_sigterm: bool = False
     restarts: int = 0
     has_record: bool = True
-    ready_seen: bool = False
     log: list[str] = field(default_factory=list)
 
 
@@ -195,7 +194,6 @@ class FakeRuntime:
             return base.EXITED, base.WorkerStatus(base.EXITED, diagnosis.message,
                                                   exit_code=fake.exit_code, log_tail=tail,
                                                   diagnosis=diagnosis)
-        fake.ready_seen = True
         return base.READY, base.WorkerStatus(base.READY, "ready")
 
     def _observed(self, fake: FakeWorker, phase: str,
