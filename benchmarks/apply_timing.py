@@ -37,9 +37,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import fleets  # noqa: E402  (benchmarks/, the script's own folder)
-from e2e_helpers import READY_DELAY as DEFAULT_DELAY  # noqa: E402
-from e2e_helpers import Garden, http_get, model  # noqa: E402
+import fleets  # benchmarks/, the script's own folder
+from e2e_helpers import READY_DELAY as DEFAULT_DELAY
+from e2e_helpers import Garden, http_get, model
 
 FIVE = [model(name) for name in ("m1", "m2", "m3", "m4", "m5")]
 READY_DELAY = 1.0

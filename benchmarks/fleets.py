@@ -38,8 +38,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from gardenctl.estimate import EstimateRequest, MemoryEstimate, estimate_memory  # noqa: E402
-from gardenctl.estimate import read_model_metadata  # noqa: E402
+from gardenctl.estimate import (  # noqa: E402
+    EstimateRequest,
+    MemoryEstimate,
+    estimate_memory,
+    read_model_metadata,
+)
 from gardenctl.estimate.types import ModelMetadata  # noqa: E402
 from gardenctl.units import GiB  # noqa: E402
 
@@ -117,17 +121,17 @@ def use_catalog_only() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def metadata(model_id: str) -> ModelMetadata:
     return read_model_metadata(model_id)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def context_limit(model_id: str) -> int:
     return estimate_memory(EstimateRequest(model=model_id), metadata(model_id)).max_model_len
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def estimate(model_id: str, max_model_len: int, tp: int = 1, min_concurrency: int = 1,
              kv_cache_dtype: str = "auto") -> MemoryEstimate:
     request = EstimateRequest(model=model_id, max_model_len=max_model_len,
@@ -182,7 +186,7 @@ class ModelEntry:
 
 
 def _pick(rng: random.Random, table) -> object:
-    values, weights = zip(*table)
+    values, weights = zip(*table, strict=True)
     return rng.choices(values, weights=weights)[0]
 
 
@@ -322,7 +326,8 @@ def machine() -> Machine:
     except OSError:
         pass
     try:
-        uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
+        uname = subprocess.run(["uname", "-a"], capture_output=True, text=True,
+                               check=False).stdout.strip()
     except OSError:
         uname = " ".join(platform.uname())
     return Machine(uname=uname, cpu=cpu, cores=os.cpu_count() or 0,

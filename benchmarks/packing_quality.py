@@ -87,15 +87,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fleets  # noqa: E402
+import fleets
 
-from gardenctl.inventory.model import Gpu, Inventory, Node  # noqa: E402
-from gardenctl.placement import WorkerRequest, place  # noqa: E402
-from gardenctl.placement.solver import placement_order as solver_order  # noqa: E402
-from gardenctl.placement.choose import utilization_for  # noqa: E402
-from gardenctl.placement.utilization import claim_bytes  # noqa: E402
-from gardenctl.spec.models import PlacementPolicy  # noqa: E402
-from gardenctl.units import GiB, MiB  # noqa: E402
+from gardenctl.inventory.model import Gpu, Inventory, Node
+from gardenctl.placement import WorkerRequest, place
+from gardenctl.placement.choose import utilization_for
+from gardenctl.placement.solver import placement_order as solver_order
+from gardenctl.placement.utilization import claim_bytes
+from gardenctl.spec.models import PlacementPolicy
+from gardenctl.units import GiB, MiB
 
 POLICIES = ("best_fit", "most_free", "first_fit", "random")
 SEED_POLICIES = POLICIES[1:]

@@ -55,7 +55,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fleets  # noqa: E402
+import fleets
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ def run_scenario(scenario: Scenario, runs: int) -> dict:
         "place()": lambda: place(requests, inventory, garden.placement),
         "make_plan()": lambda: make_plan(loaded, inventory, Observed(), estimates),
         "yaml -> plan": yaml_to_plan,
-        "steady replan": lambda: make_plan(loaded, inventory, running, estimates),
+        # `running` is deleted below, after the last call, to free it before tracemalloc
+        "steady replan": lambda: make_plan(loaded, inventory, running, estimates),  # noqa: F821
     }
     times: dict[str, list[float]] = {name: [] for name in STAGES}
     results = {}
@@ -175,7 +176,7 @@ def measure_rss(scenario: Scenario) -> dict:
 
 def _in_subprocess(scenario: Scenario, *extra: str) -> dict:
     command = [sys.executable, __file__, "--scenario", scenario.key, *extra]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.stderr.write(done.stdout + done.stderr)
         raise SystemExit(f"scenario {scenario.key} failed (exit {done.returncode})")
@@ -189,7 +190,7 @@ def report(scenarios: list[Scenario], figures: list[dict]) -> tuple[str, bool]:
     header = (f"{'scenario':<44} {'stage':<14} {'median':>9} {'max':>9} {'target':>8}  met")
     lines.append(header)
     lines.append("-" * len(header))
-    for scenario, data in zip(scenarios, figures):
+    for scenario, data in zip(scenarios, figures, strict=True):
         for i, stage in enumerate(STAGES):
             values = data["times"][stage]
             median, worst = statistics.median(values), max(values)
@@ -205,7 +206,7 @@ def report(scenarios: list[Scenario], figures: list[dict]) -> tuple[str, bool]:
         lines.append("")
     lines.append(f"{'scenario':<44} {'workers (TP>1)':>15} {'GPUs':>6} {'demand':>7} "
                  f"{'placed':>7} {'unplaced':>8} {'GPUs used':>9} {'py peak':>9} {'peak RSS':>9}")
-    for scenario, data in zip(scenarios, figures):
+    for scenario, data in zip(scenarios, figures, strict=True):
         lines.append(
             f"{scenario.label:<44} {data['workers']:>8,} ({data['tp_workers']:,})"
             f"{data['gpus']:>7,} {data['demand_share']:>6.0%} {data['placed']:>7,} "
@@ -214,14 +215,16 @@ def report(scenarios: list[Scenario], figures: list[dict]) -> tuple[str, bool]:
     lines.append("")
     lines.append("peak RSS before planning (interpreter, gardenctl, generated text): "
                  + ", ".join(f"{s.key} {d['rss_before_mib']:.0f} MiB"
-                             for s, d in zip(scenarios, figures)))
+                             for s, d in zip(scenarios, figures, strict=True)))
     lines.append("runs per scenario: " + ", ".join(f"{s.key} {len(d['times']['place()'])}"
-                                                  for s, d in zip(scenarios, figures)))
+                                                  for s, d in zip(scenarios, figures, strict=True)))
     lines.append("demand = sum over workers of the estimate's total per GPU x TP, divided by the "
                  "fleet's memory (total - used by others)")
-    lines.append("fleet: " + "; ".join(f"{s.key}: {d['fleet']}" for s, d in zip(scenarios, figures)))
-    lines.append("garden.yaml sizes: " + ", ".join(f"{s.key} {d['yaml_bytes']:,} bytes"
-                                                   for s, d in zip(scenarios, figures)))
+    lines.append("fleet: " + "; ".join(f"{s.key}: {d['fleet']}"
+                                       for s, d in zip(scenarios, figures, strict=True)))
+    lines.append("garden.yaml sizes: "
+                 + ", ".join(f"{s.key} {d['yaml_bytes']:,} bytes"
+                             for s, d in zip(scenarios, figures, strict=True)))
     return "\n".join(lines), ok
 
 

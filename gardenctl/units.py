@@ -48,9 +48,10 @@ def parse_size(value: int | str) -> int:
     factor = _UNITS.get(unit.lower())
     if factor is None:
         raise ValueError(
-            f"unknown size unit {unit!r} in {value!r}; use one of KiB, MiB, GiB, TiB, KB, MB, GB, TB"
+            f"unknown size unit {unit!r} in {value!r}; "
+            "use one of KiB, MiB, GiB, TiB, KB, MB, GB, TB"
         )
-    return int(round(float(number) * factor))
+    return round(float(number) * factor)
 
 
 def format_size(n_bytes: int | float, *, precision: int = 1) -> str:

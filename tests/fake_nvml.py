@@ -24,6 +24,7 @@ value or code. Attributes that do not start with nvml/NVML are the fake's own co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
@@ -49,12 +50,11 @@ _ERROR_TEXT = {
 class NVMLError(Exception):
     """Like pynvml.NVMLError: NVMLError(code) is an instance of that code's subclass."""
 
-    _valClassMapping: dict[int, type] = {}
+    _valClassMapping: ClassVar[dict[int, type]] = {}  # pynvml's name: code -> subclass
 
     def __new__(cls, value: int):
-        if cls is NVMLError:
-            cls = NVMLError._valClassMapping.get(value, cls)
-        error = Exception.__new__(cls)
+        chosen = NVMLError._valClassMapping.get(value, cls) if cls is NVMLError else cls
+        error = Exception.__new__(chosen)
         error.value = value
         return error
 
@@ -85,9 +85,10 @@ class FakeProcess:
     """A process on a GPU, like pynvml's c_nvmlProcessInfo_t (usedGpuMemory None: unknown)."""
 
     pid: int
-    usedGpuMemory: int | None  # noqa: N815 - pynvml's field name
-    gpuInstanceId: int = 0xFFFFFFFF  # noqa: N815
-    computeInstanceId: int = 0xFFFFFFFF  # noqa: N815
+    # pynvml's field names
+    usedGpuMemory: int | None
+    gpuInstanceId: int = 0xFFFFFFFF
+    computeInstanceId: int = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
 from gardenctl.testing import standin_args
-from gardenctl.testing.standin_engine import GiB, EngineSettings, simulate_startup
+from gardenctl.testing.standin_engine import EngineSettings, GiB, simulate_startup
 
 pytestmark = pytest.mark.e2e
 
@@ -123,9 +124,9 @@ def start_standin(tmp_path: Path) -> Iterator[Callable[..., Standin]]:
         standin.process.wait()
 
 
-def run_standin(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_standin(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*STANDIN, *args], capture_output=True, text=True, timeout=10,
-                          env={**os.environ, **(env or {})})
+                          check=False, env={**os.environ, **(env or {})})
 
 
 def authorization(key: str) -> dict[str, str]:
@@ -330,7 +331,7 @@ def test_console_script_is_installed():
         pytest.skip("standin-vllm not installed; run pip install -e .")
 
     result = subprocess.run([str(script), "serve", MODEL, "--bogus"], capture_output=True,
-                            text=True, timeout=10)
+                            text=True, timeout=10, check=False)
 
     assert result.returncode == 2
     assert "unrecognized arguments: --bogus" in result.stderr

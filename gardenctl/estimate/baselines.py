@@ -48,7 +48,7 @@ def model_garden_estimate(request: EstimateRequest, metadata: ModelMetadata) -> 
     total = round((weights_gb + kv_gb) * MODEL_GARDEN_MARGIN * GiB)
     weights = round(weights_gb * GiB)
     kv = round(kv_gb * GiB)
-    warnings = ()
+    warnings: tuple[str, ...] = ()
     if size_source.startswith("model-garden: DEFAULT"):
         warnings = (f"model-garden baseline: size of {request.model} is its DEFAULT 7.0 GB",)
     return MemoryEstimate(

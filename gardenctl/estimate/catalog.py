@@ -24,7 +24,8 @@ CATALOG_RESOURCE = "model-catalog.json"
 def load_catalog() -> dict[str, Any]:
     """The catalog shipped with gardenctl (package data)."""
     text = resources.files("gardenctl.data").joinpath(CATALOG_RESOURCE).read_text(encoding="utf-8")
-    return json.loads(text)
+    catalog: dict[str, Any] = json.loads(text)
+    return catalog
 
 
 def catalog_metadata(model_id: str, catalog: Mapping[str, Any]) -> ModelMetadata | None:

@@ -97,7 +97,7 @@ def build_catalog(model_configs: Mapping[str, Any]) -> dict[str, Any]:
             config["quantization_config"] = dict(_MXFP4)
         record: dict[str, Any] = {"config": config}
         if entry.get("params_b") is not None:
-            record["params"] = int(round(float(entry["params_b"]) * 1e9))
+            record["params"] = round(float(entry["params_b"]) * 1e9)
         for note in ("vision", "layer_pattern", "attention"):
             if entry.get(note) is not None:
                 record[note] = entry[note]
@@ -139,18 +139,24 @@ def _text_config(text: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _json_copy(value: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of a JSON object (through JSON, as the committed file holds it)."""
+    copied: dict[str, Any] = json.loads(json.dumps(value))
+    return copied
+
+
 def _quantization_from_name(text: str) -> dict[str, Any] | None:
     lowered = text.lower()
     if "fp8-dynamic" in lowered or "fp8_dynamic" in lowered:
-        return json.loads(json.dumps(_CT_FP8_DYNAMIC))
+        return _json_copy(_CT_FP8_DYNAMIC)
     if "w8a8" in lowered:
-        return json.loads(json.dumps(_CT_W8A8))
+        return _json_copy(_CT_W8A8)
     if "w4a16" in lowered:
-        return json.loads(json.dumps(_CT_W4A16))
+        return _json_copy(_CT_W4A16)
     if "awq" in lowered:
         return dict(_AWQ)
     if re.search(r"[-_]fp8\b", lowered):
-        return json.loads(json.dumps(_FP8_BLOCK))
+        return _json_copy(_FP8_BLOCK)
     return None
 
 

@@ -218,17 +218,18 @@ def _max_model_len(
     warnings: list[str],
 ) -> tuple[int, str]:
     limit = arch.context_limit if arch else None
+    limit_key = arch.context_limit_key if arch else None
     if request.max_model_len is not None:
         if limit and request.max_model_len > limit:
             warnings.append(
                 f"max_model_len {request.max_model_len:,} exceeds the model's limit {limit:,} "
-                f"({arch.context_limit_key}); vLLM refuses it unless "
+                f"({limit_key}); vLLM refuses it unless "
                 "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"
             )
         return request.max_model_len, "requested"
     if limit:
         origin = metadata.config_source or "config.json"
-        return limit, f"{origin}: {arch.context_limit_key}"
+        return limit, f"{origin}: {limit_key}"
     warnings.append(
         f"max_model_len is a DEFAULT ({DEFAULT_MAX_MODEL_LEN:,}): it was not given and "
         f"{request.model}'s config.json does not say; set max_model_len explicitly"

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from gardenctl.errors import ModelMetadataError
 from gardenctl.estimate.catalog import catalog_metadata, load_catalog
@@ -168,7 +169,7 @@ def _safetensors_files(folder: Path) -> tuple[list[Path], list[str]]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelMetadataError(f"{index}: corrupt index (no weight_map object)")
-        names = sorted(set(str(name) for name in weight_map.values()))
+        names = sorted({str(name) for name in weight_map.values()})
         present = [folder / name for name in names if (folder / name).exists()]
         missing = [name for name in names if not (folder / name).exists()]
         return present, missing
@@ -203,7 +204,7 @@ def _fetch(model: str, revision: str | None, cache_dir: Path) -> ModelMetadata:
         config_source = f"config.json fetched from the Hugging Face Hub ({model})"
     except (OSError, ValueError) as exc:
         notes.append(f"could not fetch config.json of {model}: {type(exc).__name__}: {exc}")
-    summary = None
+    summary: TensorSummary | None = None
     try:
         remote = get_safetensors_metadata(model, revision=revision)
         summary = summarize_remote(remote.files_metadata)
@@ -219,7 +220,15 @@ def _fetch(model: str, revision: str | None, cache_dir: Path) -> ModelMetadata:
     )
 
 
-def _weights_fields(summary, describe) -> dict:
+class _WeightsFields(TypedDict):
+    safetensors_bytes: int | None
+    safetensors_params: int | None
+    safetensors_dtypes: Mapping[str, int]
+    safetensors_source: str | None
+
+
+def _weights_fields(summary: TensorSummary | None,
+                    describe: Callable[[int], str]) -> _WeightsFields:
     """ModelMetadata's safetensors fields from a header summary (or None); ``describe`` names
     the source from the number of tensors."""
     if summary is None:

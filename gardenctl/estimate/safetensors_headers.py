@@ -65,7 +65,7 @@ def read_header(path: Path) -> dict[str, Any]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        start, end = _offsets(path, name, info)
+        _start, end = _offsets(path, name, info)
         if end > data_size:
             raise ModelMetadataError(
                 f"{path}: tensor {name!r} ends at byte {end:,} of a {data_size:,}-byte data "

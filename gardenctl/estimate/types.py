@@ -7,8 +7,9 @@ per GPU, each item with the source of its number.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 ESTIMATE_FORMAT_VERSION = 1
 

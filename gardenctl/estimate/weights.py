@@ -132,7 +132,7 @@ def infer_missing_widths(arch: Architecture, published: int | None) -> tuple[Arc
 
 
 def _round_width(width: float) -> int:
-    return max(64, int(round(width / 64)) * 64)
+    return max(64, round(width / 64) * 64)
 
 
 def _attention_params(arch: Architecture) -> int:
@@ -190,7 +190,7 @@ def config_weight_bytes(
         + counts.vision
         + counts.remainder
     )
-    return int(math.ceil(linear * fmt.linear_bytes + expert_bytes + kept * fmt.dtype_bytes))
+    return math.ceil(linear * fmt.linear_bytes + expert_bytes + kept * fmt.dtype_bytes)
 
 
 def expert_padding(arch: Architecture, fmt: WeightFormat, tp: int) -> float:
@@ -244,7 +244,7 @@ def estimate_weights(
         return WeightsResult(total, source, "exact")
     counts = count_params(arch, metadata.published_params) if arch else None
     if arch and counts:
-        warnings = ()
+        warnings: tuple[str, ...] = ()
         if online and metadata.safetensors_bytes is not None:
             warnings = (
                 f"weights: {fmt.description}; the checkpoint's headers describe the "

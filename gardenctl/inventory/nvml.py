@@ -76,8 +76,9 @@ def _processes(nvml: Any, handle: Any) -> tuple[GpuProcess, ...]:
             continue
         for process in processes:
             used = getattr(process, "usedGpuMemory", None)
-            found.setdefault(int(process.pid), GpuProcess(pid=int(process.pid),
-                                                          used_bytes=None if used is None else int(used)))
+            pid = int(process.pid)
+            found.setdefault(pid, GpuProcess(pid=pid,
+                                             used_bytes=None if used is None else int(used)))
     return tuple(sorted(found.values(), key=lambda p: p.pid))
 
 
@@ -88,8 +89,8 @@ def _text(value: bytes | str) -> str:
 class NvmlProbe:
     """Live free memory and process lists of this machine's GPUs (for the executor).
 
-    NVML failures (a GPU lost, the driver reloaded) are GpuReadErrors (temporary): the action that needed
-    the answer fails with a clear message and a later pass may succeed."""
+    NVML failures (a GPU lost, the driver reloaded) are GpuReadErrors (temporary): the action
+    that needed the answer fails with a clear message and a later pass may succeed."""
 
     def __init__(self, node: str, nvml: Any = None) -> None:
         self.node = node

@@ -29,6 +29,11 @@ from gardenctl.spec.models import PlacementPolicy
 STRATEGIES = ("best_fit", "most_free", "first_fit", "random")
 GROUP_CANDIDATES = 64  # nodes compared for one tensor-parallel worker
 
+# a single-GPU candidate, smallest best: (leftover or -free, node, index, GPU total)
+_Slot = tuple[int, str, int, int]
+# a tensor-parallel candidate, smallest best: (-GPUs of ours used, leftover, node, indexes, total)
+_GroupSlot = tuple[int, int, str, tuple[int, ...], int]
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -83,7 +88,8 @@ def choose(request: m.WorkerRequest, pool: Pool, policy: PlacementPolicy, strate
 
 def _fill_first(request: m.WorkerRequest, pool: Pool,
                 claims: dict[int, tuple[float, int]]) -> Choice | None:
-    best = shared = None  # (leftover, node, index, total)
+    best: _Slot | None = None  # (leftover, node, index, total)
+    shared: _Slot | None = None
     for total, (_, claim) in claims.items():
         entries = pool.used[total]
         for free, node, index in entries[bisect.bisect_left(entries, (claim, "", -1)):]:
@@ -108,10 +114,10 @@ def _fill_first(request: m.WorkerRequest, pool: Pool,
     return Choice(node, (index,), utilization, claim)
 
 
-def _roomiest_empty(pool: Pool, claims: dict[int, tuple[float, int]]) -> tuple | None:
+def _roomiest_empty(pool: Pool, claims: dict[int, tuple[float, int]]) -> _Slot | None:
     """The empty GPU with the most free memory that takes the worker (ties: lowest node,
     index), as (leftover, node, index, total)."""
-    best = None  # (-free, node, index, total)
+    best: _Slot | None = None  # (-free, node, index, total)
     for total, (_, claim) in claims.items():
         entries = pool.empty[total]
         end = len(entries)
@@ -172,7 +178,7 @@ def _group(request: m.WorkerRequest, pool: Pool,
     which keeps planning 10,000 workers interactive."""
     tp = request.tensor_parallel_size
     allowed = None if request.pin_gpus is None else set(request.pin_gpus)
-    best = None  # (-GPUs of ours used, leftover, node, indexes, total)
+    best: _GroupSlot | None = None
     for total, (_, claim) in sorted(claims.items()):
         if request.pin_node is not None:
             nodes = [request.pin_node] if (request.pin_node, total) in pool.by_node_size else []
@@ -197,12 +203,13 @@ def _group(request: m.WorkerRequest, pool: Pool,
 
 
 def _group_on(request: m.WorkerRequest, pool: Pool, node: str, total: int, claim: int, tp: int,
-              allowed: set[int] | None) -> tuple | None:
+              allowed: set[int] | None) -> _GroupSlot | None:
     """The best tp GPUs of one node for the worker: ours first (best fit), then fresh ones."""
     entries = pool.by_node_size[(node, total)]
     if len(entries) < tp or entries[-tp][0] < claim:
         return None
-    ours, fresh = [], []
+    ours: list[tuple[int, int]] = []  # (leftover, index)
+    fresh: list[tuple[int, int]] = []
     for free, index in entries[bisect.bisect_left(entries, (claim, -1)):]:
         key = (node, index)
         if (allowed is not None and index not in allowed) or not pool.admits(key, claim) \

@@ -1,23 +1,27 @@
 """Per-GPU byte ledgers: total, used by processes that are not ours, claimed by our workers.
 
 The admission rule is `accepts_new_worker`, one documented predicate; `Pool.admits` applies it
-to the set of workers one plan adds to a GPU. Sorted indexes of free memory, per GPU size and split into GPUs that
-already hold our workers and GPUs that do not, answer "which GPU of this size has the least free
-memory that is still enough" in O(log n), so planning 10,000 workers over 8,192 GPUs stays
-interactive.
+to the set of workers one plan adds to a GPU. Sorted indexes of free memory, per GPU size and
+split into GPUs that already hold our workers and GPUs that do not, answer "which GPU of this
+size has the least free memory that is still enough" in O(log n), so planning 10,000 workers
+over 8,192 GPUs stays interactive.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from gardenctl.inventory.model import Gpu
 
 GpuKey = tuple[str, int]  # (node, index)
+# an entry of a sorted index: (free, node, index), (free, index) or (group key, node)
+_Entry = TypeVar("_Entry", tuple[int, str, int], tuple[int, int], tuple[int, str])
 
 
-def accepts_new_worker(total: int, others: int, claimed: int, min_available_fraction: float) -> bool:
+def accepts_new_worker(total: int, others: int, claimed: int,
+                       min_available_fraction: float) -> bool:
     """A GPU takes a new worker only while the share of its total memory that is neither used
     by others nor claimed by our workers is at least `min_available_gpu_fraction` (0.3 by
     default, the ndif scheduler's threshold). Workers already running are never evicted by it.
@@ -64,8 +68,8 @@ class Pool:
             self.by_node_size.setdefault((gpu.node, gpu.total_bytes), []).append((free, gpu.index))
         for entries in self.empty.values():
             entries.sort()
-        for entries in self.by_node_size.values():
-            entries.sort()
+        for node_entries in self.by_node_size.values():
+            node_entries.sort()
         self.node_sizes = sorted(self.by_node_size)
         # (size, tp) -> sorted [(the node's tp-th largest free, node)], built on first use
         self._group_index: dict[tuple[int, int], list[tuple[int, str]]] = {}
@@ -137,6 +141,6 @@ class Pool:
         return [(node, index) for _, node, index in tails[:count]]
 
 
-def _replace(entries: list, old: tuple, new: tuple) -> None:
+def _replace(entries: list[_Entry], old: _Entry, new: _Entry) -> None:
     entries.pop(bisect.bisect_left(entries, old))
     bisect.insort(entries, new)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from gardenctl.estimate.types import MemoryEstimate
 
@@ -60,7 +61,7 @@ class Reason:
     free_bytes: int | None = None
     total_bytes: int | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "code": self.code,
             "message": self.message,

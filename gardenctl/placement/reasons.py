@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from gardenctl.placement import model as m
 from gardenctl.placement.choose import candidate_keys, utilization_for

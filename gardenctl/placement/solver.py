@@ -20,9 +20,9 @@ Pure: values in, values out. The rules, in order:
 from __future__ import annotations
 
 import random
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-from gardenctl.inventory.model import Inventory
+from gardenctl.inventory.model import Gpu, Inventory
 from gardenctl.placement import model as m
 from gardenctl.placement.choose import STRATEGIES, choose
 from gardenctl.placement.ledger import GpuKey, Pool
@@ -108,7 +108,7 @@ def place(
     return m.Placement(assignments, tuple(sorted(failed, key=lambda u: u.worker_id)), ledgers)
 
 
-def placement_order(request: m.WorkerRequest) -> tuple:
+def placement_order(request: m.WorkerRequest) -> tuple[int, bool, int, int, str]:
     """Highest priority first; within a priority the most constrained first (pinned, then
     multi-GPU), then the largest (best-fit decreasing); ties by worker id."""
     pinned = request.pin_node is not None or request.pin_gpus is not None
@@ -125,9 +125,7 @@ def _may_stay(holding: m.Holding, request: m.WorkerRequest, present: set[GpuKey]
         return False
     if request.pin_node is not None and holding.node != request.pin_node:
         return False
-    if request.pin_gpus is not None and not set(holding.gpus) <= set(request.pin_gpus):
-        return False
-    return True
+    return request.pin_gpus is None or set(holding.gpus) <= set(request.pin_gpus)
 
 
 def _as_assignment(holding: m.Holding) -> m.Assignment:
@@ -170,7 +168,8 @@ def _fill(placed: list[m.Assignment], pool: Pool, requests: dict[str, m.WorkerRe
     return result
 
 
-def _ledger_rows(gpus, others, reserve, holdings: Sequence[m.Holding],
+def _ledger_rows(gpus: Sequence[Gpu], others: Mapping[GpuKey, int], reserve: int,
+                 holdings: Sequence[m.Holding],
                  after: Iterable[m.Assignment]) -> tuple[m.LedgerRow, ...]:
     before_by_gpu: dict[GpuKey, list[tuple[str, int]]] = {}
     for h in holdings:

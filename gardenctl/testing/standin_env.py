@@ -7,8 +7,9 @@ error (``EnvError``, exit 2) that names the variable and what would be valid.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from gardenctl.testing.standin_engine import FAILURE_MODES
 

@@ -24,10 +24,11 @@ import socket
 import socketserver
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 from gardenctl.testing.standin_log import VllmLog
@@ -176,7 +177,7 @@ class StandinRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     # path -> {method: handler name}
-    ROUTES = {
+    ROUTES: ClassVar[Mapping[str, Mapping[str, str]]] = {
         "/health": {"GET": "get_health"},
         "/version": {"GET": "get_version"},
         "/v1/models": {"GET": "get_models"},

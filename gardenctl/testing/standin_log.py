@@ -13,7 +13,8 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 API_SERVER = "APIServer"
 ENGINE_CORE = "EngineCore_DP0"
