@@ -1,15 +1,17 @@
-"""Crash-loop backoff for `watch`: when a worker that keeps failing may be started again.
+"""Crash-loop backoff: when a worker that keeps failing may be started again.
 
-The first restart after a crash is immediate; after that the wait starts at 10 s and doubles up
-to 5 minutes; a worker that stays ready for 10 minutes starts over. Values, not I/O: the
-watcher feeds in what it observed and the time; everything here is a pure decision on that.
+Kubelet's rule: the first restart after a failure is immediate; after that the wait starts at
+10 s and doubles up to 5 minutes; a run that stayed ready for 10 minutes starts the count over.
+Pure: the planner applies it to what a worker's record says of its runs (`streak`: failed runs
+in a row before this one; when this run ended; when it became ready), so every gardenctl (apply,
+watch, a restarted watch) reaches the same decision, and `status` can show it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from gardenctl.observe import CRASHED, READY, Observed
+from gardenctl.observe import ObservedWorker
 
 
 @dataclass(frozen=True)
@@ -20,89 +22,28 @@ class BackoffPolicy:
     reset_after: float = 600.0
 
     def delay(self, failures: int) -> float:
-        """Seconds to wait before the next start, after ``failures`` failures in a row."""
+        """Seconds to wait before the next start, after ``failures`` failed runs in a row."""
         if failures <= 1:
             return 0.0
-        return min(self.maximum, self.first * self.factor ** (failures - 2))
+        return float(min(self.maximum, self.first * self.factor ** (failures - 2)))
 
 
-@dataclass
-class WorkerBackoff:
-    failures: int = 0
-    not_before: float = 0.0  # wall-clock time
-    last_error: str = ""
-    counted_until: float = float("-inf")  # crashes of processes started before this are counted
-    spec_hash: str | None = None  # the version of the worker that failed
+def failures_in_a_row(worker: ObservedWorker, policy: BackoffPolicy, now: float) -> int:
+    """Failed runs in a row, counting the current run if it is over (or about to be ended:
+    unhealthy, or past its start timeout). A run that had stayed ready for `reset_after`
+    before it ended starts the count over."""
+    ended_at = worker.exited_at if worker.exited_at is not None else now
+    if worker.ready_at is not None and ended_at - worker.ready_at >= policy.reset_after:
+        return 1
+    return worker.streak + 1
 
 
-@dataclass
-class CrashTracker:
-    """Failures in a row per worker, and when each may be started again."""
+def next_start_at(worker: ObservedWorker, policy: BackoffPolicy, now: float) -> float | None:
+    """The wall-clock time before which the worker may not start again; None: it may now."""
+    delay = policy.delay(failures_in_a_row(worker, policy, now))
+    ended_at = worker.exited_at if worker.exited_at is not None else now
+    until = ended_at + delay
+    return until if delay and until > now else None
 
-    policy: BackoffPolicy = field(default_factory=BackoffPolicy)
-    workers: dict[str, WorkerBackoff] = field(default_factory=dict)
 
-    def observe(self, observed: Observed, now: float) -> None:
-        """Count each crash once (by the start time of the process that crashed); forgive
-        workers that have been ready for `reset_after`."""
-        for worker in observed.workers:
-            if worker.phase == CRASHED:
-                entry = self.workers.get(worker.worker_id)
-                if entry is None:  # first seen (maybe after a watcher restart): use its history
-                    entry = WorkerBackoff(failures=worker.restarts)
-                    self.workers[worker.worker_id] = entry
-                started = worker.started_at if worker.started_at is not None else now
-                if started > entry.counted_until:
-                    entry.counted_until = started
-                    entry.spec_hash = worker.spec_hash
-                    self._fail(entry, now, worker.last_error or "exited")
-            elif worker.phase == READY and worker.worker_id in self.workers:
-                if worker.started_at is not None and now - worker.started_at >= self.policy.reset_after:
-                    del self.workers[worker.worker_id]
-
-    def start_failed(self, worker_id: str, now: float, error: str,
-                     spec_hash: str | None = None) -> None:
-        """A start that failed (its process, if any, began before ``now``: counted here)."""
-        entry = self.workers.setdefault(worker_id, WorkerBackoff())
-        entry.counted_until = max(entry.counted_until, now)
-        entry.spec_hash = spec_hash or entry.spec_hash
-        self._fail(entry, now, error)
-
-    def reset_if_changed(self, worker_id: str, spec_hash: str) -> None:
-        """A new version of the worker (another spec) starts with no failures behind it."""
-        entry = self.workers.get(worker_id)
-        if entry is not None and entry.spec_hash is not None and entry.spec_hash != spec_hash:
-            del self.workers[worker_id]
-
-    def _fail(self, entry: WorkerBackoff, now: float, error: str) -> None:
-        entry.failures += 1
-        entry.not_before = now + self.policy.delay(entry.failures)
-        entry.last_error = error
-
-    def held(self, worker_id: str, now: float) -> float | None:
-        """Seconds until the worker may start again, or None if it may start now."""
-        entry = self.workers.get(worker_id)
-        if entry is None or entry.not_before <= now:
-            return None
-        return entry.not_before - now
-
-    def next_due(self, since: float) -> float | None:
-        """When the earliest worker held at ``since`` (or failed since then) may start again."""
-        pending = [e.not_before for e in self.workers.values() if e.not_before >= since]
-        return min(pending) if pending else None
-
-    def forget(self, keep: set[str]) -> None:
-        """Drop workers the garden no longer has."""
-        for worker_id in list(self.workers):
-            if worker_id not in keep:
-                del self.workers[worker_id]
-
-    def to_json(self, now: float) -> dict:
-        return {
-            worker_id: {
-                "failures": e.failures,
-                "next_start_after": e.not_before if e.not_before > now else None,
-                "last_error": e.last_error,
-            }
-            for worker_id, e in sorted(self.workers.items())
-        }
+__all__ = ["BackoffPolicy", "failures_in_a_row", "next_start_at"]

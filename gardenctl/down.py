@@ -2,31 +2,42 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from gardenctl.errors import GardenError
-from gardenctl.execute import OK, STOP_FAILED, ActionResult
-from gardenctl.observe import ObservedWorker
+from gardenctl.execute import StepResult
+from gardenctl.observe import History, ObservedWorker
 from gardenctl.runtime.local import LocalRuntime
 from gardenctl.state import StateDir
+from gardenctl.vocab import Outcome, StepKind
 
 
 def workers_of(state: StateDir, garden: str) -> list[ObservedWorker]:
     runtime = LocalRuntime(state, node="")
-    return [w for w in runtime.observe().workers if w.garden == garden]
+    return [w for w in runtime.observe(confirm_health=False).workers if w.garden == garden]
 
 
-def stop_garden(state: StateDir, workers: list[ObservedWorker]) -> list[ActionResult]:
+def stop_garden(state: StateDir, garden: str, workers: list[ObservedWorker]) -> list[StepResult]:
+    """Stop ``workers`` (the garden's) and remember it, so that plans say the workers are down
+    because of `down`, not because they are new."""
     runtime = LocalRuntime(state, node="")
+    before = state.read_history(garden)
+    state.write_history(garden, History(
+        applied_at=before.applied_at, applied_by=before.applied_by,
+        applied_workers=before.applied_workers, down_at=time.time(),
+        down_workers=frozenset(w.worker_id for w in workers) | before.applied_workers))
 
-    def stop(worker: ObservedWorker) -> ActionResult:
+    def stop(worker: ObservedWorker) -> StepResult:
         try:
             result = runtime.stop(worker.worker_id)  # also ends what a dead worker left behind
         except GardenError as exc:
-            return ActionResult(worker.worker_id, "stop", False, STOP_FAILED, str(exc))
+            return StepResult(worker.worker_id, StepKind.STOP, Outcome.STOP_FAILED, str(exc))
         if result.outcome == "gone":
-            return ActionResult(worker.worker_id, "stop", True, OK, "already exited; record removed")
-        return ActionResult(worker.worker_id, "stop", True, OK, result.detail or result.outcome)
+            return StepResult(worker.worker_id, StepKind.STOP, Outcome.OK,
+                              "already exited; record removed")
+        return StepResult(worker.worker_id, StepKind.STOP, Outcome.OK,
+                          result.detail or result.outcome)
 
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(workers)))) as pool:
         return sorted(pool.map(stop, workers), key=lambda r: r.worker_id)

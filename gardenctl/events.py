@@ -9,7 +9,10 @@ import json
 import sys
 import threading
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from gardenctl.text import shown
 
 
 def iso_utc(timestamp: float) -> str:
@@ -32,7 +35,8 @@ class EventLog:
                               ensure_ascii=False, default=str)
         else:
             worker = fields.get("worker")
-            line = f"{iso_utc(now)}  {event:<10} " + (f"{worker}  " if worker else "") + message
+            line = (f"{iso_utc(now)}  {event:<10} " + (f"{shown(worker)}  " if worker else "")
+                    + shown(message))
         with self.lock:
             self.stream.write(line + "\n")
             self.stream.flush()

@@ -1,4 +1,4 @@
-"""The planning pipeline, stage by stage (see DESIGN.md's data flow):
+"""The planning pipeline, stage by stage (README "Development" shows the data flow):
 
     garden.yaml --load_garden--> Garden
     Garden.models --estimate_memory--> MemoryEstimate per model   (metadata read at the edge)
@@ -11,7 +11,7 @@ plan, byte for byte. Only `gather_estimates` touches the disk (config.json, safe
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from gardenctl.estimate.types import EstimateRequest, MemoryEstimate, ModelMetadata
 from gardenctl.inventory.model import Inventory
@@ -19,9 +19,10 @@ from gardenctl.observe import Observed
 from gardenctl.placement.ledger import GpuKey
 from gardenctl.placement.solver import place
 from gardenctl.plan.model import ModelSummary, Plan
-from gardenctl.reconcile import reconcile
+from gardenctl.reconcile import Circumstances, ModelRollout, reconcile
 from gardenctl.spec.loader import LoadedGarden
 from gardenctl.spec.models import ModelSpec
+from gardenctl.vocab import StepKind
 from gardenctl.workers import build_requests, desired_workers
 
 MetadataReader = Callable[[str, "str | None"], ModelMetadata]
@@ -59,44 +60,60 @@ def gather_estimates(models: Sequence[ModelSpec], estimator: str,
     return estimates
 
 
-def used_by_others(inventory: Inventory, observed: Observed) -> dict[GpuKey, int]:
-    """Memory on each GPU used by processes that are not our workers.
+def used_by_others(inventory: Inventory, observed: Observed, garden: str) -> dict[GpuKey, int]:
+    """Memory on each GPU that is not this garden's: other programs and other gardens.
 
-    A declared inventory says it directly. NVML's figure includes our workers: subtract what
-    their processes use (per-process memory), or their claims where the driver does not say."""
+    A declared inventory gives other programs' use; the claims of other gardens' workers (in
+    the same state directory) are added. NVML's figure includes every process: subtract what
+    this garden's processes use (per-process memory, or their claims where the driver does not
+    say); another garden's worker counts for at least its claim, even while it loads."""
+    mine = observed.of_garden(garden)
+    claims = _claims(mine)
+    other_claims = _claims(observed.others_than(garden))
     if not inventory.used_includes_ours:
-        return {gpu.key: gpu.used_bytes for gpu in inventory.gpus}
-    ours = {pid for w in observed.workers for pid in w.pids}
-    claims: dict[GpuKey, int] = {}
-    for worker in observed.workers:
-        if worker.running:
-            for index in worker.gpus:
-                key = (worker.node, index)
-                claims[key] = claims.get(key, 0) + worker.claim_bytes
+        return {gpu.key: gpu.used_bytes + other_claims.get(gpu.key, 0) for gpu in inventory.gpus}
+    ours = {pid for w in mine.workers for pid in w.pids}
     result = {}
     for gpu in inventory.gpus:
-        mine = [p for p in gpu.processes if p.pid in ours]
-        if mine and all(p.used_bytes is not None for p in mine):
-            result[gpu.key] = max(0, gpu.used_bytes - sum(p.used_bytes or 0 for p in mine))
+        held = [p for p in gpu.processes if p.pid in ours]
+        if held and all(p.used_bytes is not None for p in held):
+            used = max(0, gpu.used_bytes - sum(p.used_bytes or 0 for p in held))
         else:
-            result[gpu.key] = max(0, gpu.used_bytes - claims.get(gpu.key, 0))
+            used = max(0, gpu.used_bytes - claims.get(gpu.key, 0))
+        result[gpu.key] = max(used, other_claims.get(gpu.key, 0))
     return result
+
+
+def _claims(observed: Observed) -> dict[GpuKey, int]:
+    """Per GPU, what the workers that hold their place there claim."""
+    claims: dict[GpuKey, int] = {}
+    for holding in observed.holdings():
+        for index in holding.gpus:
+            key = (holding.node, index)
+            claims[key] = claims.get(key, 0) + holding.claim_bytes
+    return claims
 
 
 def make_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
               estimates: Mapping[str, MemoryEstimate],
-              busy_ports: Collection[int] = ()) -> Plan:
-    """The plan; ``busy_ports`` are ports other programs listen on, which new workers avoid."""
+              world: Circumstances | None = None) -> Plan:
+    """The plan. ``observed`` holds every garden's workers (other gardens' claims count as
+    used); ``world`` is the time, the environment's variable names, the ports other programs
+    listen on (new workers avoid them) and the garden's history."""
+    world = world or Circumstances()
     garden = loaded.garden
     models = loaded.models()
     mine = observed.of_garden(garden.name)
     requests = build_requests(garden, models, estimates)
     placement = place(requests, inventory, garden.placement, mine.holdings(),
-                      used_by_others(inventory, mine))
-    desired = desired_workers(garden, models, placement, estimates, mine.ports(), busy_ports)
-    actions = reconcile(desired, mine, placement.unplaced)
+                      used_by_others(inventory, observed, garden.name))
+    desired = desired_workers(garden, models, placement, estimates, mine.ports(),
+                              world.busy_ports)
+    rollouts = {m.name: ModelRollout(m.replicas, m.rollout.max_unavailable) for m in models}
+    steps = reconcile(desired, mine, placement.unplaced, rollouts, world)
     warnings = [w for name in sorted(estimates) for w in _prefixed(name, estimates[name].warnings)]
     warnings += [issue.format() for issue in loaded.warnings]
+    warnings += [f"{s.worker_id}: {s.cause}" for s in steps if s.kind == StepKind.WAIT]
     summaries = tuple(summarise(m.name, m.model, m.replicas, estimates[m.name]) for m in models)
     return Plan(
         garden=garden.name,
@@ -107,7 +124,7 @@ def make_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
             "inventory": inventory.fingerprint(),
             "observed": mine.fingerprint(),
         },
-        actions=actions,
+        steps=steps,
         ledgers=placement.ledgers,
         unplaced=placement.unplaced,
         warnings=tuple(warnings),

@@ -1,91 +1,332 @@
-"""reconcile(): desired workers + what runs -> ordered actions, each with a cause in plain words.
+"""reconcile(): what the garden wants + what runs + the circumstances -> every step, with causes.
 
-Pure. Unchanged spec hash -> keep; changed -> replace; running but no longer wanted -> stop;
-wanted but not running -> start. A worker whose new version could not be placed keeps running
-as it is (the plan lists it as unplaced), so a bad edit never takes a model down.
+Pure: values in, values out (the time and the environment's variable *names* are inputs too).
+For each worker the garden wants, by what its last observation says:
+
+    nothing runs                 -> start (or wait: an unset secret, a port another program holds)
+    loading                      -> await it (or restart it once past its start timeout)
+    ready, same version          -> keep
+    ready, another version       -> replace, one replica of a model at a time; or wait when the
+                                    model's rollout was stopped by a failed replacement
+    unhealthy                    -> restart (its /health failed failure_threshold times)
+    exited (crashed or failed)   -> restart, or hold until its crash-loop backoff expires; a
+                                    replacement that never became ready is rolled back instead
+    found without a record       -> adopt it (same version) or replace it
+    not wanted any more          -> stop (a worker whose new version does not fit keeps running)
+
+`gardenctl.sequence` then orders the steps and writes down what each waits for.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
-from gardenctl.observe import CRASHED, STARTING, STOPPED, Observed, ObservedWorker
+from gardenctl.argv import split_argv
+from gardenctl.backoff import BackoffPolicy, failures_in_a_row, next_start_at
+from gardenctl.observe import History, Observed, ObservedWorker, Rejection
 from gardenctl.placement.model import Unplaced
-from gardenctl.plan.model import ACTION_ORDER, KEEP, REPLACE, START, STOP, Action
+from gardenctl.plan.model import Launch, Needs, Step, When
+from gardenctl.sequence import chain_rollout, sequence
+from gardenctl.spec.models import env_reference
+from gardenctl.vocab import Phase, StepKind
 from gardenctl.workers import DesiredWorker
 
 
+@dataclass(frozen=True)
+class Circumstances:
+    """The world beyond the file and the workers, as values."""
+
+    now: float = 0.0  # wall-clock time
+    env_names: frozenset[str] | None = None  # variables set where apply runs; None: unchecked
+    busy_ports: Mapping[int, str] = field(default_factory=dict)  # port -> the other program
+    history: History = field(default_factory=History)
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+
+
+@dataclass(frozen=True)
+class ModelRollout:
+    replicas: int
+    max_unavailable: int = 1
+
+
 def reconcile(desired: Sequence[DesiredWorker], observed: Observed,
-              unplaced: Sequence[Unplaced] = ()) -> tuple[Action, ...]:
-    actions: list[Action] = []
-    wanted = {w.worker_id: w for w in desired}
-    held_back = {u.worker_id: u for u in unplaced if u.kept_previous}
-    observed_models = {w.model for w in observed.workers if w.running}
-    for worker in desired:
-        current = observed.get(worker.worker_id)
-        if current is None or not current.running:
-            actions.append(Action(START, worker.worker_id, worker.model,
-                                  _start_cause(worker, current, observed_models), worker=worker,
-                                  previous=current))
-        elif current.spec_hash != worker.spec_hash:
-            actions.append(Action(REPLACE, worker.worker_id, worker.model,
-                                  describe_change(current, worker), worker=worker,
-                                  previous=current))
-        else:
-            if not current.has_record:
-                cause = "found running with the same spec but no record: adopting it"
-            elif current.phase == STARTING:
-                cause = "up to date, still loading"
-            else:
-                cause = "up to date"
-            actions.append(Action(KEEP, worker.worker_id, worker.model, cause, worker=worker,
-                                  previous=current))
-    desired_models = {w.model for w in desired} | {u.model for u in unplaced}
+              unplaced: Sequence[Unplaced] = (),
+              rollouts: Mapping[str, ModelRollout] | None = None,
+              world: Circumstances | None = None) -> tuple[Step, ...]:
+    """Every step that brings ``observed`` (this garden's workers) to ``desired``, ordered."""
+    world = world or Circumstances()
+    rollouts = rollouts or {}
+    decide = _Decider(observed, world, {w.model for w in desired})
+    stopped = decide.stopped_rollouts(desired)
+    steps: list[Step] = []
+    for worker in sorted(desired, key=lambda w: (w.model, w.replica)):
+        steps += decide.wanted(worker, observed.get(worker.worker_id), stopped)
+    wanted = {w.worker_id for w in desired}
+    held_back = {u.worker_id for u in unplaced if u.kept_previous}
+    models = {w.model for w in desired} | {u.model for u in unplaced}
     for current in observed.workers:
-        if current.worker_id in wanted:
-            continue
-        if not current.running:
-            if current.has_record:
-                actions.append(Action(STOP, current.worker_id, current.model,
-                                      _stop_cause(current, desired_models)
-                                      + " (already exited; its record is removed)",
-                                      previous=current))
-            continue
-        if current.worker_id in held_back:
-            actions.append(Action(KEEP, current.worker_id, current.model,
-                                  "its new version does not fit (see unplaced); the running "
-                                  "version stays", previous=current))
-            continue
-        actions.append(Action(STOP, current.worker_id, current.model,
-                              _stop_cause(current, desired_models), previous=current))
-    return tuple(sorted(actions, key=lambda a: (ACTION_ORDER[a.action], a.worker_id)))
+        if current.worker_id not in wanted:
+            steps += decide.unwanted(current, current.worker_id in held_back, models)
+    steps = _pace_rollouts(steps, desired, observed, rollouts)
+    return sequence(steps)
 
 
-def _start_cause(worker: DesiredWorker, current: ObservedWorker | None,
-                 running_models: set[str]) -> str:
-    if current is not None and current.phase == CRASHED:
-        code = current.exit_code
-        if code is not None and code < 0:
-            detail = f"killed by signal {-code}"
+class _Decider:
+    def __init__(self, observed: Observed, world: Circumstances, wanted_models: set[str]) -> None:
+        self.observed = observed
+        self.world = world
+        self.running_models = {w.model for w in observed.workers if w.running}
+        self.wanted_models = wanted_models
+
+    # -- workers the garden wants ------------------------------------------------------------
+
+    def wanted(self, worker: DesiredWorker, current: ObservedWorker | None,
+               stopped: Mapping[str, str]) -> list[Step]:
+        if current is None:
+            return self._spawn(StepKind.START, worker, None, self._start_cause(worker), Launch())
+        if current.in_flight:
+            return [_step(StepKind.AWAIT, worker, current, f"{_doing(current)} (in progress)")]
+        same = current.spec_hash == worker.spec_hash
+        phase = current.phase
+        if phase == Phase.UNKNOWN:
+            if same:
+                return [_step(StepKind.ADOPT, worker, current, "found running with the same spec "
+                              "but no record: adopting it")]
+            return self._replace(worker, current, "found running with gardenctl's marker but no "
+                                 "record, in another version: " + describe_change(current, worker))
+        if phase == Phase.STARTING:
+            if self._timed_out(current, worker):
+                return self._restart(worker, current, f"not ready within its start timeout of "
+                                     f"{worker.start_timeout:g}s", then=Phase.FAILED)
+            if same:
+                return [_step(StepKind.AWAIT, worker, current,
+                              f"still loading (started {_clock(current.started_at)})")]
+            return self._replace(worker, current, describe_change(current, worker))
+        if phase == Phase.READY:
+            if same:
+                return [_step(StepKind.KEEP, worker, current, "up to date")]
+            if worker.model in stopped:
+                return [_step(StepKind.WAIT, worker, current, stopped[worker.model])]
+            return self._replace(worker, current, describe_change(current, worker))
+        if phase in (Phase.UNHEALTHY, Phase.STOPPING):
+            reason = ("an earlier stop of it was interrupted" if phase == Phase.STOPPING
+                      else current.last_error if (current.last_error or "").startswith("unhealthy")
+                      else f"unhealthy: {current.health or 'its health checks fail'}")
+            target = current.spec if current.rejected_for(worker) else worker
+            return self._restart(target, current, reason, then=Phase.CRASHED)
+        return self._after_exit(worker, current)
+
+    def _after_exit(self, worker: DesiredWorker, current: ObservedWorker) -> list[Step]:
+        same = current.spec_hash == worker.spec_hash
+        if current.previous is not None and not current.ever_ready and same:
+            reason = _exit_detail(current)
+            rejection = Rejection(worker.spec_hash, reason, self.world.now)
+            return self._spawn(StepKind.ROLLBACK, current.previous, current,
+                               f"its new version did not become ready ({reason}); starting the "
+                               "previous version again", Launch(rejected=rejection))
+        if current.rejected_for(worker):  # the version we rolled back to died: restart it
+            return self._restart(current.spec, current, _death(current))
+        return self._restart(worker, current, _death(current))
+
+    def _restart(self, target: DesiredWorker, current: ObservedWorker, reason: str, *,
+                 then: Phase | None = None) -> list[Step]:
+        """Start ``target`` again in the place of ``current`` (dead, unhealthy or stuck),
+        honouring the crash-loop backoff when it is the same version."""
+        same = target.spec_hash == current.spec_hash
+        now = self.world.now
+        policy = self.world.backoff
+        if not same:  # a new version starts with no failures behind it
+            launch = Launch(rejected=None)
+            return self._spawn(StepKind.RESTART, target, current, f"{reason}; starting its new "
+                               f"version ({describe_change(current, target)})", launch)
+        failures = failures_in_a_row(current, policy, now)
+        launch = Launch(restarts=current.restarts + 1, streak=failures, rejected=current.rejected)
+        until = next_start_at(current, policy, now)
+        ends = reason if current.running else ""
+        if until is None:
+            return self._spawn(StepKind.RESTART, target, current,
+                               f"{reason}; starting it again", launch, then=then, ends=ends)
+        held = _step(StepKind.HOLD, target, current,
+                     f"{reason}; crash-looping ({failures} failures in a row): next start at "
+                     f"{_clock(until)}", until=until, launch=launch)
+        if current.running:
+            stop = _step(StepKind.STOP, target, current, f"{reason}; stopping it until its next "
+                         "start", then=then or Phase.CRASHED, ends=ends)
+            return [stop, held]
+        if current.pids:
+            return [_leftovers(target, current), held]
+        return [held]
+
+    def _replace(self, worker: DesiredWorker, current: ObservedWorker, cause: str) -> list[Step]:
+        """Replace the running version; a ready one is started again if the new version does
+        not become ready (the conditional rollback step)."""
+        if current.phase != Phase.READY:
+            return self._spawn(StepKind.REPLACE, worker, current, cause, Launch())
+        steps = self._spawn(StepKind.REPLACE, worker, current, cause,
+                            Launch(replaces=current.spec))
+        if steps[0].kind != StepKind.REPLACE:
+            return steps
+        rejection = Rejection(worker.spec_hash, "its replacement did not become ready",
+                              self.world.now)
+        rollback = _step(StepKind.ROLLBACK, current.spec, current,
+                         "only if the new version does not become ready: start the running "
+                         "version again", launch=Launch(rejected=rejection))
+        return [steps[0], dataclasses.replace(rollback, after=(Needs(steps[0].id, When.FAILED),))]
+
+    def _spawn(self, kind: StepKind, worker: DesiredWorker, current: ObservedWorker | None,
+               cause: str, launch: Launch, *, then: Phase | None = None,
+               ends: str = "") -> list[Step]:
+        """A step that starts ``worker``, or what stands in its way: an unset secret or a port
+        another program holds (nothing is changed for the worker then)."""
+        blocked = self._blocked(worker)
+        if blocked is None:
+            return [_step(kind, worker, current, cause, launch=launch, then=then, ends=ends)]
+        if current is None or kind == StepKind.REPLACE:
+            keeps = " (the running version stays)" if current is not None else ""
+            return [_step(StepKind.WAIT, worker, current, f"{blocked}; not started{keeps}")]
+        steps = []
+        if current.running:
+            steps.append(_step(StepKind.STOP, worker, current, cause, then=then or Phase.CRASHED,
+                               ends=ends))
+        elif current.pids:
+            steps.append(_leftovers(worker, current))
+        return [*steps, _step(StepKind.WAIT, worker, current, f"{blocked}; not started again")]
+
+    def _blocked(self, worker: DesiredWorker) -> str | None:
+        names = self.world.env_names
+        if names is not None:
+            missing = sorted({ref for _, value in worker.env
+                              if (ref := env_reference(value)) is not None and ref not in names})
+            if missing:
+                return (f"environment variable{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(missing)} not set where gardenctl runs")
+        owner = self.world.busy_ports.get(worker.port)
+        if owner is not None:
+            return f"port {worker.port} is in use by {owner}"
+        return None
+
+    def _timed_out(self, current: ObservedWorker, worker: DesiredWorker) -> bool:
+        started = current.started_at
+        return (current.has_record and started is not None
+                and self.world.now - started > worker.start_timeout)
+
+    def _start_cause(self, worker: DesiredWorker) -> str:
+        history = self.world.history
+        if history.down_at is not None and worker.worker_id in history.down_workers and (
+                history.applied_at is None or history.down_at >= history.applied_at):
+            return f"not running: stopped by `gardenctl down` at {_clock(history.down_at)}"
+        if worker.worker_id in history.applied_workers:
+            return ("not running: no record of it (an earlier apply was interrupted before "
+                    "starting it, or its record was removed)")
+        if worker.model in self.running_models or any(
+                w.startswith(f"{worker.garden}/{worker.model}/") for w in history.applied_workers):
+            return f"replica {worker.replica} of {worker.model} added"
+        return f"model {worker.model} added to the garden"
+
+    def stopped_rollouts(self, desired: Sequence[DesiredWorker]) -> dict[str, str]:
+        """Models whose rollout to the wanted version was stopped by a failed replacement
+        (rolled back now, or earlier): model -> why, for the replicas not yet replaced."""
+        stopped: dict[str, str] = {}
+        for worker in sorted(desired, key=lambda w: (w.model, w.replica)):
+            current = self.observed.get(worker.worker_id)
+            if current is None or worker.model in stopped:
+                continue
+            if current.rejected_for(worker) and current.rejected is not None:
+                why = current.rejected.reason
+            elif (current.phase.dead and current.previous is not None and not current.ever_ready
+                  and current.spec_hash == worker.spec_hash):
+                why = _exit_detail(current)
+            else:
+                continue
+            stopped[worker.model] = (
+                f"rollout stopped: the new version of replica {worker.replica} did not become "
+                f"ready ({why}); the running version stays. Change the model in the garden file "
+                "to try again")
+        return stopped
+
+    # -- workers the garden does not want ----------------------------------------------------
+
+    def unwanted(self, current: ObservedWorker, held_back: bool, models: set[str]) -> list[Step]:
+        if current.in_flight:
+            return [_step(StepKind.AWAIT, None, current, f"{_doing(current)} (in progress)")]
+        if held_back and current.running:
+            return [_step(StepKind.KEEP, None, current, "its new version does not fit (see "
+                          "unplaced); the running version stays")]
+        if not current.has_record:
+            cause = "found running with gardenctl's marker but no record, and the garden does " \
+                    "not want it"
+        elif current.model in models:
+            cause = f"replica {current.replica} of {current.model} no longer wanted"
         else:
-            detail = f"exited with code {code}" if code is not None else "exited"
-            if current.last_error and current.last_error != detail:
-                detail = (current.last_error if current.last_error.startswith(detail)
-                          else f"{detail}: {current.last_error}")
-        return f"not running ({detail}); starting it again"
-    if current is not None and current.phase == STOPPED:
-        return "stopped; starting it again"
-    if worker.model in running_models:
-        return f"replica {worker.replica} of {worker.model} added"
-    return f"model {worker.model} added to the garden"
+            cause = f"model {current.model} removed from the garden"
+        if not current.running:
+            cause += " (already exited; its record is removed)"
+        return [_step(StepKind.STOP, None, current, cause)]
 
 
-def _stop_cause(current: ObservedWorker, desired_models: set[str]) -> str:
-    if not current.has_record:
-        return "found running with our marker but no record, and the garden does not want it"
-    if current.model in desired_models:
-        return f"replica {current.replica} of {current.model} no longer wanted"
-    return f"model {current.model} removed from the garden"
+def _pace_rollouts(steps: list[Step], desired: Sequence[DesiredWorker], observed: Observed,
+                   rollouts: Mapping[str, ModelRollout]) -> list[Step]:
+    """Replace ready replicas of a model at most `max_unavailable` at a time (counting the
+    replicas already down), each after the previous one is ready; say what it means for the
+    model's availability. A rollout that cannot proceed waits, naming the replicas down."""
+    by_model: dict[str, list[DesiredWorker]] = {}
+    for worker in desired:
+        by_model.setdefault(worker.model, []).append(worker)
+    result = list(steps)
+    for model, workers in sorted(by_model.items()):
+        policy = rollouts.get(model, ModelRollout(len(workers)))
+        result = chain_rollout(result, model, workers, observed, policy.replicas,
+                               policy.max_unavailable)
+    return result
+
+
+# -- small pure helpers ---------------------------------------------------------------------
+
+def _step(kind: StepKind, worker: DesiredWorker | None, current: ObservedWorker | None,
+          cause: str, *, launch: Launch | None = None, then: Phase | None = None,
+          until: float | None = None, ends: str = "") -> Step:
+    target = worker if worker is not None else current
+    assert target is not None
+    return Step(kind=kind, worker_id=target.worker_id, model=target.model, cause=cause,
+                worker=worker, previous=current, launch=launch, then=then, until=until,
+                ends_because=ends)
+
+
+def _leftovers(worker: DesiredWorker, current: ObservedWorker) -> Step:
+    return _step(StepKind.STOP_LEFTOVERS, worker, current,
+                 f"its run is over but {len(current.pids)} of its processes remain "
+                 f"(pids {', '.join(map(str, current.pids))}); ending them", then=current.phase)
+
+
+def _doing(current: ObservedWorker) -> str:
+    return "being stopped" if current.phase == Phase.STOPPING else "being started"
+
+
+def _clock(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "at an unknown time"
+    return time.strftime("%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _exit_detail(current: ObservedWorker) -> str:
+    code = current.exit_code
+    if code is not None and code < 0:
+        detail = f"killed by signal {-code}"
+    elif code is not None:
+        detail = f"exited with code {code}"
+    else:
+        detail = "exited"
+    error = current.last_error
+    if error and error != detail:
+        detail = error if error.startswith(detail) or code is None else f"{detail}: {error}"
+    return detail
+
+
+def _death(current: ObservedWorker) -> str:
+    return f"not running: {_exit_detail(current)}"
 
 
 def describe_change(current: ObservedWorker, worker: DesiredWorker) -> str:
@@ -94,17 +335,17 @@ def describe_change(current: ObservedWorker, worker: DesiredWorker) -> str:
     if (current.node, current.gpus) != (worker.node, worker.gpus):
         parts.append(f"moves from {_where(current.node, current.gpus)} to "
                      f"{_where(worker.node, worker.gpus)}")
-    old_flags, old_rest = _flags(current.argv)
-    new_flags, new_rest = _flags(worker.argv)
-    if old_rest != new_rest:
-        parts.append(f"command {' '.join(old_rest)!s} -> {' '.join(new_rest)!s}")
+    old_head, old_flags = split_argv(current.argv)
+    new_head, new_flags = split_argv(worker.argv)
+    if old_head != new_head:
+        parts.append(f"command {' '.join(old_head)} -> {' '.join(new_head)}")
     for name in sorted(set(old_flags) | set(new_flags)):
         before, after = old_flags.get(name), new_flags.get(name)
         if before == after:
             continue
         label = name.lstrip("-")
         if before is None:
-            parts.append(f"{label} added" + (f" ({after})" if after != "" else ""))
+            parts.append(f"{label} added" + (f" ({after})" if after else ""))
         elif after is None:
             parts.append(f"{label} removed")
         else:
@@ -117,33 +358,11 @@ def describe_change(current: ObservedWorker, worker: DesiredWorker) -> str:
             parts.append(f"env {name} removed")
         elif old_env[name] != new_env[name]:
             parts.append(f"env {name} changed")  # values may be secrets: names only
-    if not parts:
-        parts.append("spec changed")
-    return "; ".join(parts)
+    return "; ".join(parts) or "spec changed"
 
 
 def _where(node: str, gpus: tuple[int, ...]) -> str:
     return f"{node} GPU {','.join(map(str, gpus))}"
 
 
-def _flags(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
-    """Split argv into {--flag: value or ''} and the positional words before the first flag."""
-    flags: dict[str, str] = {}
-    head: list[str] = []
-    i = 0
-    while i < len(argv) and not argv[i].startswith("-"):
-        head.append(argv[i])
-        i += 1
-    while i < len(argv):
-        word = argv[i]
-        if word.startswith("-") and "=" in word:
-            name, value = word.split("=", 1)
-            flags[name] = value
-            i += 1
-        elif word.startswith("-") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            flags[word] = argv[i + 1]
-            i += 2
-        else:
-            flags[word] = ""
-            i += 1
-    return flags, head
+__all__ = ["Circumstances", "ModelRollout", "describe_change", "reconcile"]

@@ -1,30 +1,56 @@
-"""A writer's session: the state lock held, the runtime opened, plans made and applied.
+"""A writer's session: its garden's lock held, the runtime opened, plans made and applied.
 
-`apply`, `down` and `watch` run inside one; only one session per state directory at a time.
+`apply`, `down` and `watch` run inside one. Each garden has its own lock, so work on one garden
+never waits for another's (gardens that share GPUs still never start two workers on one GPU at
+once: see StateDir.gpu_lock).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 from gardenctl.errors import GardenError, StalePlanError
-from gardenctl.execute import ApplyReport, Progress, execute
+from gardenctl.execute import ApplyReport, Executor, Progress
+from gardenctl.execute.results import StepResult
+from gardenctl.inventory.model import Inventory
+from gardenctl.observe import History, Observed
+from gardenctl.runtime import base
+from gardenctl.spec.loader import LoadedGarden
+from gardenctl.spec.models import Garden
 from gardenctl.state import StateDir
-from gardenctl.workflow import PlanResult, compute_plan
+from gardenctl.workflow import PlanResult, circumstances, compute_plan
 
 
 @dataclass
 class Session:
     state: StateDir
     command: str
-    runtime: object | None = None
-    probe: object | None = None
+    runtime: base.Runtime | None = None
+    probe: base.GpuProbe | None = None
+    locked: set[str] = field(default_factory=set)
+    clock: Callable[[], float] = time.time  # wall clock: "now" for the plans (backoff, timeouts)
+    _stack: ExitStack = field(default_factory=ExitStack)
 
-    def bind(self, inventory, garden) -> None:
+    def lock(self, garden: str) -> None:
+        """Take ``garden``'s writer lock for the rest of the session (LockHeldError if another
+        apply, down or watch of it holds it)."""
+        if garden not in self.locked:
+            self._stack.enter_context(self.state.lock(garden, self.command))
+            self.locked.add(garden)
+
+    def close(self) -> None:
+        close = getattr(self.probe, "close", None)
+        if close:
+            close()
+        self._stack.close()
+
+    def bind(self, inventory: Inventory, garden: Garden | None) -> base.Runtime:
         """Open the runtime for this inventory; again when the node it names changes (a
         declared inventory renamed while watch runs)."""
         from gardenctl.runtime import open_probe, open_runtime
@@ -36,71 +62,84 @@ class Session:
                 close()
             self.runtime = open_runtime(garden, inventory, self.state)
             self.probe = open_probe(inventory)
+        return self.runtime
 
-    def observe(self, garden, inventory):
-        self.bind(inventory, garden)
-        return self.runtime.observe()  # type: ignore[union-attr]
-
-    def plan(self, garden_path: str, inventory_path: str | None,
-             plan_file: str | None = None) -> PlanResult:
+    def plan(self, garden_path: str, inventory_path: str | None) -> PlanResult:
         from gardenctl.spec.loader import load_garden
 
-        if plan_file is not None:
-            return self._saved_plan(plan_file, garden_path, inventory_path)
-        return self.plan_loaded(load_garden(garden_path), inventory_path)
+        loaded = load_garden(garden_path)
+        self.lock(loaded.garden.name)
+        return self.plan_loaded(loaded, inventory_path)
 
-    def plan_loaded(self, loaded, inventory_path: str | None,
-                    observed=None) -> PlanResult:
+    def plan_loaded(self, loaded: LoadedGarden, inventory_path: str | None,
+                    observed: Observed | None = None, *, confirm_health: bool = True,
+                    in_flight: frozenset[str] = frozenset()) -> PlanResult:
         """Plan ``loaded`` against what runs now: observed here, or the snapshot given (one
-        observation serves every plan of a watch pass)."""
+        observation serves every plan of a watch pass). ``in_flight``: workers this
+        gardenctl is acting on right now (the plan waits for them)."""
         from gardenctl.inventory import resolve_inventory
 
         inventory = resolve_inventory(loaded.garden, loaded.path, inventory_path)
-        self.bind(inventory, loaded.garden)
+        runtime = self.bind(inventory, loaded.garden)
         if observed is None:
-            observed = self.observe(loaded.garden, inventory)
-        return compute_plan(loaded, inventory, observed)
+            observed = runtime.observe(confirm_health=confirm_health)
+        observed = observed.with_in_flight(in_flight)
+        world = circumstances(loaded, inventory, observed, self.state, now=self.clock())
+        return compute_plan(loaded, inventory, observed, world)
 
-    def _saved_plan(self, plan_file: str, garden_path: str,
-                    inventory_path: str | None) -> PlanResult:
-        from gardenctl.plan.document import plan_from_json
+    def check_saved(self, plan_file: str, result: PlanResult) -> None:
+        """Refuse a saved plan unless it is exactly the plan made now (StalePlanError)."""
+        from gardenctl.plan.document import check_saved_plan, plan_to_json, saved_plan_difference
 
         try:
             with open(plan_file, encoding="utf-8") as handle:
-                saved = plan_from_json(json.load(handle))
+                saved = check_saved_plan(json.load(handle))
         except FileNotFoundError:
             raise GardenError(f"{plan_file}: no such plan file") from None
-        except ValueError as exc:
+        except (OSError, ValueError) as exc:
             raise GardenError(f"{plan_file}: not a JSON plan ({exc})") from None
-        path = saved.garden_file if os.path.exists(saved.garden_file) else garden_path
-        fresh = self.plan(path, inventory_path)
-        stale = [name for name in ("garden", "inventory", "observed")
-                 if fresh.plan.fingerprints.get(name) != saved.fingerprints.get(name)]
-        if stale:
-            what = {"garden": f"the garden file ({path})", "inventory": "the GPUs",
-                    "observed": "the running workers"}
-            raise StalePlanError(
-                f"{plan_file} is stale: {', '.join(what[s] for s in stale)} changed since it "
-                "was made. Make a new one with `gardenctl plan --out`."
-            )
-        return PlanResult(fresh.loaded, fresh.inventory, fresh.observed, fresh.estimates, saved)
+        fresh: dict[str, Any] = json.loads(json.dumps(plan_to_json(result.plan)))
+        difference = saved_plan_difference(saved, fresh)
+        if difference is not None:
+            raise StalePlanError(f"{plan_file} is stale or was edited ({difference}): nothing "
+                                 "was changed. Make a new plan with `gardenctl plan --out` and "
+                                 "review it.")
+
+    def record_applied(self, result: PlanResult, by: str) -> None:
+        """Remember which workers the garden wanted when it was last applied (plans use it to
+        say why a worker is missing: `down`, an interrupted apply, ...)."""
+        garden = result.plan.garden
+        wanted = frozenset(s.worker_id for s in result.plan.steps if s.worker is not None)
+        before = self.state.read_history(garden)
+        if before.applied_workers == wanted and before.applied_by == by:
+            return
+        self.state.write_history(garden, History(
+            applied_at=self.clock(), applied_by=by, applied_workers=wanted,
+            down_at=before.down_at, down_workers=before.down_workers))
+
+    def executor(self, result: PlanResult, progress: Progress | None = None,
+                 stop_event: Any = None) -> Executor:
+        runtime = self.bind(result.inventory, result.loaded.garden)
+        return Executor(runtime, environ=os.environ, probe=self.probe, progress=progress,
+                        stop_event=stop_event)
 
     def apply(self, result: PlanResult, progress: Progress | None = None,
-              stop_event=None, on_result=None) -> ApplyReport:
-        self.bind(result.inventory, result.loaded.garden)
-        return execute(result.plan, self.runtime, environ=os.environ,  # type: ignore[arg-type]
-                       probe=self.probe, progress=progress, stop_event=stop_event,
-                       on_result=on_result)
+              stop_event: Any = None,
+              on_result: Any = None) -> ApplyReport:
+        self.record_applied(result, "apply")
+        executor = self.executor(result, progress, stop_event)
+        listener: Any = on_result
+        return executor.run(result.plan, listener)
 
 
 @contextmanager
 def open_session(state_path: str | None, command: str) -> Iterator[Session]:
-    state = StateDir(state_path).ensure()
-    with state.lock(command):
-        session = Session(state, command)
-        try:
-            yield session
-        finally:
-            close = getattr(session.probe, "close", None)
-            if close:
-                close()
+    """A writer's session; gardens are locked as the session learns which (`Session.lock`)."""
+    session = Session(StateDir(state_path).ensure(), command)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+__all__ = ["Session", "StepResult", "open_session"]

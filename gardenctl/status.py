@@ -1,11 +1,23 @@
-"""Gathering `status`: observed workers, GPU ledgers with live use, and the sync verdict."""
+"""Gathering `status`: every worker in every state, GPU ledgers with live use, the sync verdict.
+
+A worker appears whatever its state: loading, ready, unhealthy, stopping, crashed or failed
+(from its record), held by the crash-loop backoff, waiting for something outside gardenctl
+(an unset secret, a taken port) or not started yet (from the plan). Each row says what the
+plan would do next and why, with the restarts, the backoff and the last error.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
+from gardenctl.backoff import BackoffPolicy, failures_in_a_row
 from gardenctl.errors import GardenError
 from gardenctl.observe import Observed, ObservedWorker
+from gardenctl.plan.model import Plan, Step
+from gardenctl.state import StateDir
+from gardenctl.vocab import StepKind
 
 
 @dataclass(frozen=True)
@@ -23,24 +35,43 @@ class GpuStatus:
 class WorkerStatusRow:
     worker_id: str
     model: str
+    node: str
     gpus: tuple[int, ...]
     port: int
-    phase: str
+    phase: str  # starting, ready, unhealthy, stopping, crashed, failed, unknown; or, with no
+    # process: pending (to be started), held (backoff), waiting (blocked)
     restarts: int
     uptime_s: float | None
     last_error: str | None
+    cause: str | None
+    hint: str
     pid: int | None
     utilization: float
     claim_bytes: int
+    next_step: str | None  # what the plan would do (start, restart, hold, wait, ...); None: keep
+    next_cause: str  # why
+    failures: int  # failed runs in a row (backoff)
+    next_start_after: float | None  # backoff: not before this wall-clock time
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "worker": self.worker_id, "worker_id": self.worker_id, "model": self.model,
+            "node": self.node, "gpus": list(self.gpus), "port": self.port, "phase": self.phase,
+            "restarts": self.restarts, "uptime_s": self.uptime_s, "last_error": self.last_error,
+            "cause": self.cause, "hint": self.hint, "pid": self.pid,
+            "utilization": self.utilization, "claim_bytes": self.claim_bytes,
+            "next_step": self.next_step, "next_cause": self.next_cause,
+            "backoff": None if not self.failures else {
+                "failures": self.failures, "next_start_after": self.next_start_after},
+        }
 
 
 @dataclass(frozen=True)
 class WatchInfo:
     running: bool
     pid: int | None
-    last_applied: dict | None
-    last_attempted: dict | None
-    backoff: dict  # worker id -> {failures, next_start_after, last_error}
+    last_applied: dict[str, Any] | None
+    last_attempted: dict[str, Any] | None
 
 
 @dataclass
@@ -53,14 +84,14 @@ class StatusReport:
     workers: list[WorkerStatusRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     watch: WatchInfo | None = None
-    log_tails: dict[str, list[str]] = field(default_factory=dict)  # crashed workers' last lines
+    log_tails: dict[str, list[str]] = field(default_factory=dict)  # ended workers' last lines
 
     def sync_line(self) -> str:
         if self.in_sync is None:
             return "sync unknown"
         return "in sync" if self.in_sync else "OUT OF SYNC"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "garden": self.garden,
             "garden_file": self.garden_file,
@@ -68,9 +99,7 @@ class StatusReport:
             "out_of_sync_reasons": self.out_of_sync,
             "notes": self.notes,
             "gpus": [g.__dict__ for g in self.gpus],
-            "workers": [{**w.__dict__, "worker": w.worker_id, "gpus": list(w.gpus),
-                         "backoff": (self.watch.backoff.get(w.worker_id) if self.watch else None),
-                         "last_log_lines": self.log_tails.get(w.worker_id, [])}
+            "workers": [{**w.to_json(), "last_log_lines": self.log_tails.get(w.worker_id, [])}
                         for w in self.workers],
             "watch": None if self.watch is None else self.watch.__dict__,
         }
@@ -81,88 +110,111 @@ def gather_status(garden_path: str, inventory_path: str | None, state_path: str 
     from gardenctl.inventory import resolve_inventory
     from gardenctl.planner import used_by_others
     from gardenctl.spec.loader import load_garden
-    from gardenctl.workflow import compute_plan, observe_without_lock
+    from gardenctl.workflow import plan_read_only
 
+    state = StateDir(state_path)
     report = StatusReport(garden=None, garden_file=garden_path, in_sync=None)
     try:
         loaded = load_garden(garden_path)
     except GardenError as exc:
         report.notes.append(f"the garden file cannot be used: {exc}")
         report.notes.append("showing the workers of every garden in the state directory")
-        return _from_records_only(report, state_path, now)
+        return _from_records_only(report, state, now)
     report.garden = loaded.garden.name
     inventory = resolve_inventory(loaded.garden, garden_path, inventory_path)
-    observed = observe_without_lock(loaded, inventory, state_path)
+    result = plan_read_only(loaded, inventory, state)
+    observed = result.observed
     report.notes += list(observed.notes)
     mine = observed.of_garden(loaded.garden.name)
-    result = compute_plan(loaded, inventory, observed)
     plan = result.plan
-    report.in_sync = not plan.has_changes and not plan.unplaced
-    report.out_of_sync = [f"{a.action} {a.worker_id}: {a.cause}" for a in plan.actions
-                          if a.changes]
+    report.in_sync = plan.converged
+    report.out_of_sync = [f"{s.kind.value} {s.worker_id}: {s.cause}" for s in plan.steps
+                          if s.kind != StepKind.KEEP and not s.conditional]
     report.out_of_sync += [f"unplaced {u.worker_id}: " + "; ".join(r.message for r in u.reasons)
                            for u in plan.unplaced]
-    others = used_by_others(inventory, mine)
+    others = used_by_others(inventory, observed, loaded.garden.name)
+    pids = {pid for w in mine.workers for pid in w.pids}
     for gpu in inventory.gpus:
         claimed = sum(w.claim_bytes for w in mine.workers
                       if w.running and w.node == gpu.node and gpu.index in w.gpus)
         used = None
         if inventory.used_includes_ours:
-            pids = {pid for w in mine.workers for pid in w.pids}
             used = sum(p.used_bytes or 0 for p in gpu.processes if p.pid in pids)
         report.gpus.append(GpuStatus(gpu.node, gpu.index, gpu.name, gpu.total_bytes,
                                      others.get(gpu.key, 0), claimed, used))
-    report.workers = [_row(w, now) for w in mine.workers]
-    report.watch = _watch_info(state_path, loaded.garden.name)
-    report.log_tails = _crash_tails(state_path, mine)
+    report.workers = worker_rows(plan, mine, now)
+    report.watch = _watch_info(state, loaded.garden.name)
+    report.log_tails = _ended_tails(state, mine)
     return report
 
 
-def _watch_info(state_path: str | None, garden: str) -> WatchInfo | None:
-    """What a `gardenctl watch` of this garden last reported (watch.json), if one ever ran."""
-    import json
+def worker_rows(plan: Plan, observed: Observed, now: float,
+                policy: BackoffPolicy | None = None) -> list[WorkerStatusRow]:
+    """One row per worker the garden wants or has, in worker order."""
+    policy = policy or BackoffPolicy()
+    steps: dict[str, Step] = {}
+    for step in plan.steps:
+        if not step.conditional and step.kind != StepKind.STOP_LEFTOVERS:
+            steps.setdefault(step.worker_id, step)
+            if step.kind in (StepKind.HOLD, StepKind.WAIT):
+                steps[step.worker_id] = step  # what the worker waits for matters most
+    rows = []
+    ids = sorted({*steps, *(w.worker_id for w in observed.workers)})
+    for worker_id in ids:
+        rows.append(_row(observed.get(worker_id), steps.get(worker_id), now, policy))
+    return rows
 
+
+def _row(current: ObservedWorker | None, step: Step | None, now: float,
+         policy: BackoffPolicy) -> WorkerStatusRow:
+    target = step.worker if step is not None and step.worker is not None else None
+    spec = current.spec if current is not None else target
+    assert spec is not None
+    next_step = None if step is None or step.kind == StepKind.KEEP else step.kind.value
+    if current is None:
+        phase = {"wait": "waiting", "hold": "held"}.get(next_step or "", "pending")
+        return WorkerStatusRow(spec.worker_id, spec.model, spec.node, spec.gpus, spec.port,
+                               phase, 0, None, None, None, "", None, spec.utilization,
+                               spec.claim_bytes, next_step, step.cause if step else "", 0, None)
+    failures = current.streak
+    if current.phase.dead:
+        failures = failures_in_a_row(current, policy, now)
+    until = step.until if step is not None and step.kind == StepKind.HOLD else None
+    uptime = now - current.started_at if current.running and current.started_at else None
+    return WorkerStatusRow(
+        current.worker_id, current.model, current.node, current.gpus, current.port,
+        current.phase.value, current.restarts, uptime, current.last_error,
+        current.cause.value if current.cause else None, current.hint, current.pid,
+        current.utilization, current.claim_bytes, next_step, step.cause if step else "",
+        failures, until)
+
+
+def _watch_info(state: StateDir, garden: str) -> WatchInfo | None:
+    """What a `gardenctl watch` of this garden last reported (watch.json), if one ever ran."""
     import psutil
 
-    from gardenctl.state import StateDir
-
-    path = StateDir(state_path).root / "gardens" / garden / "watch.json"
+    path = state.root / "gardens" / garden / "watch.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     pid = data.get("pid")
     running = bool(pid) and not data.get("stopped") and psutil.pid_exists(pid)
-    return WatchInfo(running, pid, data.get("last_applied"), data.get("last_attempted"),
-                     data.get("backoff") or {})
+    return WatchInfo(running, pid, data.get("last_applied"), data.get("last_attempted"))
 
 
-def _crash_tails(state_path: str | None, observed: Observed) -> dict[str, list[str]]:
+def _ended_tails(state: StateDir, observed: Observed) -> dict[str, list[str]]:
+    """The last lines of each ended worker's log (what it said as it died)."""
     from gardenctl.runtime.local import last_lines, read_tail
-    from gardenctl.state import StateDir
 
-    state = StateDir(state_path)
-    tails = {}
-    for worker in observed.workers:
-        if worker.phase == "crashed":
-            text = last_lines(read_tail(str(state.log_path(worker.worker_id))), 3)
-            tails[worker.worker_id] = text.splitlines()
-    return tails
+    return {w.worker_id: last_lines(read_tail(str(state.log_path(w.worker_id))), 3).splitlines()
+            for w in observed.workers if w.phase.dead}
 
 
-def _from_records_only(report: StatusReport, state_path: str | None, now: float) -> StatusReport:
+def _from_records_only(report: StatusReport, state: StateDir, now: float) -> StatusReport:
     from gardenctl.runtime.local import LocalRuntime
-    from gardenctl.state import StateDir
 
-    state = StateDir(state_path)
-    if (state.root / "gardens").is_dir():
-        observed: Observed = LocalRuntime(state, node="", writable=False).observe()
-        report.workers = [_row(w, now) for w in observed.workers]
+    if state.exists:
+        observed = LocalRuntime(state, node="", writable=False).observe()
+        report.workers = [_row(w, None, now, BackoffPolicy()) for w in observed.workers]
     return report
-
-
-def _row(worker: ObservedWorker, now: float) -> WorkerStatusRow:
-    uptime = now - worker.started_at if worker.running and worker.started_at else None
-    return WorkerStatusRow(worker.worker_id, worker.model, worker.gpus, worker.port, worker.phase,
-                           worker.restarts, uptime, worker.last_error, worker.pid,
-                           worker.utilization, worker.claim_bytes)

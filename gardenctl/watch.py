@@ -1,10 +1,17 @@
-"""`watch`: keep converging, level-based, on every save of the file and on a periodic resync.
+"""`watch`: keep converging, level-based, and never wait on one worker.
 
-Each pass re-reads the file (never trusting the event), re-observes reality, re-plans and
-executes the plan. Triggers: a change of the garden file (its directory is watched, since editors
-save by writing a temp file and renaming it; a burst of saves is debounced into one pass), a
-worker's death (checked every second, cheaply), a crash-loop backoff expiring, and a jittered
-resync (default 30 s) that catches any other drift.
+Each pass re-reads the file (never trusting the event), re-observes the workers, re-plans,
+and *issues* the steps that may begin now (`Executor.issue`): stops run in the background,
+spawns return as soon as the process runs. A pass takes a fraction of a second however long
+models take to load; a load in progress is a state later passes observe (the plan waits for
+it on its GPU), not a call a pass waits for. So a worker that dies anywhere is acted on within
+about a second while others load, GPU by GPU (still one start at a time per GPU).
+
+Triggers of a pass: a change of the garden file (its directory is watched, since editors save
+by writing a temp file and renaming it; a burst of saves is debounced), a worker's process
+gone (checked every `tick`), a loading worker ready or ended, a step ending, a liveness probe
+failing `failure_threshold` times in a row (the prober thread probes ready workers' /health
+every `liveness.period`), a backoff or start timeout expiring, and a jittered resync.
 
 A new version of the file is accepted only if it parses, validates, fits the GPUs, keeps the
 garden's name, and does not stop every worker (unless --allow-empty). Otherwise the last good
@@ -13,28 +20,32 @@ version stays in force and keeps being converged. Both versions (content hashes)
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import queue
 import random
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from gardenctl.backoff import CrashTracker
-from gardenctl.errors import GardenError, SpecError
+from gardenctl.errors import GardenError, LockHeldError, SpecError
 from gardenctl.events import EventLog, iso_utc
-from gardenctl.execute import ActionResult
+from gardenctl.execute import Executor, StepResult
 from gardenctl.files import write_json_atomic
-from gardenctl.plan.model import START, Plan
+from gardenctl.observe import Observed
+from gardenctl.plan.model import Plan
 from gardenctl.session import Session
 from gardenctl.spec.loader import LoadedGarden, parse_garden
+from gardenctl.vocab import Phase, StepKind
 from gardenctl.workflow import PlanResult
 
-WATCH_FORMAT_VERSION = 1
+WATCH_FORMAT_VERSION = 2
 POLL_INTERVAL = 0.25  # seconds, --poll
+READY_POLL = 0.5  # seconds between readiness checks of a loading worker
+RETRY_DEFERRED = 1.0  # seconds before a step deferred by a busy GPU is tried again
 
 
 def _digest_of(path: str) -> str:
@@ -53,7 +64,7 @@ class WatchOptions:
     debounce_ms: int = 300
     poll: bool = False
     allow_empty: bool = False
-    liveness_interval: float = 1.0
+    tick: float = 0.25  # how often deaths, loads and timers are checked
 
 
 class _Progress:
@@ -69,30 +80,43 @@ class _Progress:
             self.log.emit("starting", "spawning the worker", worker=worker_id)
 
 
+@dataclass
+class _Reported:
+    """What was already said, so that a steady state is not repeated every pass."""
+
+    holds: dict[str, float] = field(default_factory=dict)
+    waits: dict[str, str] = field(default_factory=dict)
+    loading: set[str] = field(default_factory=set)
+    ended: dict[str, float] = field(default_factory=dict)  # worker -> when its run ended
+
+
 class Watcher:
     def __init__(self, session: Session, options: WatchOptions, log: EventLog, *,
-                 wall=time.time, rng: random.Random | None = None) -> None:
+                 wall: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
         self.session = session
         self.options = options
         self.log = log
         self.wall = wall
         self.rng = rng or random.Random()
         self.stop = threading.Event()
-        self.interrupt = threading.Event()  # cut a pass short: a newer file version is waiting
         self.triggers: queue.Queue[str] = queue.Queue()
-        self.tracker = CrashTracker()
+        self.executor: Executor | None = None
         self.last_good: LoadedGarden | None = None
+        self.last_plan: Plan | None = None
         self.last_attempted: tuple[str, float, bool, str | None] | None = None
         self.last_applied: tuple[str, float] | None = None
         self.seen_dead: set[tuple[str, int | None]] = set()
         self.started_at = wall()
-        self._held_logged: dict[str, float] = {}
         self.rejected: tuple[str, LoadedGarden, str] | None = None  # digest, version, why
         self.invalid_digest: str | None = None
         self._waiting_logged = False
         self.stop_reason: str | None = None
-        self._specs: dict[str, str] = {}
-        self.pass_started = wall()
+        self.loading: dict[str, float] = {}  # worker id -> start timeout deadline (wall)
+        self.timers: list[tuple[float, str]] = []  # (when, reason)
+        self._reported = _Reported()
+        self.prober = _Prober(self)
+        self.fatal: GardenError | None = None  # why the watch had to end (the caller raises it)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -100,24 +124,25 @@ class Watcher:
         """Safe in a signal handler: sets flags only; the loop logs the reason as it ends."""
         self.stop_reason = reason
         self.stop.set()
-        self.interrupt.set()
 
     def run(self) -> None:
         mode = "polling" if self.options.poll else "file events"
         self.log.emit("watching", f"{self.options.garden_path} ({mode}, resync every "
                       f"{self.options.resync:g}s)", pid=os.getpid())
-        files = threading.Thread(target=self._watch_files, name="watch files", daemon=True)
-        files.start()
+        threading.Thread(target=self._watch_files, name="watch files", daemon=True).start()
+        threading.Thread(target=self.prober.run, name="liveness", daemon=True).start()
         reason: str | None = "start"
         try:
             while reason is not None and not self.stop.is_set():
-                self.interrupt.clear()
                 self.pass_once(reason)
                 reason = self._wait_for_trigger()
         finally:
             self.stop.set()
             if self.stop_reason:
                 self.log.emit("signal", f"received {self.stop_reason}; stopping")
+            if self.executor is not None:
+                self.executor.stop_event.set()
+                self.executor.join()
             self._write_status(stopped=True)
             self.log.emit("stopped", "watch stopped; workers keep running (`gardenctl down` "
                           "stops them)")
@@ -140,7 +165,6 @@ class Watcher:
                                       stop_event=self.stop, recursive=False,
                                       raise_interrupt=False):
                 self.triggers.put("file changed")
-                self.interrupt.set()
         except Exception as exc:  # noqa: BLE001 - reported; resync keeps converging
             self.log.emit("error", f"file watching stopped ({type(exc).__name__}: {exc}); "
                           "changes are picked up at each resync")
@@ -159,15 +183,14 @@ class Watcher:
                     time.monotonic() - changed_at >= self.options.debounce_ms / 1000:
                 changed_at = None
                 self.triggers.put("file changed")
-                self.interrupt.set()
 
     def _wait_for_trigger(self) -> str | None:
         resync_at = self.wall() + self.options.resync * self.rng.uniform(
             1 - self.options.jitter, 1 + self.options.jitter)
-        due = self.tracker.next_due(self.pass_started)
+        next_ready_check = 0.0
         while not self.stop.is_set():
             try:
-                reason = self.triggers.get(timeout=self.options.liveness_interval)
+                reason = self.triggers.get(timeout=self.options.tick)
                 while not self.triggers.empty():
                     self.triggers.get_nowait()
                 return reason
@@ -176,23 +199,45 @@ class Watcher:
             now = self.wall()
             if now >= resync_at:
                 return "resync"
-            if due is not None and now >= due:
-                return "backoff expired"
-            runtime = self.session.runtime
-            if runtime is not None:
-                dead = runtime.dead_workers() - self.seen_dead
-                if dead:
-                    self.seen_dead |= dead
-                    names = ", ".join(sorted(w for w, _ in dead))
-                    self.log.emit("exited", f"worker process gone: {names}")
-                    return "worker exited"
+            due = [why for when, why in self.timers if now >= when]
+            if due:
+                return due[0]
+            death = self._deaths()
+            if death is not None:
+                return death
+            if now >= next_ready_check and self.loading:
+                next_ready_check = now + READY_POLL
+                load = self._loads_changed()
+                if load is not None:
+                    return load
+        return None
+
+    def _deaths(self) -> str | None:
+        runtime = self.session.runtime
+        if runtime is None:
+            return None
+        dead = runtime.dead_workers() - self.seen_dead
+        if not dead:
+            return None
+        self.seen_dead |= dead
+        names = ", ".join(sorted(w for w, _ in dead))
+        self.log.emit("exited", f"worker process gone: {names}")
+        return "worker exited"
+
+    def _loads_changed(self) -> str | None:
+        runtime = self.session.runtime
+        if runtime is None:
+            return None
+        for worker_id in sorted(self.loading):
+            status = runtime.check(worker_id)
+            if status.phase != Phase.STARTING:
+                return "worker ready" if status.phase == Phase.READY else "worker exited"
         return None
 
     # -- one pass --------------------------------------------------------------------------
 
     def pass_once(self, reason: str) -> None:
         """One pass; whatever goes wrong, the watcher lives on and keeps the last good garden."""
-        self.pass_started = self.wall()
         try:
             self._pass(reason)
         except GardenError as exc:
@@ -202,6 +247,11 @@ class Watcher:
                           f"report it): {type(exc).__name__}: {exc}", reason=reason)
         self._write_status()
 
+    def _plan(self, loaded: LoadedGarden, observed: Observed | None = None) -> PlanResult:
+        in_flight = self.executor.in_flight() if self.executor else frozenset()
+        return self.session.plan_loaded(loaded, self.options.inventory_path, observed,
+                                        confirm_health=False, in_flight=in_flight)
+
     def _pass(self, reason: str) -> None:
         candidate = self._read_candidate()
         result = None
@@ -209,7 +259,7 @@ class Watcher:
         if candidate is not None:
             digest = candidate.content_hash
             try:
-                result = self.session.plan_loaded(candidate, self.options.inventory_path)
+                result = self._plan(candidate)
                 observed = result.observed
                 refusal = self._refusal(candidate, result)
             except GardenError as exc:
@@ -218,23 +268,32 @@ class Watcher:
                 self._reject(candidate, refusal)
                 result = None
             else:
-                refused_before = self.last_attempted is not None and not self.last_attempted[2]
-                self.rejected = None
-                self._attempted(digest, accepted=True, error=None)
-                if (self.last_good is None or refused_before
-                        or digest != self.last_good.content_hash):
-                    self.log.emit("accepted", f"garden file version {digest[:12]} ({reason})",
-                                  version=digest[:12])
-                self.last_good = candidate
+                self._accept(candidate, reason)
         if result is None:
             if self.last_good is None:
                 if not self._waiting_logged:
                     self._waiting_logged = True
                     self.log.emit("waiting", "no valid garden file yet; nothing is changed")
                 return
-            result = self.session.plan_loaded(self.last_good, self.options.inventory_path,
-                                              observed)
+            result = self._plan(self.last_good, observed)
         self._execute(result, reason)
+
+    def _accept(self, candidate: LoadedGarden, reason: str) -> None:
+        digest = candidate.content_hash
+        refused_before = self.last_attempted is not None and not self.last_attempted[2]
+        if self.last_good is None:
+            try:
+                self.session.lock(candidate.garden.name)
+            except LockHeldError as exc:
+                self.fatal = exc
+                self.request_stop()
+                raise
+        self.rejected = None
+        self._attempted(digest, accepted=True, error=None)
+        if self.last_good is None or refused_before or digest != self.last_good.content_hash:
+            self.log.emit("accepted", f"garden file version {digest[:12]} ({reason})",
+                          version=digest[:12])
+        self.last_good = candidate
 
     def _reject(self, candidate: LoadedGarden, refusal: str) -> None:
         """Keep the last good version; a refusal that depends on the world (GPUs taken, workers
@@ -299,7 +358,7 @@ class Watcher:
                 self.log.emit("rejected", issue.format(), issue=issue.to_json())
             names = ", ".join(u.worker_id for u in plan.unplaced)
             return f"version {candidate.content_hash[:12]} does not fit the GPUs ({names})"
-        wanted = sum(1 for a in plan.actions if a.worker is not None)
+        wanted = sum(1 for s in plan.steps if s.worker is not None)
         running = sum(1 for w in result.observed.of_garden(garden.name).workers if w.running)
         if wanted == 0 and running and not self.options.allow_empty:
             return (f"version {candidate.content_hash[:12]} would stop all {running} worker(s); "
@@ -307,59 +366,81 @@ class Watcher:
         return None
 
     def _execute(self, result: PlanResult, reason: str) -> None:
-        now = self.wall()
-        self.tracker.observe(result.observed.of_garden(result.plan.garden), now)
-        wanted = {a.worker_id for a in result.plan.actions}
-        self.tracker.forget(wanted | {u.worker_id for u in result.plan.unplaced})
-        plan = self._without_held(result.plan, now)
+        plan = result.plan
+        self.last_plan = plan
+        if self.executor is None:
+            self.executor = self.session.executor(result, _Progress(self.log))
+        self._report_steady_state(plan, result.observed)
+        self._arm_timers(plan, result.observed)
         if plan.has_changes:
-            s = plan.summary()
-            self.log.emit("plan", f"{s['start']} to start, {s['replace']} to replace, {s['stop']} "
-                          f"to stop, {s['keep']} unchanged ({reason})", reason=reason, **s)
-        causes = {a.worker_id: a.cause for a in plan.actions}
-        self._specs = {a.worker_id: a.worker.spec_hash for a in plan.actions if a.worker}
-        self.session.apply(dataclasses.replace(result, plan=plan), _Progress(self.log),
-                           stop_event=self.interrupt,
-                           on_result=lambda r: self._result(r, causes.get(r.worker_id, "")))
+            self.session.record_applied(result, "watch")
+        issued = self.executor.issue(plan, on_result=self._result)
+        if issued:
+            kinds = sorted({s.kind.value for s in issued})
+            self.log.emit("plan", f"{len(issued)} step(s) begun: {', '.join(kinds)} ({reason})",
+                          reason=reason, steps=[s.id for s in issued], **plan.summary())
         if self.last_good is not None:
             self.last_applied = (self.last_good.content_hash, self.wall())
 
-    def _result(self, r: ActionResult, cause: str) -> None:
-        """One event line per action, as soon as its outcome is known."""
+    def _result(self, r: StepResult) -> None:
+        """One event line per step, as soon as its outcome is known; its end triggers a pass
+        (the next step on that GPU may begin)."""
         status = "ok" if r.ok else "failed"
-        self.log.emit(r.action, f"{status}: {r.message}" + (f" ({cause})" if cause else ""),
-                      worker=r.worker_id, ok=r.ok, outcome=r.outcome, cause=r.cause,
+        self.log.emit(r.kind.value, f"{status}: {r.message}", worker=r.worker_id, ok=r.ok,
+                      outcome=r.outcome.value, cause=r.cause.value if r.cause else None,
                       elapsed_s=round(r.elapsed, 3))
-        if r.ok or r.action not in ("start", "replace"):
-            return
-        self.tracker.start_failed(r.worker_id, self.wall(), r.message, self._specs.get(r.worker_id))
-        held = self.tracker.held(r.worker_id, self.wall())
-        if held:
-            entry = self.tracker.workers[r.worker_id]
-            self._held_logged[r.worker_id] = entry.not_before
-            self.log.emit("backoff", f"next start in {held:.0f}s ({entry.failures} failures in a "
-                          "row)", worker=r.worker_id, seconds=round(held, 1),
-                          failures=entry.failures)
+        if r.outcome.value == "deferred":
+            self.timers.append((self.wall() + RETRY_DEFERRED, "GPU free again?"))
+        else:
+            self.triggers.put(f"{r.kind.value} {status}")
 
-    def _without_held(self, plan: Plan, now: float) -> Plan:
-        """The plan minus starts of workers in crash-loop backoff (reported, not forgotten)."""
-        kept = []
-        for action in plan.actions:
-            if action.worker is not None:  # a new version of a failing worker starts afresh
-                self.tracker.reset_if_changed(action.worker_id, action.worker.spec_hash)
-            held = self.tracker.held(action.worker_id, now) if action.action == START else None
-            if held is None:
-                kept.append(action)
-                continue
-            until = self.tracker.workers[action.worker_id].not_before
-            if self._held_logged.get(action.worker_id) != until:
-                self._held_logged[action.worker_id] = until
-                entry = self.tracker.workers[action.worker_id]
-                self.log.emit("backoff", f"failed {entry.failures} time(s) in a row; next start "
-                              f"in {held:.0f}s (last error: {entry.last_error})",
-                              worker=action.worker_id, seconds=round(held, 1),
-                              failures=entry.failures)
-        return dataclasses.replace(plan, actions=tuple(kept))
+    def _report_steady_state(self, plan: Plan, observed: Observed) -> None:
+        """Holds, waits and loads, each said once (again when it changes)."""
+        reported = self._reported
+        for step in plan.steps:
+            if step.kind == StepKind.HOLD and reported.holds.get(step.worker_id) != step.until:
+                reported.holds[step.worker_id] = step.until or 0.0
+                wait = max(0.0, (step.until or 0.0) - self.wall())
+                self.log.emit("backoff", step.cause, worker=step.worker_id,
+                              seconds=round(wait, 1), until=iso_utc(step.until or 0.0),
+                              failures=step.launch.streak if step.launch else None)
+            elif step.kind == StepKind.WAIT and reported.waits.get(step.worker_id) != step.cause:
+                reported.waits[step.worker_id] = step.cause
+                self.log.emit("waiting", step.cause, worker=step.worker_id)
+        mine = observed.of_garden(plan.garden).workers
+        for worker in mine:
+            if worker.phase.dead and worker.exited_at is not None \
+                    and reported.ended.get(worker.worker_id) != worker.exited_at:
+                reported.ended[worker.worker_id] = worker.exited_at
+                self.log.emit(worker.phase.value, worker.last_error or "its run ended",
+                              worker=worker.worker_id,
+                              cause=worker.cause.value if worker.cause else None,
+                              exit_code=worker.exit_code, ok=False)
+        ready_now = {w.worker_id for w in mine if w.phase == Phase.READY}
+        for worker_id in sorted(reported.loading & ready_now):
+            self.log.emit("ready", "answers /health and /v1/models", worker=worker_id)
+        reported.loading = {s.worker_id for s in plan.steps if s.kind == StepKind.AWAIT}
+        reported.holds = {k: v for k, v in reported.holds.items()
+                          if any(s.worker_id == k and s.kind == StepKind.HOLD for s in plan.steps)}
+        reported.waits = {k: v for k, v in reported.waits.items()
+                          if any(s.worker_id == k and s.kind == StepKind.WAIT for s in plan.steps)}
+
+    def _arm_timers(self, plan: Plan, observed: Observed) -> None:
+        """When the next pass is due without any event: a backoff or start timeout expiring;
+        and which loading workers to check for readiness."""
+        timers = [(s.until, "backoff expired") for s in plan.steps
+                  if s.kind == StepKind.HOLD and s.until is not None]
+        loading: dict[str, float] = {}
+        for step in plan.steps:
+            current = step.previous
+            if step.kind == StepKind.AWAIT and current is not None \
+                    and current.phase == Phase.STARTING and step.worker is not None:
+                deadline = (current.started_at or self.wall()) + step.worker.start_timeout
+                loading[step.worker_id] = deadline
+                timers.append((deadline + 0.1, "start timeout"))
+        self.timers = sorted(timers)
+        self.loading = loading
+        self.prober.watch(plan, observed)
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -383,7 +464,83 @@ class Watcher:
             "last_attempted": None if self.last_attempted is None else {
                 "version": self.last_attempted[0][:12], "at": iso_utc(self.last_attempted[1]),
                 "accepted": self.last_attempted[2], "error": self.last_attempted[3]},
-            "backoff": self.tracker.to_json(now),
+            "backoff": {} if self.last_plan is None else {
+                s.worker_id: {"failures": s.launch.streak if s.launch else None,
+                              "next_start_after": s.until,
+                              "last_error": s.previous.last_error if s.previous else None}
+                for s in self.last_plan.steps if s.kind == StepKind.HOLD},
         }
         path = self.session.state.garden_file(garden, "watch.json")
         write_json_atomic(path, document)
+
+
+class _Prober:
+    """Liveness: every ready worker's /health, every `liveness.period`; `failure_threshold`
+    failures in a row mark it unhealthy and trigger a pass (which restarts it)."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+        self.lock = threading.Lock()
+        self.targets: dict[str, tuple[float, int]] = {}  # worker -> (period, threshold)
+        self.failures: dict[str, int] = {}
+        self.next_probe: dict[str, float] = {}
+
+    def watch(self, plan: Plan, observed: Observed) -> None:
+        """Probe the ready workers of this plan (with their liveness settings)."""
+        targets = {}
+        for step in plan.steps:
+            current, worker = step.previous, step.worker
+            if step.kind == StepKind.KEEP and current is not None and worker is not None \
+                    and current.phase == Phase.READY:
+                targets[step.worker_id] = (worker.liveness.period,
+                                           worker.liveness.failure_threshold)
+        with self.lock:
+            self.targets = targets
+            self.failures = {w: n for w, n in self.failures.items() if w in targets}
+
+    def run(self) -> None:
+        watcher = self.watcher
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe") as pool:
+            while not watcher.stop.wait(watcher.options.tick):
+                runtime = watcher.session.runtime
+                if runtime is None:
+                    continue
+                now = time.monotonic()
+                with self.lock:
+                    due = [w for w in self.targets if self.next_probe.get(w, 0.0) <= now]
+                    for worker_id in due:
+                        self.next_probe[worker_id] = now + self.targets[worker_id][0]
+                busy = watcher.executor.in_flight() if watcher.executor else frozenset()
+                due = [w for w in due if w not in busy]
+                for worker_id, problem in zip(due, pool.map(runtime.probe_health, due),
+                                              strict=True):
+                    self._count(worker_id, problem)
+
+    def _count(self, worker_id: str, problem: str | None) -> None:
+        with self.lock:
+            if worker_id not in self.targets:
+                return
+            threshold = self.targets[worker_id][1]
+            if problem is None:
+                self.failures.pop(worker_id, None)
+                return
+            failures = self.failures.get(worker_id, 0) + 1
+            self.failures[worker_id] = failures
+        watcher = self.watcher
+        if failures < threshold:
+            watcher.log.emit("probe", f"liveness probe failed ({failures}/{threshold}): "
+                             f"{problem}", worker=worker_id)
+            return
+        detail = f"{problem} ({failures} probes in a row)"
+        runtime = watcher.session.runtime
+        if runtime is not None:
+            runtime.mark_unhealthy(worker_id, detail)
+        with self.lock:
+            self.failures.pop(worker_id, None)
+            self.targets.pop(worker_id, None)
+        watcher.log.emit("unhealthy", detail, worker=worker_id)
+        watcher.triggers.put("worker unhealthy")
+
+
+__all__ = ["WatchOptions", "Watcher"]
+

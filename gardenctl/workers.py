@@ -8,7 +8,7 @@ A worker's identity is `garden/model/replica`. Two hashes describe it:
   never their values) and GPUs. Equal spec hash -> keep; different -> replace.
 Priority, replica count, start timeout and pinning (while still satisfied) are in neither.
 
-vLLM facts checked against vLLM 0.32 (shared/VLLM.md): workers get CUDA_VISIBLE_DEVICES in NVML
+vLLM facts checked against vLLM 0.32 (docs/vllm.md): workers get CUDA_VISIBLE_DEVICES in NVML
 order with CUDA_DEVICE_ORDER=PCI_BUS_ID, VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS set explicitly
 (so the CUDA-graph pool is inside the --gpu-memory-utilization budget), never VLLM_PORT, and
 secrets only through the environment (argv is readable by every local user).
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
-from typing import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Collection, Mapping, Sequence
 
 from gardenctl.estimate.types import MemoryEstimate
 from gardenctl.placement.model import Placement, WorkerRequest
@@ -43,6 +43,20 @@ def make_worker_id(garden: str, model: str, replica: int) -> str:
 
 
 @dataclass(frozen=True)
+class Liveness:
+    """How a ready worker is probed (`/health`) and when it counts as dead (kubelet-style)."""
+
+    period: float = 5.0  # seconds between probes under `watch`
+    failure_threshold: int = 3  # failed probes in a row before it is restarted
+    timeout: float = 2.0  # seconds one probe may take
+
+    @classmethod
+    def of(cls, model: ModelSpec) -> Liveness:
+        probe = model.liveness
+        return cls(probe.period, probe.failure_threshold, probe.timeout)
+
+
+@dataclass(frozen=True)
 class DesiredWorker:
     worker_id: str
     garden: str
@@ -62,21 +76,28 @@ class DesiredWorker:
     spec_hash: str
     start_timeout: float
     shutdown_timeout: float
+    liveness: Liveness = field(default_factory=Liveness)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["gpus"] = list(self.gpus)
         data["argv"] = list(self.argv)
-        data["env"] = {k: v for k, v in self.env}
+        data["env"] = dict(self.env)
         return data
 
     @classmethod
-    def from_json(cls, data: Mapping) -> "DesiredWorker":
-        values = dict(data)
-        values["gpus"] = tuple(values["gpus"])
-        values["argv"] = tuple(values["argv"])
-        values["env"] = tuple(sorted(dict(values["env"]).items()))
+    def from_json(cls, data: Mapping[str, Any]) -> DesiredWorker:
+        """The one way back from JSON (records, saved plans); KeyError/TypeError/ValueError
+        when ``data`` is not a worker."""
+        values = {key: data[key] for key in _FIELDS if key in data}
+        values["gpus"] = tuple(int(g) for g in values["gpus"])
+        values["argv"] = tuple(str(a) for a in values["argv"])
+        values["env"] = tuple(sorted((str(k), str(v)) for k, v in dict(values["env"]).items()))
+        values["liveness"] = Liveness(**data["liveness"]) if data.get("liveness") else Liveness()
         return cls(**values)
+
+
+_FIELDS = tuple(name for name in DesiredWorker.__dataclass_fields__ if name != "liveness")
 
 
 def _digest(document: object) -> str:
@@ -232,5 +253,6 @@ def desired_workers(garden: Garden, models: Sequence[ModelSpec], placement: Plac
             spec_hash=spec_hash(argv, env, assignment.node, assignment.gpus),
             start_timeout=model.start_timeout,
             shutdown_timeout=model.shutdown_timeout,
+            liveness=Liveness.of(model),
         ))
     return workers

@@ -1,63 +1,91 @@
-"""The edges of one planning pass: read the file, the hardware, the running workers and the
-models' metadata, then hand values to the pure planner. Commands (plan, apply, watch) call this.
+"""The edges of one planning pass: read the file, the hardware, the running workers, the
+models' metadata and the circumstances (time, environment names, ports, history), then hand
+values to the pure planner. Commands (plan, status, apply, watch) call this.
 """
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from gardenctl.estimate.types import MemoryEstimate
 from gardenctl.inventory.model import Inventory
-from gardenctl.observe import Observed
+from gardenctl.observe import History, Observed
 from gardenctl.plan.model import Plan
+from gardenctl.reconcile import Circumstances
 from gardenctl.spec.loader import LoadedGarden
+from gardenctl.state import StateDir
 
 
 @dataclass(frozen=True)
 class PlanResult:
     loaded: LoadedGarden
     inventory: Inventory
-    observed: Observed
+    observed: Observed  # every garden's workers in the state directory
     estimates: Mapping[str, MemoryEstimate]
     plan: Plan
 
 
-def compute_plan(loaded: LoadedGarden, inventory: Inventory,
-                 observed: Observed) -> PlanResult:
+def compute_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
+                 world: Circumstances | None = None) -> PlanResult:
     """Read the models' metadata (the only I/O left), then plan: a pure function of the rest."""
     from gardenctl.planner import gather_estimates, make_plan
 
     estimates = gather_estimates(loaded.models(), loaded.garden.placement.estimator)
-    plan = make_plan(loaded, inventory, observed, estimates, busy_ports(loaded, inventory, observed))
+    plan = make_plan(loaded, inventory, observed, estimates, world)
     return PlanResult(loaded, inventory, observed, estimates, plan)
 
 
-def busy_ports(loaded: LoadedGarden, inventory: Inventory, observed: Observed) -> set[int]:
-    """Ports other programs listen on here, when the garden runs here (the local runtime on a
-    one-node inventory); the garden's own workers' ports are not counted."""
+def circumstances(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
+                  state: StateDir, *, environ: Mapping[str, str] | None = None,
+                  now: float | None = None) -> Circumstances:
+    """What the plan needs to know of the world besides the file and the workers."""
+    environ = os.environ if environ is None else environ
+    return Circumstances(
+        now=time.time() if now is None else now,
+        env_names=frozenset(environ),
+        busy_ports=busy_ports(loaded, inventory, observed),
+        history=state.read_history(loaded.garden.name) if state.exists else History(),
+    )
+
+
+def busy_ports(loaded: LoadedGarden, inventory: Inventory, observed: Observed) -> dict[int, str]:
+    """Ports other programs listen on here (port -> who), when the garden runs here (the local
+    runtime on a one-node inventory); the garden's own workers' ports are not counted."""
     if loaded.garden.runtime.kind != "local" or len(inventory.nodes) != 1:
-        return set()
+        return {}
     from gardenctl.runtime.processes import listening_ports
 
-    return listening_ports() - set(observed.of_garden(loaded.garden.name).ports().values())
+    ours = set(observed.of_garden(loaded.garden.name).ports().values())
+    return {port: who for port, who in listening_ports().items() if port not in ours}
 
 
 def observe_without_lock(loaded: LoadedGarden, inventory: Inventory,
-                         state_path: str | None) -> Observed:
+                         state: StateDir) -> Observed:
     """What runs now, for read-only commands (plan, status): no lock, nothing changed.
 
     Nothing is observed where no runtime applies here (a fleet of several declared nodes
     planned from a laptop) or where nothing was ever started (no state directory)."""
     from gardenctl.errors import GardenError
     from gardenctl.runtime import open_runtime
-    from gardenctl.state import StateDir
 
-    state = StateDir(state_path)
-    if not (state.root / "gardens").is_dir():
+    if not state.exists:
         return Observed()
     try:
         runtime = open_runtime(loaded.garden, inventory, state, writable=False)
     except GardenError as exc:
         return Observed(notes=(str(exc),))
     return runtime.observe()
+
+
+def plan_read_only(loaded: LoadedGarden, inventory: Inventory, state: StateDir) -> PlanResult:
+    """The plan as `plan` and `status` show it: observed without the lock, changing nothing."""
+    observed = observe_without_lock(loaded, inventory, state)
+    return compute_plan(loaded, inventory, observed,
+                        circumstances(loaded, inventory, observed, state))
+
+
+__all__ = ["PlanResult", "busy_ports", "circumstances", "compute_plan", "observe_without_lock",
+           "plan_read_only"]

@@ -54,17 +54,15 @@ __all__ = ["GiB", "MiB", "estimate", "inventory", "request", "policy"]
 def observed_from(plan, phase: str = "ready"):
     """What would run after applying ``plan``: its workers as the runtime would report them."""
     from gardenctl.observe import Observed, ObservedWorker
+    from gardenctl.vocab import Phase
 
     workers = []
-    for action in plan.actions:
-        w = action.worker
-        if w is None:
+    for step in plan.steps:
+        if step.worker is None or step.conditional:
             continue
-        workers.append(ObservedWorker(
-            worker_id=w.worker_id, garden=w.garden, model=w.model, replica=w.replica,
-            node=w.node, gpus=w.gpus, port=w.port, utilization=w.utilization,
-            claim_bytes=w.claim_bytes, spec_hash=w.spec_hash, sizing_hash=w.sizing_hash,
-            argv=w.argv, phase=phase, pid=1000 + len(workers), env=w.env))
+        workers.append(ObservedWorker(spec=step.worker, phase=Phase(phase),
+                                      pid=1000 + len(workers), started_at=1000.0,
+                                      ready_at=1000.0 if phase == "ready" else None))
     return Observed(tuple(workers), source="test")
 
 
@@ -73,8 +71,9 @@ def garden_text(models: str, *, policy_yaml: str = "", gpus: str = "{name: L4, m
             f"      gpus: [{gpus}]\nmodels:\n{models}").encode()
 
 
-def plan_for(text: bytes, observed=None, budgets: dict | None = None):
-    """make_plan on a garden text, with synthetic estimates (budget GiB per model name)."""
+def plan_for(text: bytes, observed=None, budgets: dict | None = None, world=None):
+    """make_plan on a garden text, with synthetic estimates (budget GiB per model name) and
+    ``world`` (Circumstances: the time, environment names, busy ports, history)."""
     from gardenctl.inventory.declared import inventory_from_spec
     from gardenctl.observe import Observed
     from gardenctl.planner import make_plan
@@ -87,4 +86,4 @@ def plan_for(text: bytes, observed=None, budgets: dict | None = None):
                                   max_model_len=m.max_model_len or 4096)
                  for m in garden.resolved_models()}
     inv = inventory_from_spec(garden.inventory, "declared in garden.yaml")
-    return make_plan(loaded, inv, observed or Observed(), estimates)
+    return make_plan(loaded, inv, observed or Observed(), estimates, world)

@@ -4,7 +4,9 @@ A `Garden` has a unique name, its own state directory (``GARDENCTL_STATE_DIR``),
 Hugging Face cache and a block of free ports (``placement.base_port``). Every gardenctl call is
 ``python -m gardenctl ...`` as a child process, from an argv list, never through a shell, run in
 the garden's folder (so ``garden.yaml`` is the default file). Workers are gardenctl's stand-in
-for ``vllm serve`` (``vllm_command: [standin-vllm]``) on simulated GPUs declared in the file.
+for ``vllm serve`` (``vllm_command: [<this Python>, -m, gardenctl.testing.standin_vllm]``: no
+console script needed, so the tests run from any install) on simulated GPUs declared in the
+file.
 
 `Garden.tear_down()` (called by the fixtures) stops every gardenctl it started in the
 background, runs ``gardenctl down --yes``, then SIGKILLs the process group of anything that still
@@ -33,12 +35,14 @@ from typing import Any, Callable, Iterator
 import psutil
 
 WORKER_ID_ENV = "GARDENCTL_WORKER_ID"  # gardenctl's marker in every worker's environment
+STATE_ENV = "GARDENCTL_STATE"  # and the state directory that owns it
 READY_DELAY = "0.2"  # seconds the stand-in "loads" before it answers /health 200
 # Simulated GPUs small enough that each holds one worker (a claim of the small models used here
 # is about 6 GiB): workers land on different GPUs and so start in parallel, keeping tests quick.
 GPU_MEMORY = "10GiB"
 GPU_COUNT = 6
 COMMAND_TIMEOUT = 90.0
+STANDIN = (sys.executable, "-m", "gardenctl.testing.standin_vllm")  # the stand-in `vllm`
 
 
 def free_port() -> int:
@@ -180,7 +184,7 @@ class Garden:
         """Write garden.yaml: the stand-in on simulated GPUs, ``models`` as given (each a flow
         mapping in JSON syntax, which YAML reads as it is)."""
         env = {"STANDIN_VLLM_READY_DELAY": READY_DELAY, "STANDIN_VLLM_GPU_MEMORY": GPU_MEMORY}
-        settings = {"vllm_command": ["standin-vllm"], "max_model_len": 2048,
+        settings = {"vllm_command": list(STANDIN), "max_model_len": 2048,
                     "shutdown_timeout": "5s", "start_timeout": "60s", **(defaults or {})}
         settings["env"] = {**env, **settings.get("env", {})}
         lines = [f"# {comment}" if comment else "# e2e test garden",
@@ -250,7 +254,7 @@ class Garden:
         for path in sorted(self.records_dir.glob("*.json")):
             record = json.loads(path.read_text())
             if record.get("pid") and alive(record["pid"]):
-                found[record["worker_id"]] = record["pid"]
+                found[record["spec"]["worker_id"]] = record["pid"]
         return found
 
     # -- the state directory ---------------------------------------------------------------
@@ -258,6 +262,11 @@ class Garden:
     @property
     def records_dir(self) -> Path:
         return self.state / "gardens" / self.name / "workers"
+
+    @property
+    def lock_path(self) -> Path:
+        """The garden's writer lock (apply, down and watch of this garden take it)."""
+        return self.state / "gardens" / self.name / "lock"
 
     @property
     def logs_dir(self) -> Path:
@@ -285,7 +294,7 @@ class Garden:
             except (psutil.Error, OSError):
                 continue
             if (env.get(WORKER_ID_ENV, "").startswith(self.name + "/")
-                    and env.get("GARDENCTL_STATE_DIR") == str(self.state)):
+                    and env.get(STATE_ENV) == str(self.state.resolve())):
                 found.append(process)
         return found
 

@@ -75,8 +75,10 @@ def files_under(folder: Path) -> list[str]:
 
 
 @pytest.fixture
-def repo_garden(workdir: Path) -> str:
+def repo_garden(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The repository's example garden; its workers get HF_TOKEN=${HF_TOKEN}, set here."""
     shutil.copy(REPO / "garden.yaml", workdir / "garden.yaml")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     return "garden.yaml"
 
 
@@ -90,7 +92,8 @@ def test_plan_text_shows_each_action_with_its_cause_and_every_gpu_before_and_aft
     workers = ["research-lab/llama-8b/0", "research-lab/qwen-7b/0",
                "research-lab/qwen-small/0", "research-lab/qwen-small/1"]
     for worker in workers:
-        (index,) = [i for i, line in enumerate(lines) if line.split()[:3] == ["+", "start", worker]]
+        (index,) = [i for i, line in enumerate(lines)
+                    if line.split()[1:4] == ["+", "start", worker]]
         assert "workstation GPU" in lines[index] and "claims" in lines[index]
         model = worker.split("/")[1]
         assert lines[index + 1].strip() == f"model {model} added to the garden"
@@ -99,7 +102,7 @@ def test_plan_text_shows_each_action_with_its_cause_and_every_gpu_before_and_aft
         assert lines[index + 1].strip().startswith("before [")
         assert lines[index + 2].strip().startswith("after  [")
         assert "claimed" in lines[index + 2] and "free" in lines[index + 2]
-    assert lines[-1] == "Plan: 4 to start, 0 to replace, 0 to stop, 0 unchanged."
+    assert lines[-1] == "Plan: 4 to start, 0 to replace, 0 to restart, 0 to stop, 0 unchanged."
 
 
 def test_plan_json_has_the_contract_fields_and_consistent_gpu_ledgers(gardenctl, repo_garden):
@@ -107,7 +110,7 @@ def test_plan_json_has_the_contract_fields_and_consistent_gpu_ledgers(gardenctl,
     document = json.loads(result.out)
 
     assert result.code == 0, result.err
-    assert document["format_version"] == 1
+    assert document["format_version"] == 2
     assert {a["action"] for a in document["actions"]} == {"start"}
     for action in document["actions"]:
         assert set(action) >= ACTION_KEYS
@@ -273,3 +276,20 @@ def test_plan_without_gpus_or_declared_inventory_says_what_to_do(gardenctl, work
     assert (result.code, result.out) == (1, "")
     assert "NVML: Driver Not Loaded" in result.err and "--inventory FILE" in result.err
     assert os.listdir(workdir) == ["garden.yaml"]
+
+
+def test_plan_warns_that_a_secret_is_not_set_and_apply_would_not_start_the_worker(
+        gardenctl, repo_garden, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+
+    result = gardenctl("plan")
+
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    waiting = [i for i, line in enumerate(lines) if line.split()[1:3] == ["!", "wait"]]
+    assert len(waiting) == 4  # every model gets HF_TOKEN from the defaults
+    for index in waiting:
+        assert "environment variable HF_TOKEN not set" in lines[index + 1]
+    assert "4 waiting (see Warnings)" in lines[-1]
+    warnings = lines[lines.index("Warnings:"):]
+    assert sum("HF_TOKEN not set" in line for line in warnings) == 4

@@ -104,7 +104,7 @@ def test_edit_restarts_only_the_workers_it_changes(steady, edit):
             assert worker_id in after and after[worker_id] != before.get(worker_id)
             assert phases[worker_id] == "ready"
     if edit == "max_model_len":
-        port = steady.record(f"{steady.name}/a/0")["port"]
+        port = steady.record(f"{steady.name}/a/0")["spec"]["port"]
         assert http_get(port, "/v1/models")[1]["data"][0]["max_model_len"] == 4096
 
 
@@ -137,8 +137,10 @@ def test_down_stops_every_worker_and_removes_their_records(garden):
     assert not any(alive(pid) for pid in pids.values())
     assert garden.processes() == []
     assert list(garden.records_dir.glob("*.json")) == []
-    status = garden.status()
-    assert status["workers"] == [] and status["in_sync"] is False
+    status = garden.status()  # still wanted by the file: shown as not running, and why
+    assert status["in_sync"] is False
+    assert {w["phase"] for w in status["workers"]} == {"pending"}
+    assert all("gardenctl down" in w["next_cause"] for w in status["workers"])
 
 
 def test_apply_refuses_without_yes_when_stdin_is_not_a_terminal(garden):

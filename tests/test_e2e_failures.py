@@ -52,8 +52,8 @@ def test_killed_worker_is_shown_crashed_then_planned_and_started_again(garden):
     assert row["phase"] == "crashed" and row["last_error"] and row["pid"] == pids[a]
     plan = garden.run("plan")
     assert plan.code == 0, str(plan)
-    assert re.search(rf"\+ start +{re.escape(a)} .*\n.*starting it again", plan.out), plan.out
-    assert "1 to start, 0 to replace, 0 to stop, 1 unchanged" in plan.out
+    assert re.search(rf"\^ restart +{re.escape(a)} .*\n.*starting it again", plan.out), plan.out
+    assert "0 to start, 0 to replace, 1 to restart, 0 to stop, 1 unchanged" in plan.out
 
     run = garden.apply()
 
@@ -61,6 +61,7 @@ def test_killed_worker_is_shown_crashed_then_planned_and_started_again(garden):
     rows = garden.workers()
     assert (rows[a]["phase"], rows[a]["restarts"]) == ("ready", 1)
     assert rows[a]["pid"] != pids[a] and served_names(rows[a]["port"]) == {"a"}
+    assert rows[a]["last_error"]  # why its previous run ended, until this one ends
     assert (rows[b]["pid"], rows[b]["restarts"]) == (pids[b], 0)
 
 
@@ -127,11 +128,11 @@ def test_gardenctl_killed_mid_apply_leaves_the_worker_loading_and_the_next_apply
 
     assert alive(record["pid"])  # the worker is in its own session: it keeps loading
     assert garden.record(worker_id)["pid"] == record["pid"]
-    assert lock_is_free(garden.state / "lock")  # the kernel released the dead holder's flock
+    assert lock_is_free(garden.lock_path)  # the kernel released the dead holder's flock
     run = garden.apply()
     assert run.code == 0, str(run)
-    assert "still loading" in run.out and "ok   keep" in run.out  # it waited for the worker
-    assert served_names(record["port"]) == {"slow"}
+    assert "still loading" in run.out and "ok   await" in run.out  # it waited for the worker
+    assert served_names(record["spec"]["port"]) == {"slow"}
     assert garden.group_leaders() == {worker_id: {record["pid"]}}  # no duplicate, no orphan
     assert garden.pids() == {worker_id: record["pid"]}
     status = garden.status()
@@ -141,7 +142,7 @@ def test_gardenctl_killed_mid_apply_leaves_the_worker_loading_and_the_next_apply
 
 def test_second_apply_fails_fast_and_names_the_lock_holder(garden):
     first, _ = start_slow_apply(garden, delay=2.5)  # ample time for the second one to fail
-    assert not lock_is_free(garden.state / "lock")
+    assert not lock_is_free(garden.lock_path)
 
     second = garden.apply()
 
@@ -160,7 +161,7 @@ def test_worker_found_by_its_marker_without_a_record_is_adopted_not_duplicated(g
     garden.applied([model("a")])
     worker_id = garden.worker_id("a")
     pid = garden.pids()[worker_id]
-    port = garden.record(worker_id)["port"]
+    port = garden.record(worker_id)["spec"]["port"]
     garden.record_path(worker_id).unlink()
 
     plan = garden.run("plan")
@@ -203,24 +204,27 @@ def test_worker_failing_to_start_is_reported_with_its_cause(garden, mode, cause,
         assert result["suggested_max_model_len"] is None
     assert report["ok"] is False
     assert garden.processes() == []
-    row = garden.workers()[garden.worker_id("a")]
-    assert row["phase"] == "crashed" and row["last_error"]
+    row = garden.workers()[garden.worker_id("a")]  # a run that never got ready: failed
+    assert row["phase"] == "failed" and row["last_error"] and row["cause"] == cause
 
 
-def test_port_taken_by_a_foreign_process_is_refused_before_spawning(garden):
+def test_port_taken_by_a_foreign_process_is_shown_by_plan_and_nothing_is_spawned(garden):
     port = free_port()
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", port))
         listener.listen()
         garden.write([model("a", port=port)])
 
+        plan = garden.run("plan")
         run, report = garden.apply_json()
 
+    assert plan.code == 0, str(plan)
+    assert re.search(rf"! wait +{re.escape(garden.worker_id('a'))} ", plan.out), plan.out
+    assert f"port {port} is in use by pid {os.getpid()}" in plan.out  # and among the warnings
     assert run.code == 1, str(run)
     (result,) = report["results"]
-    assert (result["outcome"], result["cause"]) == ("spawn_failed", "port_in_use")
+    assert (result["ok"], result["outcome"]) == (False, "held")
     assert f"port {port}" in result["message"] and f"pid {os.getpid()}" in result["message"]
-    assert result["elapsed_s"] < 1.0
     assert garden.processes() == []
     assert not (garden.logs_dir / "a.0.log").exists()  # nothing was spawned
 
@@ -236,7 +240,8 @@ def test_worker_never_ready_is_stopped_after_its_start_timeout(garden):
     assert "start timeout of 1s" in result["message"] and "stopped it" in result["message"]
     assert 1.0 <= result["elapsed_s"] < 5.0
     assert garden.processes() == []
-    assert garden.record(garden.worker_id("a")) is None
+    row = garden.workers()[garden.worker_id("a")]  # still shown, with why it failed
+    assert (row["phase"], row["cause"]) == ("failed", "start_timeout")
 
 
 # -- workers that resist being stopped -----------------------------------------------------

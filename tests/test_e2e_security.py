@@ -51,7 +51,7 @@ def test_hostile_model_name_and_args_never_reach_a_shell(garden):
     assert argv[argv.index("serve") + 1] == HOSTILE_MODEL  # one argument, exactly as written
     assert argv[argv.index("--tokenizer") + 1] == HOSTILE_VALUE
     assert argv[argv.index("--revision") + 1] == HOSTILE_REVISION
-    port = garden.record(garden.worker_id("evil"))["port"]
+    port = garden.record(garden.worker_id("evil"))["spec"]["port"]
     assert served_names(port) == {HOSTILE_SERVED_NAME}
 
 
@@ -125,7 +125,7 @@ def test_state_directories_never_see_each_others_workers(tmp_path):
         plan = two.run("plan")
         down = two.run("down", "--yes")
 
-        assert status["workers"] == []
+        assert [(w["phase"], w["pid"]) for w in status["workers"]] == [("pending", None)]
         assert "1 to start" in plan.out and "adopting" not in plan.out, plan.out
         assert down.code == 0 and "no workers to stop" in down.out, str(down)
         assert alive(pid) and one.pids() == {worker_id: pid}

@@ -40,13 +40,11 @@ def garden(tmp_path):
 # -- helpers -----------------------------------------------------------------------------------
 
 def start_watch(garden: WatchedGarden, models: list[dict], *args: str) -> Watch:
-    """Save ``models``, start watching and wait until every one of them was started."""
+    """Save ``models``, start watching and wait until every one of them is ready."""
     garden.save(models)
     watch = garden.watch(*args)
     for entry in models:
-        worker_id = garden.worker_id(entry["name"])
-        event = watch.wait_event("start", worker_id, timeout=STARTUP)
-        assert event.data["ok"], watch.describe()
+        watch.wait_event("ready", garden.worker_id(entry["name"]), timeout=STARTUP)
     return watch
 
 
@@ -250,7 +248,7 @@ def test_dead_worker_restarts_and_a_crash_loop_backs_off_without_starving_others
     mark = watch.mark()
     os.killpg(old, signal.SIGKILL)
     watch.wait_event("exited", since=mark, timeout=REACTION)
-    watch.wait_for("alpha restarted", ok_event("start", alpha), since=mark, timeout=REACTION)
+    watch.wait_for("alpha restarted", ok_event("restart", alpha), since=mark, timeout=REACTION)
     new = garden.worker_pids()[alpha]
     assert new != old
 
@@ -259,8 +257,8 @@ def test_dead_worker_restarts_and_a_crash_loop_backs_off_without_starving_others
     mark = watch.mark()
     garden.save([model("alpha"), crashing])
     watch.wait_for("crasher started", ok_event("start", crasher), since=mark, timeout=REACTION)
-    first_crash = watch.wait_event("exited", since=mark, timeout=REACTION,
-                                   where=lambda e: crasher in e.data["message"])
+    first_crash = watch.wait_event("crashed", crasher, since=mark, timeout=REACTION)
+    assert first_crash.data["cause"] == "engine_dead"
     restart = watch.wait_event("starting", crasher, since=watch.index(first_crash),
                                timeout=REACTION)
     assert restart.at - first_crash.at < 3.0  # the first restart is immediate
@@ -305,12 +303,17 @@ def test_worker_failing_at_start_is_retried_at_once_then_backed_off(garden):
     watch = start_watch(garden, [model("alpha")])
     mark = watch.mark()
     garden.save([model("alpha"), model("oomer", env={"STANDIN_VLLM_FAIL": "oom"})])
-    failed = watch.wait_event("start", oomer, since=mark, timeout=REACTION)
+    failed = watch.wait_event("failed", oomer, since=mark, timeout=REACTION)
     assert failed.data["ok"] is False and failed.data["cause"] == "out_of_memory"
+    assert "CUDA out of memory" in failed.data["message"]
     retried = watch.wait_event("starting", oomer, since=watch.index(failed), timeout=4.0)
     assert retried.at - failed.at < 3.0
     backoff = watch.wait_event("backoff", oomer, since=mark, timeout=REACTION)
-    assert 8.0 <= backoff.data["seconds"] <= 10.0
+    assert 8.0 <= backoff.data["seconds"] <= 10.0 and backoff.data["failures"] == 2
+    status = garden.status()  # between attempts the failing worker is still shown
+    row = {w["worker"]: w for w in status["workers"]}[oomer]
+    assert (row["phase"], row["cause"], row["next_step"]) == ("failed", "out_of_memory", "hold")
+    assert row["backoff"]["failures"] == 2 and row["backoff"]["next_start_after"] > time.time()
     stop_watch_leaving_workers(garden, watch)
 
 
@@ -322,7 +325,7 @@ def test_killed_main_process_is_restarted_without_leaving_its_engine_behind(gard
     mark = watch.mark()
     os.kill(main, signal.SIGKILL)  # `kill -9 PID`: vLLM's EngineCore outlives its parent
     try:
-        watch.wait_for("alpha restarted", ok_event("start", alpha), since=mark,
+        watch.wait_for("alpha restarted", ok_event("restart", alpha), since=mark,
                        timeout=REACTION)
         new = garden.worker_pids()[alpha]
         assert {os.getpgid(p.pid) for p in garden.processes()} == {new}
@@ -345,8 +348,7 @@ def test_edit_during_a_neighbours_load_keeps_the_edited_worker_serving(garden):
     garden.save([model("alpha", max_model_len=4096, **on_gpu0), loading])
 
     def slow_is_ready() -> bool:
-        return any(e.worker == slow and e.data.get("outcome") == "ready"
-                   for e in watch.since(mark))
+        return any(e.worker == slow and e.name == "ready" for e in watch.since(mark))
 
     deadline = time.monotonic() + REACTION
     while not slow_is_ready() and time.monotonic() < deadline:

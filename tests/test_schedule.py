@@ -1,77 +1,91 @@
-"""The apply schedule: vLLM's rules about what may happen at once on a shared GPU."""
+"""The executor's schedule: which steps may begin, from what each waits for."""
 
 from __future__ import annotations
 
-from gardenctl.execute.schedule import AWAIT, START, STOP, Scheduler, Step
+from gardenctl.execute.schedule import Schedule
+from gardenctl.plan.model import Needs, Step, When
+from gardenctl.vocab import StepKind
 
 
-def step(kind, worker, *gpus, after=None):
-    return Step(kind, worker, frozenset(("n", g) for g in gpus), after=after)
+def step(kind: StepKind, worker: str, *after: Needs) -> Step:
+    return Step(kind, f"g/{worker}/0", worker, "test", after=after)
 
 
-def names(steps):
-    return [s.key for s in steps]
+def ids(steps):
+    return [s.id for s in steps]
 
 
-def test_two_starts_on_one_gpu_run_one_after_the_other():
-    a, b = step(START, "a", 0), step(START, "b", 0)
-    scheduler = Scheduler([a, b])
-    assert names(scheduler.next_runnable()) == ["start:a"]
-    assert scheduler.next_runnable() == []
-    scheduler.finished(a, True)
-    assert names(scheduler.next_runnable()) == ["start:b"]
+def test_steps_that_wait_for_nothing_begin_together():
+    schedule = Schedule.of([step(StepKind.START, "a"), step(StepKind.START, "b")])
+    assert ids(schedule.runnable()) == ["start:g/a/0", "start:g/b/0"]
+    assert schedule.runnable() == []
 
 
-def test_different_gpus_run_in_parallel():
-    scheduler = Scheduler([step(START, "a", 0), step(START, "b", 1), step(START, "c", 2)])
-    assert names(scheduler.next_runnable()) == ["start:a", "start:b", "start:c"]
+def test_a_step_begins_once_what_it_needs_is_done():
+    first = step(StepKind.STOP, "a")
+    then = step(StepKind.START, "b", Needs(first.id, When.DONE))
+    schedule = Schedule.of([first, then])
+    assert ids(schedule.runnable()) == [first.id]
+    schedule.finished(first, ok=True)
+    assert ids(schedule.runnable()) == [then.id]
 
 
-def test_stops_overlap_each_other_but_starts_wait_for_them():
-    s1, s2, go = step(STOP, "x", 0), step(STOP, "y", 0), step(START, "z", 0)
-    scheduler = Scheduler([s1, s2, go])
-    assert names(scheduler.next_runnable()) == ["stop:x", "stop:y"]
-    scheduler.finished(s1, True)
-    assert scheduler.next_runnable() == []
-    scheduler.finished(s2, True)
-    assert names(scheduler.next_runnable()) == ["start:z"]
+def test_a_step_whose_need_failed_is_dropped_as_skipped_and_so_is_what_needs_it():
+    first = step(StepKind.STOP, "a")
+    then = step(StepKind.START, "b", Needs(first.id, When.DONE))
+    after = step(StepKind.START, "c", Needs(then.id, When.DONE))
+    schedule = Schedule.of([first, then, after])
+    schedule.runnable()
+    schedule.finished(first, ok=False)
+    dropped = schedule.drop_unreachable()
+    assert [(d.step.id, d.skipped) for d in dropped] == [(then.id, True), (after.id, True)]
+    assert schedule.done
 
 
-def test_nothing_stops_on_a_gpu_where_a_worker_is_still_loading():
-    loading, stop, other = step(AWAIT, "l", 0), step(STOP, "x", 0), step(STOP, "y", 1)
-    scheduler = Scheduler([loading, stop, other])
-    assert names(scheduler.next_runnable()) == ["await:l", "stop:y"]
-    scheduler.finished(loading, True)
-    assert names(scheduler.next_runnable()) == ["stop:x"]
+def test_a_step_that_only_needs_the_gpu_free_goes_on_after_a_failure():
+    first = step(StepKind.START, "a")
+    then = step(StepKind.START, "b", Needs(first.id, When.FINISHED))
+    schedule = Schedule.of([first, then])
+    schedule.runnable()
+    schedule.finished(first, ok=False)
+    assert schedule.drop_unreachable() == []
+    assert ids(schedule.runnable()) == [then.id]
 
 
-def test_a_replace_starts_after_its_stop_even_on_other_gpus():
-    old = step(STOP, "r", 0)
-    new = step(START, "r", 1, after="stop:r")
-    scheduler = Scheduler([old, new])
-    assert names(scheduler.next_runnable()) == ["stop:r"]
-    scheduler.finished(old, True)
-    assert names(scheduler.next_runnable()) == ["start:r"]
+def test_a_rollback_runs_only_if_its_replacement_failed():
+    for replaced_ok in (True, False):
+        replace = step(StepKind.REPLACE, "m")
+        rollback = step(StepKind.ROLLBACK, "m", Needs(replace.id, When.FAILED))
+        schedule = Schedule.of([replace, rollback])
+        assert ids(schedule.runnable()) == [replace.id]
+        schedule.finished(replace, ok=replaced_ok)
+        dropped = schedule.drop_unreachable()
+        if replaced_ok:
+            assert [(d.step.id, d.skipped) for d in dropped] == [(rollback.id, False)]
+        else:
+            assert ids(schedule.runnable()) == [rollback.id]
 
 
-def test_a_replace_whose_stop_failed_never_starts():
-    old = step(STOP, "r", 0)
-    new = step(START, "r", 0, after="stop:r")
-    scheduler = Scheduler([old, new])
-    scheduler.next_runnable()
-    scheduler.finished(old, False)
-    assert names(scheduler.orphaned()) == ["start:r"]
-    assert scheduler.pending == [] and scheduler.idle
+def test_a_rollback_of_a_replacement_that_never_ran_is_not_run():
+    gate = step(StepKind.REPLACE, "first")
+    replace = step(StepKind.REPLACE, "m", Needs(gate.id, When.DONE))
+    rollback = step(StepKind.ROLLBACK, "m", Needs(replace.id, When.FAILED))
+    later = step(StepKind.START, "x", Needs(replace.id, When.FINISHED),
+                 Needs(rollback.id, When.FINISHED))
+    schedule = Schedule.of([gate, replace, rollback, later])
+    schedule.runnable()
+    schedule.finished(gate, ok=False)
+    dropped = {d.step.id: d.skipped for d in schedule.drop_unreachable()}
+    assert dropped == {replace.id: True, rollback.id: False}
+    assert ids(schedule.runnable()) == [later.id]  # the GPU is free: it may go on
 
 
-def test_a_later_step_never_overtakes_a_waiting_one_on_the_same_gpu():
-    # a TP stop on GPUs 0+1 waits for a load on GPU 0; a start on GPU 1 must not slip in first
-    loading = step(AWAIT, "l", 0)
-    tp_stop = step(STOP, "tp", 0, 1)
-    start = step(START, "s", 1)
-    scheduler = Scheduler([loading, tp_stop, start])
-    assert names(scheduler.next_runnable()) == ["await:l"]
-    scheduler.finished(loading, True)
-    assert names(scheduler.next_runnable()) == ["stop:tp"]
-    scheduler.finished(tp_stop, True)
-    assert names(scheduler.next_runnable()) == ["start:s"]
+def test_steps_that_only_report_are_not_scheduled():
+    schedule = Schedule.of([step(StepKind.HOLD, "a"), step(StepKind.WAIT, "b"),
+                            step(StepKind.KEEP, "c")])
+    assert schedule.done and schedule.runnable() == []
+
+
+def test_a_need_outside_the_plan_counts_as_met():
+    lonely = step(StepKind.START, "a", Needs("stop:g/gone/0", When.DONE))
+    assert ids(Schedule.of([lonely]).runnable()) == [lonely.id]

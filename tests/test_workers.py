@@ -28,7 +28,7 @@ EVERYTHING = """\
 
 def full_worker():
     plan = plan_for(garden_text(EVERYTHING))
-    return plan.actions[0].worker
+    return plan.steps[0].worker
 
 
 def test_every_flag_gardenctl_emits_is_accepted_by_vllm_0_32():
@@ -65,7 +65,7 @@ def test_environment_pins_gpus_in_nvml_order():
 
 def test_hostile_model_name_stays_one_argv_word():
     text = garden_text("  - {name: x, model: 'org/m; rm -rf / $(id)', max_model_len: 1024}\n")
-    worker = plan_for(text).actions[0].worker
+    worker = plan_for(text).steps[0].worker
     assert worker.argv[2] == "org/m; rm -rf / $(id)"
 
 
@@ -73,7 +73,7 @@ def test_spec_hash_is_stable_and_changes_with_argv():
     one, two = full_worker(), full_worker()
     assert one.spec_hash == two.spec_hash
     other = plan_for(garden_text(EVERYTHING.replace("max_num_seqs: 32", "max_num_seqs: 64")))
-    assert other.actions[0].worker.spec_hash != one.spec_hash
+    assert other.steps[0].worker.spec_hash != one.spec_hash
 
 
 def test_relative_model_path_is_anchored_at_the_garden_file(tmp_path):
@@ -90,6 +90,7 @@ def test_assigned_ports_skip_ports_other_programs_listen_on():
 
     from gardenctl.inventory.declared import inventory_from_spec
     from gardenctl.planner import make_plan
+    from gardenctl.reconcile import Circumstances
     from gardenctl.spec import parse_garden
 
     text = garden_text("  - {name: a, model: org/a, max_model_len: 1024}\n"
@@ -98,7 +99,8 @@ def test_assigned_ports_skip_ports_other_programs_listen_on():
     inv = inventory_from_spec(loaded.garden.inventory, "declared")
     estimates = {m.name: estimate(4) for m in loaded.garden.resolved_models()}
     running = observed_from(plan_for(text.replace(b"name: b", b"name: zz")))  # a on 8001
-    plan = make_plan(loaded, inv, running, estimates, busy_ports={8001, 8002, 8003})
-    ports = {a.worker_id: a.port for a in plan.actions}
+    busy = {8001: "pid 1", 8002: "pid 2", 8003: "pid 3"}
+    plan = make_plan(loaded, inv, running, estimates, Circumstances(busy_ports=busy))
+    ports = {a.worker_id: a.port for a in plan.steps}
     assert ports["lab/a/0"] == 8001  # a running worker keeps the port it listens on
     assert ports["lab/b/0"] == 8004  # a new one skips ports other programs use

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import psutil
-from e2e_helpers import free_port_block
+from e2e_helpers import STANDIN, free_port_block
 
 GARDENCTL = (sys.executable, "-m", "gardenctl")
 STATE_ENV = "GARDENCTL_STATE"  # the state directory that owns a worker (in its environment)
@@ -78,7 +78,7 @@ def render_garden(name: str, models: Iterable[dict], base_port: int, *,
                   gpus: int = GPU_COUNT) -> str:
     """A garden file: the stand-in on ``gpus`` simulated GPUs of one node, one model per line
     (a JSON object is a YAML flow mapping), so model i (0-based) is on line MODELS_LINE + i."""
-    defaults = {"vllm_command": ["standin-vllm"], "max_model_len": 2048,
+    defaults = {"vllm_command": list(STANDIN), "max_model_len": 2048,
                 "shutdown_timeout": "5s", "start_timeout": "60s",
                 "env": {"STANDIN_VLLM_READY_DELAY": READY_DELAY,
                         "STANDIN_VLLM_GPU_MEMORY": GPU_MEMORY}}

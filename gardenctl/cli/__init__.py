@@ -5,7 +5,8 @@ Each command lives in its own module, imported only when that command runs, so t
 huggingface_hub, vLLM or Ray.
 
 Exit codes: 0 ok / nothing to change; 1 error (bad file, unplaceable model, failed apply,
-usage error); 2 only from `plan --detailed-exitcode` when changes are pending.
+usage error); 2 only from `plan --detailed-exitcode` when changes are pending; 130 when
+interrupted (Ctrl-C, or SIGINT during apply: workers already spawned keep loading).
 """
 
 from __future__ import annotations
@@ -67,40 +68,76 @@ def cli() -> None:
     """Keep a garden of vLLM workers in the state that garden.yaml declares."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI and map every outcome to an exit code."""
-    from gardenctl.errors import GardenError
+ERROR_FORMAT_VERSION = 1
 
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and map every outcome to an exit code. With `-o json`, a
+    failure also prints a JSON error document on stdout (the message goes to stderr too)."""
+    from gardenctl.errors import GardenError, SpecError
+
+    args = sys.argv[1:] if argv is None else argv
+    json_output = _wants_json(args)
     try:
-        rc = cli.main(args=argv, prog_name="gardenctl", standalone_mode=False)
+        rc = cli.main(args=args, prog_name="gardenctl", standalone_mode=False)
     except click.exceptions.Exit as exc:
         rc = exc.exit_code
     except click.Abort:
-        click.echo("Aborted.", err=True)
-        rc = EXIT_ERROR
+        rc = _fail(json_output, "aborted", "Aborted.", EXIT_ERROR)
     except click.ClickException as exc:  # usage errors: exit 1, never 2 (see --detailed-exitcode)
+        if json_output:
+            _print_error_document("usage_error", exc.format_message(), EXIT_ERROR)
         exc.show()
         rc = EXIT_ERROR
+    except SpecError as exc:
+        rc = _fail(json_output, "invalid_file", f"gardenctl: {exc}", exc.exit_code,
+                   issues=[i.to_json() for i in exc.issues])
     except GardenError as exc:
-        click.echo(f"gardenctl: {exc}", err=True)
-        rc = exc.exit_code
+        rc = _fail(json_output, _kind(exc), f"gardenctl: {exc}", exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        rc = EXIT_INTERRUPTED
+        rc = _fail(json_output, "interrupted", "Interrupted.", EXIT_INTERRUPTED)
     except BrokenPipeError:
         rc = EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - the one place that tells bugs apart
-        rc = _report_bug(exc)
+        rc = _report_bug(exc, json_output)
     sys.exit(rc if isinstance(rc, int) else EXIT_OK)
 
 
-def _report_bug(exc: BaseException) -> int:
+def _wants_json(args: list[str]) -> bool:
+    """Did the command line ask for `-o json` (in any spelling click accepts)?"""
+    for i, word in enumerate(args):
+        if word in ("-o", "--output") and i + 1 < len(args) and args[i + 1] == "json":
+            return True
+        if word in ("-ojson", "--output=json"):
+            return True
+    return False
+
+
+def _kind(exc: Exception) -> str:
+    """A stable name for an error class: LockHeldError -> lock_held."""
+    name = type(exc).__name__.removesuffix("Error") or "Garden"
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+def _fail(json_output: bool, kind: str, message: str, code: int, **extra: object) -> int:
+    if json_output:
+        _print_error_document(kind, message.removeprefix("gardenctl: "), code, **extra)
+    click.echo(message, err=True)
+    return code
+
+
+def _print_error_document(kind: str, message: str, code: int, **extra: object) -> None:
+    import json
+
+    document = {"format_version": ERROR_FORMAT_VERSION, "ok": False,
+                "error": {"kind": kind, "message": message, "exit_code": code, **extra}}
+    click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+def _report_bug(exc: BaseException, json_output: bool = False) -> int:
     fd, path = tempfile.mkstemp(prefix="gardenctl-crash-", suffix=".txt")
     with os.fdopen(fd, "w") as handle:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=handle)
-    click.echo(
-        f"gardenctl: internal error ({type(exc).__name__}: {exc}). This is a bug in gardenctl; "
-        f"the traceback is in {path}. Please report it with that file.",
-        err=True,
-    )
-    return EXIT_ERROR
+    message = (f"gardenctl: internal error ({type(exc).__name__}: {exc}). This is a bug in "
+               f"gardenctl; the traceback is in {path}. Please report it with that file.")
+    return _fail(json_output, "internal_error", message, EXIT_ERROR, traceback_file=path)

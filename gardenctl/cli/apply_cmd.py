@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from typing import Any
 
 import click
 
 from gardenctl.cli import EXIT_ERROR, EXIT_INTERRUPTED
 from gardenctl.cli.options import echo_json, garden_file, inventory_file, output_format, state_dir
 
-APPLY_FORMAT_VERSION = 1
+APPLY_FORMAT_VERSION = 2
+_MARKS = {"held": "HELD", "skipped": "SKIP"}
 
 
 @click.command()
@@ -21,21 +24,25 @@ APPLY_FORMAT_VERSION = 1
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def apply(plan_file: str | None, garden_path: str, inventory_path: str | None,
           state_path: str | None, output: str, yes: bool) -> None:
-    """Start, replace and stop workers until they match the garden file.
+    """Start, replace and stop workers until they match the garden file, and wait until the
+    workers it started are ready (or say why not).
 
-    With PLAN_FILE (from `plan --out`), execute exactly that plan, refusing it if the garden
-    file, the inventory or the running workers changed since it was made.
+    With PLAN_FILE (from `plan --out`), run it only if the garden file, the GPUs and the
+    running workers still give exactly that plan; otherwise nothing is changed.
     """
     from gardenctl.cli.session import apply_plan, open_session
 
     with open_session(state_path, "gardenctl apply") as session:
-        result = session.plan(garden_path, inventory_path, plan_file)
+        path = _garden_of(plan_file) if plan_file else garden_path
+        result = session.plan(path, inventory_path)
+        if plan_file:
+            session.check_saved(plan_file, result)
         plan = result.plan
         if output == "text":
             from gardenctl.plan.render import render_plan
 
             click.echo(render_plan(plan))
-        if not plan.has_work:
+        if not plan.has_work and not plan.blocked:
             if output == "json":
                 echo_json(_document(plan, None))
             _exit_for(plan, None)
@@ -53,7 +60,24 @@ def apply(plan_file: str | None, garden_path: str, inventory_path: str | None,
         _exit_for(plan, report)
 
 
-def _document(plan, report) -> dict:
+def _garden_of(plan_file: str) -> str:
+    """The garden file a saved plan was made from."""
+    from gardenctl.errors import GardenError
+
+    try:
+        with open(plan_file, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except FileNotFoundError:
+        raise GardenError(f"{plan_file}: no such plan file") from None
+    except (OSError, ValueError) as exc:
+        raise GardenError(f"{plan_file}: not a JSON plan ({exc})") from None
+    path = document.get("garden_file") if isinstance(document, dict) else None
+    if not isinstance(path, str):
+        raise GardenError(f"{plan_file} is not a gardenctl plan (made by `gardenctl plan --out`)")
+    return path
+
+
+def _document(plan: Any, report: Any) -> dict[str, Any]:
     from gardenctl.plan.document import plan_to_json
 
     return {
@@ -65,28 +89,31 @@ def _document(plan, report) -> dict:
     }
 
 
-def _print_report(report) -> None:
+def _print_report(report: Any) -> None:
+    from gardenctl.text import shown
+
     for result in report.results:
-        mark = "ok  " if result.ok else "FAIL"
-        click.echo(f"  {mark} {result.action:<8} {result.worker_id}: {result.message}")
+        mark = "ok  " if result.ok else _MARKS.get(result.outcome.value, "FAIL")
+        click.echo(f"  {mark} {result.action:<14} {shown(result.worker_id)}: "
+                   f"{shown(result.message)}")
         if not result.ok:
             if result.hint:
-                click.echo(f"         hint: {result.hint}")
+                click.echo(f"         hint: {shown(result.hint)}")
             if result.log_tail:
                 click.echo("         last log lines:")
                 for line in result.log_tail.splitlines()[-8:]:
-                    click.echo(f"           | {line}")
+                    click.echo(f"           | {shown(line)}")
     failed = len(report.failed())
     if report.interrupted:
         click.echo("Interrupted: workers already spawned keep loading; run apply again to "
                    "converge.", err=True)
     elif failed:
-        click.echo(f"Apply finished with {failed} failure(s).", err=True)
+        click.echo(f"Apply finished with {failed} step(s) not done.", err=True)
     else:
         click.echo("Apply complete.")
 
 
-def _exit_for(plan, report) -> None:
+def _exit_for(plan: Any, report: Any) -> None:
     if report is not None and report.interrupted:
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
     if report is not None and not report.ok:

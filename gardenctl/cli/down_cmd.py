@@ -25,32 +25,35 @@ def down(garden_path: str, state_path: str | None, garden_name: str | None, outp
     and remove their records. Takes the state lock."""
     from gardenctl.down import stop_garden, workers_of
     from gardenctl.session import open_session
+    from gardenctl.text import shown
 
     name = garden_name or _garden_name(garden_path)
     with open_session(state_path, "gardenctl down") as session:
+        session.lock(name)
         targets = workers_of(session.state, name)
         if not targets:
             if output == "json":
                 echo_json({"format_version": DOWN_FORMAT_VERSION, "garden": name, "results": []})
             else:
-                click.echo(f"Garden {name}: no workers to stop.")
+                click.echo(f"Garden {shown(name)}: no workers to stop.")
             return
         if output == "text":
-            click.echo(f"Garden {name}: will stop {len(targets)} worker(s):")
+            click.echo(f"Garden {shown(name)}: will stop {len(targets)} worker(s):")
             for worker in targets:
-                click.echo(f"  - {worker.worker_id} ({worker.phase}, pid {worker.pid})")
+                click.echo(f"  - {shown(worker.worker_id)} ({worker.phase}, pid {worker.pid})")
         if not yes:
             if not sys.stdin.isatty():
                 raise click.UsageError("down stops workers: pass --yes when not at a terminal")
             if not click.confirm("Stop them?", default=False, err=True):
                 raise click.exceptions.Exit(EXIT_ERROR)
-        results = stop_garden(session.state, targets)
+        results = stop_garden(session.state, name, targets)
     if output == "json":
         echo_json({"format_version": DOWN_FORMAT_VERSION, "garden": name,
                    "results": [r.to_json() for r in results]})
     else:
         for result in results:
-            click.echo(f"  {'ok  ' if result.ok else 'FAIL'} {result.worker_id}: {result.message}")
+            click.echo(f"  {'ok  ' if result.ok else 'FAIL'} {shown(result.worker_id)}: "
+                       f"{shown(result.message)}")
     if not all(r.ok for r in results):
         raise click.exceptions.Exit(EXIT_ERROR)
 

@@ -22,16 +22,16 @@ def plan(garden_path: str, inventory_path: str | None, state_path: str | None, o
          out_path: str | None, detailed_exitcode: bool, show_idle_gpus: bool) -> None:
     """Show the plan: workers to start, replace, stop or keep, with causes, and each GPU's
     memory before -> after. Changes nothing."""
+    from gardenctl.inventory import resolve_inventory
     from gardenctl.plan.document import plan_to_json
     from gardenctl.plan.render import render_plan
-    from gardenctl.inventory import resolve_inventory
     from gardenctl.spec.loader import load_garden
-    from gardenctl.workflow import compute_plan, observe_without_lock
+    from gardenctl.state import StateDir
+    from gardenctl.workflow import plan_read_only
 
     loaded = load_garden(garden_path)
     inventory = resolve_inventory(loaded.garden, garden_path, inventory_path)
-    observed = observe_without_lock(loaded, inventory, state_path)
-    result = compute_plan(loaded, inventory, observed)
+    result = plan_read_only(loaded, inventory, StateDir(state_path))
     document = plan_to_json(result.plan)
     if out_path:
         from gardenctl.errors import GardenError

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from gardenctl.execute import ApplyReport
 from gardenctl.session import Session, open_session
 from gardenctl.workflow import PlanResult
 
 __all__ = ["apply_plan", "open_session"]
 
 
-def apply_plan(session: Session, result: PlanResult, quiet: bool = False):
+def apply_plan(session: Session, result: PlanResult, quiet: bool = False) -> ApplyReport:
     from gardenctl.cli.progress import make_progress
 
-    timeouts = {a.worker_id: a.worker.start_timeout for a in result.plan.actions if a.worker}
+    timeouts = {s.worker_id: s.worker.start_timeout for s in result.plan.steps if s.worker}
     progress = make_progress(timeouts, quiet=quiet)
     try:
         return session.apply(result, progress)

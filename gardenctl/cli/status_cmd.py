@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import click
 
 from gardenctl.cli.options import echo_json, garden_file, inventory_file, output_format, state_dir
 
-STATUS_FORMAT_VERSION = 1
+STATUS_FORMAT_VERSION = 2
 BAR = 40
 
 
@@ -30,16 +31,18 @@ def status(garden_path: str, inventory_path: str | None, state_path: str | None,
         click.echo(render_status(report))
 
 
-def render_status(report) -> str:
+def render_status(report: Any) -> str:
+    from gardenctl.text import shown
     from gardenctl.units import format_size
 
-    lines = [f"Garden {report.garden or '?'} ({report.garden_file}): {report.sync_line()}"]
+    lines = [f"Garden {shown(report.garden or '?')} ({shown(report.garden_file)}): "
+             f"{report.sync_line()}"]
     for reason in report.out_of_sync:
-        lines.append(f"  - {reason}")
+        lines.append(f"  - {shown(reason)}")
     for note in report.notes:
         first, *rest = note.splitlines()
-        lines.append(f"  note: {first}")
-        lines += [f"        {line.strip()}" for line in rest]
+        lines.append(f"  note: {shown(first)}")
+        lines += [f"        {shown(line.strip())}" for line in rest]
     if report.watch is not None:
         lines.append(_watch_line(report.watch))
     if report.gpus:
@@ -52,38 +55,49 @@ def render_status(report) -> str:
             bar = "[" + "#" * others + "=" * ours + "." * (BAR - others - ours) + "]"
             used = ("n/a (no NVML)" if gpu.used_by_ours_bytes is None
                     else format_size(gpu.used_by_ours_bytes))
-            lines.append(f"  {gpu.node} GPU {gpu.index}  {gpu.name}  {format_size(gpu.total_bytes)}"
-                         f"  {bar}")
+            lines.append(f"  {shown(gpu.node)} GPU {gpu.index}  {shown(gpu.name)}  "
+                         f"{format_size(gpu.total_bytes)}  {bar}")
             lines.append(f"      claimed {format_size(gpu.claimed_bytes)}, used {used}, others "
                          f"{format_size(gpu.used_by_others_bytes)}")
     lines.append("")
     if not report.workers:
         lines.append("No workers.")
         return "\n".join(lines)
-    header = ("WORKER", "GPUS", "PORT", "PHASE", "RESTARTS", "UPTIME", "LAST ERROR")
-    rows = [(w.worker_id, ",".join(map(str, w.gpus)), str(w.port), _phase(w, report),
-             str(w.restarts), _duration(w.uptime_s), (w.last_error or "")[:70])
+    header = ("WORKER", "GPUS", "PORT", "PHASE", "RESTARTS", "UPTIME", "LAST ERROR / NEXT")
+    rows = [(shown(w.worker_id), ",".join(map(str, w.gpus)), str(w.port), _phase(w),
+             str(w.restarts), _duration(w.uptime_s), shown(_last(w))[:90])
             for w in report.workers]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    for row in [header] + rows:
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
+    for row in [header, *rows]:
         lines.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
     for worker_id, tail in sorted(report.log_tails.items()):
         if tail:
-            lines.append(f"  last log lines of {worker_id} (gardenctl logs {worker_id}):")
-            lines += [f"    | {line[:150]}" for line in tail]
+            lines.append(f"  last log lines of {shown(worker_id)} (gardenctl logs "
+                         f"{shown(worker_id)}):")
+            lines += [f"    | {shown(line)[:150]}" for line in tail]
     return "\n".join(lines)
 
 
-def _phase(worker, report) -> str:
-    watching = report.watch is not None and report.watch.running
-    backoff = report.watch.backoff.get(worker.worker_id) if watching else None
-    if worker.phase == "crashed" and backoff and backoff.get("next_start_after"):
-        wait = max(0, backoff["next_start_after"] - time.time())
-        return f"crashed, restart in {wait:.0f}s ({backoff['failures']} in a row)"
-    return worker.phase
+def _phase(worker: Any) -> str:
+    if worker.next_step == "hold" and worker.next_start_after:
+        wait = max(0, worker.next_start_after - time.time())
+        return f"{worker.phase}, restart in {wait:.0f}s ({worker.failures} in a row)"
+    return str(worker.phase)
 
 
-def _watch_line(watch) -> str:
+def _last(worker: Any) -> str:
+    """The last error, then (when the plan would act on the worker) what it would do next."""
+    parts = []
+    if worker.last_error:
+        parts.append(worker.last_error)
+    if worker.next_step and worker.next_step != "hold":
+        parts.append(f"next: {worker.next_step}: {worker.next_cause}")
+    return "; ".join(parts)
+
+
+def _watch_line(watch: Any) -> str:
+    from gardenctl.text import shown
+
     state = f"running (pid {watch.pid})" if watch.running else "not running"
     text = f"  watch: {state}"
     if watch.last_applied:
@@ -94,7 +108,7 @@ def _watch_line(watch) -> str:
         verdict = "accepted" if attempted.get("accepted") else "rejected"
         text += f"; last attempted {attempted['version']} ({verdict})"
         if attempted.get("error"):
-            text += f": {attempted['error'].splitlines()[0][:120]}"
+            text += f": {shown(attempted['error'].splitlines()[0][:120])}"
     return text
 
 

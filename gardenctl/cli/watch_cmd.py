@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import signal
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from gardenctl.cli.options import garden_file, inventory_file, output_format, state_dir
+
+if TYPE_CHECKING:
+    from gardenctl.session import Session
 
 
 @click.command()
@@ -37,9 +41,10 @@ def watch(garden_path: str, inventory_path: str | None, state_path: str | None, 
                            allow_empty=allow_empty)
     log = EventLog(json_lines=output == "json")
     with open_session(state_path, "gardenctl watch") as session:
+        _lock_now(session, garden_path)
         watcher = Watcher(session, options, log)
 
-        def stop(signum, frame) -> None:
+        def stop(signum: int, frame: Any) -> None:
             watcher.request_stop(signal.Signals(signum).name)  # flags only: signal-safe
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -48,3 +53,18 @@ def watch(garden_path: str, inventory_path: str | None, state_path: str | None, 
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if watcher.fatal is not None:
+            raise watcher.fatal
+
+
+def _lock_now(session: Session, garden_path: str) -> None:
+    """Take the garden's lock at once when the file can be read (a second watch or an apply
+    of the same garden fails now); a broken file is locked when a valid version appears."""
+    from gardenctl.errors import SpecError
+    from gardenctl.spec.loader import load_garden
+
+    try:
+        name = load_garden(garden_path).garden.name
+    except SpecError:
+        return
+    session.lock(name)

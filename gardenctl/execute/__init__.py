@@ -1,206 +1,220 @@
-"""execute(plan, runtime) -> ApplyReport: carry out a plan's actions, deciding nothing.
+"""Carrying out a plan's steps, deciding nothing: a scheduler of steps.
 
-1. Secrets are resolved first; a worker whose secret is missing is left as it is (a replace does
-   not stop the running version).
-2. The steps (wait for workers still loading, stops, starts) run as gardenctl.execute.schedule
-   orders them from vLLM's rules: never two starts at once on one GPU, nothing stopping on a GPU
-   where a worker is profiling its memory, stops before starts on a GPU, different GPUs in
-   parallel. A stop waits until the process group is gone and, with NVML, until its GPUs no
-   longer list its processes. Before each spawn the GPU must have the free memory vLLM will
-   demand. A worker counts as started only when /health answers 200 and /v1/models lists its
-   name, within its start timeout.
-3. Keeps write records for adopted workers.
-An interrupted apply leaves every spawned worker recorded: the next apply converges.
+Each step runs in its own thread once what it waits for (`Step.after`, written by the planner)
+has finished as it needs; a step that can no longer run is reported as skipped (what it needed
+failed) or not needed (a rollback whose replacement succeeded). Two ways to run a plan:
+
+- `Executor.run(plan)` (apply): every step, to the end; spawns wait until their worker is
+  ready, so `apply` returns when the garden has converged (or says what failed).
+- `Executor.issue(plan)` (watch): only the steps that may begin now; spawns return once their
+  process runs. A pass never waits for a load: later passes observe it (`in_flight()` names
+  the workers a step is still acting on, so the next plan waits for them instead).
+
+Secrets are resolved here, at the last moment, from the environment gardenctl runs in; they
+reach the worker's environment and nothing else.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
-from gardenctl.execute import schedule
-from gardenctl.execute.results import (
-    EXITED_BEFORE_READY,
-    HEALTH_TIMEOUT,
-    INSUFFICIENT_FREE,
-    INTERRUPTED,
-    KILLED_BY_SIGNAL,
-    MEMORY_NOT_RELEASED,
-    MISSING_SECRET,
-    OK,
-    READY_OUTCOME,
-    RELEASE_TIMEOUT,
-    SKIPPED,
-    SPAWN_FAILED,
-    STOP_FAILED,
-    ActionResult,
-    ApplyReport,
-)
+from gardenctl.execute.results import RELEASE_TIMEOUT, ApplyReport, StepResult
+from gardenctl.execute.schedule import Dropped, Schedule
 from gardenctl.execute.steps import (
     Context,
     Progress,
     Silent,
-    await_loading,
-    gpu_keys,
+    adopt_step,
+    await_step,
     resolve_env,
-    restart_count,
-    start_worker,
-    stop_worker,
+    spawn_step,
+    stop_step,
 )
-from gardenctl.plan.model import KEEP, REPLACE, START, STOP, Action, Plan
+from gardenctl.plan.model import Plan, Step
 from gardenctl.runtime import base
+from gardenctl.vocab import Outcome, StepKind
 
-__all__ = [
-    "ActionResult", "ApplyReport", "Progress", "execute", "resolve_env", "restart_count",
-    "EXITED_BEFORE_READY", "HEALTH_TIMEOUT", "INSUFFICIENT_FREE", "INTERRUPTED",
-    "KILLED_BY_SIGNAL", "MEMORY_NOT_RELEASED", "MISSING_SECRET", "OK", "READY_OUTCOME",
-    "SKIPPED", "SPAWN_FAILED", "STOP_FAILED",
-]
+__all__ = ["ApplyReport", "Executor", "Progress", "StepResult", "execute", "resolve_env"]
+
+_SUCCEEDED = (Outcome.READY, Outcome.SPAWNED, Outcome.OK)
+Listener = Callable[[StepResult], None]
+
+
+class Executor:
+    def __init__(self, runtime: base.Runtime, *, environ: Mapping[str, str],
+                 probe: base.GpuProbe | None = None, progress: Progress | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep,
+                 wall: Callable[[], float] = time.time, poll_interval: float = 0.25,
+                 release_timeout: float = RELEASE_TIMEOUT,
+                 stop_event: threading.Event | None = None) -> None:
+        self.runtime = runtime
+        self.environ = environ
+        self.stop_event = stop_event or threading.Event()
+        self._context = Context(runtime, probe, progress or Silent(), clock, sleep, wall,
+                                poll_interval, release_timeout, self.stop_event)
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, threading.Thread] = {}  # worker id -> the step's thread
+
+    # -- apply: the whole plan ---------------------------------------------------------------
+
+    def run(self, plan: Plan, on_result: Listener | None = None) -> ApplyReport:
+        """Run every step of ``plan`` to the end; ``on_result`` hears each result as soon as it
+        is known."""
+        ctx = self._context
+        ctx.wait = True
+        report = ApplyReport()
+        emit = _emitter(report, on_result)
+        for step in plan.steps:
+            if step.kind in (StepKind.HOLD, StepKind.WAIT) and not step.conditional:
+                emit(StepResult(step.worker_id, step.kind, Outcome.HELD, step.cause,
+                                step_id=step.id))
+        schedule = Schedule.of(plan.steps)
+        results: dict[str, StepResult] = {}
+        done = threading.Condition()
+        threads: list[threading.Thread] = []
+
+        def work(step: Step) -> None:
+            result = self._perform(step, results)
+            emit(result)
+            with done:
+                results[step.id] = result
+                schedule.finished(step, result.outcome in _SUCCEEDED)
+                done.notify_all()
+
+        try:
+            with done:
+                while not schedule.done:
+                    for dropped in schedule.drop_unreachable():
+                        if dropped.skipped:  # a rollback that is not needed goes unsaid
+                            emit(_skipped(dropped, results))
+                    if self.stop_event.is_set():
+                        break
+                    for step in schedule.runnable():
+                        thread = threading.Thread(target=work, args=(step,), daemon=True,
+                                                  name=step.id)
+                        threads.append(thread)
+                        thread.start()
+                    if not schedule.done:
+                        done.wait(timeout=ctx.poll_interval)
+            _join(threads)
+        except KeyboardInterrupt:
+            self.stop_event.set()
+            _join(threads)
+        for step in schedule.pending:
+            emit(StepResult(step.worker_id, step.kind, Outcome.INTERRUPTED,
+                            "not done: interrupted before its turn", step_id=step.id))
+        report.interrupted = self.stop_event.is_set()
+        report.results.sort(key=lambda r: (r.worker_id, r.step_id))
+        return report
+
+    # -- watch: what may begin now -----------------------------------------------------------
+
+    def issue(self, plan: Plan, on_result: Listener | None = None) -> list[Step]:
+        """Begin, each in its own thread, the steps of ``plan`` that wait for nothing; return
+        them. ``on_result`` hears each result when its step ends (spawns end once their
+        process runs)."""
+        self._context.wait = False
+        issued = []
+        for step in Schedule.of(plan.steps).runnable():
+            if step.kind == StepKind.AWAIT or step.worker_id in self.in_flight():
+                continue
+            thread = threading.Thread(target=self._issued, args=(step, on_result), daemon=True,
+                                      name=step.id)
+            with self._lock:
+                self._in_flight[step.worker_id] = thread
+            thread.start()
+            issued.append(step)
+        return issued
+
+    def _issued(self, step: Step, on_result: Listener | None) -> None:
+        try:
+            result = self._perform(step, {})
+        finally:
+            with self._lock:
+                self._in_flight.pop(step.worker_id, None)
+        if on_result is not None:
+            on_result(result)
+
+    def in_flight(self) -> frozenset[str]:
+        """Workers a step issued by `issue` is still acting on."""
+        with self._lock:
+            return frozenset(self._in_flight)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the steps in flight to end (watch, when it stops)."""
+        with self._lock:
+            threads = list(self._in_flight.values())
+        for thread in threads:
+            thread.join(timeout)
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def _perform(self, step: Step, results: Mapping[str, StepResult]) -> StepResult:
+        ctx = self._context
+        try:
+            if step.kind in (StepKind.STOP, StepKind.STOP_LEFTOVERS):
+                return stop_step(ctx, step)
+            if step.kind == StepKind.AWAIT:
+                return await_step(ctx, step)
+            if step.kind == StepKind.ADOPT:
+                return adopt_step(ctx, step)
+            assert step.worker is not None
+            env, missing = resolve_env(step.worker, self.environ)
+            if missing:
+                return StepResult(step.worker_id, step.kind, Outcome.MISSING_SECRET,
+                                  f"environment variable(s) {', '.join(sorted(set(missing)))} "
+                                  "not set; nothing was changed for this worker",
+                                  hint="export them where gardenctl runs (they are passed to "
+                                  "the worker, never written down)", step_id=step.id)
+            because = next((results[n.step_id].message for n in step.after
+                            if n.step_id in results and not results[n.step_id].ok), "")
+            return spawn_step(ctx, step, env, because)
+        except Exception as exc:  # noqa: BLE001 - reported as the step's failure, never lost
+            return StepResult(step.worker_id, step.kind, Outcome.SPAWN_FAILED,
+                              f"{type(exc).__name__}: {exc}", step_id=step.id)
 
 
 def execute(plan: Plan, runtime: base.Runtime, *, environ: Mapping[str, str],
             probe: base.GpuProbe | None = None, progress: Progress | None = None,
-            clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-            poll_interval: float = 0.25, release_timeout: float = RELEASE_TIMEOUT,
-            stop_event: threading.Event | None = None,
+            clock: Callable[[], float] = time.monotonic,
+            sleep: Callable[[float], None] = time.sleep, poll_interval: float = 0.25,
+            release_timeout: float = RELEASE_TIMEOUT, stop_event: threading.Event | None = None,
             wall: Callable[[], float] = time.time,
-            on_result: Callable[[ActionResult], None] | None = None) -> ApplyReport:
-    """Run the plan's actions; ``on_result`` hears each result as soon as it is known."""
-    ctx = Context(runtime, probe, progress or Silent(), clock, sleep, wall, poll_interval,
-                  release_timeout, stop_event or threading.Event())
-    report = ApplyReport()
-    emit = _emitter(report, on_result)
-    envs: dict[str, dict[str, str]] = {}
-    blocked: set[str] = set()
-    for action in plan.actions:
-        if action.action in (START, REPLACE) and action.worker is not None:
-            env, missing = resolve_env(action.worker, environ)
-            if missing:
-                blocked.add(action.worker_id)
-                emit(ActionResult(
-                    action.worker_id, action.action, False, MISSING_SECRET,
-                    f"environment variable(s) {', '.join(sorted(set(missing)))} not set; "
-                    "nothing was changed for this worker",
-                    hint="export them where gardenctl runs (they are passed to the worker, "
-                    "never written down)"))
-            envs[action.worker_id] = env
-    # A replace left undone keeps its old worker's memory: nothing may start on those GPUs.
-    held = {(a.previous.node, index) for a in plan.actions
-            if a.worker_id in blocked and a.action == REPLACE and a.previous is not None
-            for index in a.previous.gpus}
-    for action in plan.actions:
-        if action.action in (START, REPLACE) and action.worker_id not in blocked \
-                and gpu_keys(action) & held:
-            blocked.add(action.worker_id)
-            emit(ActionResult(action.worker_id, action.action, False, SKIPPED,
-                              "not started: its GPU still holds a worker whose replacement "
-                              "could not start (see the missing secret)"))
-    steps, actions = _steps(plan, blocked)
-    try:
-        _run(ctx, steps, actions, envs, emit)
-        for action in plan.actions:
-            if action.adopts and action.previous is not None and action.worker is not None:
-                runtime.adopt(action.previous, action.worker)
-                emit(ActionResult(action.worker_id, KEEP, True, OK, "adopted: record written"))
-    except KeyboardInterrupt:
-        ctx.stop_event.set()
-    if ctx.stop_event.is_set():
-        report.interrupted = True
-    report.results.sort(key=lambda r: r.worker_id)
-    return report
+            on_result: Listener | None = None) -> ApplyReport:
+    """Run every step of ``plan`` (apply)."""
+    executor = Executor(runtime, environ=environ, probe=probe, progress=progress, clock=clock,
+                        sleep=sleep, wall=wall, poll_interval=poll_interval,
+                        release_timeout=release_timeout, stop_event=stop_event)
+    return executor.run(plan, on_result)
 
 
-def _steps(plan: Plan, blocked: set[str]) -> tuple[list[schedule.Step], dict[str, Action]]:
-    """The plan as scheduled steps, in plan order: waits first, then stops, then starts."""
-    steps: list[schedule.Step] = []
-    actions: dict[str, Action] = {}
-    for action in plan.actions:
-        if action.loading:
-            step = schedule.Step(schedule.AWAIT, action.worker_id, frozenset(gpu_keys(action)))
-            steps.append(step)
-            actions[step.key] = action
-    for action in plan.actions:
-        if action.action in (STOP, REPLACE) and action.previous is not None \
-                and action.worker_id not in blocked:
-            old = {(action.previous.node, index) for index in action.previous.gpus}
-            step = schedule.Step(schedule.STOP, action.worker_id, frozenset(old))
-            steps.append(step)
-            actions[step.key] = action
-    for action in plan.actions:
-        if action.action in (START, REPLACE) and action.worker_id not in blocked:
-            after = f"{schedule.STOP}:{action.worker_id}" if action.action == REPLACE else None
-            step = schedule.Step(schedule.START, action.worker_id, frozenset(gpu_keys(action)),
-                                 after=after)
-            steps.append(step)
-            actions[step.key] = action
-    return steps, actions
+def _skipped(dropped: Dropped, results: Mapping[str, StepResult]) -> StepResult:
+    step = dropped.step
+    failed = results.get(dropped.needed.step_id)
+    why = f"{dropped.needed.step_id} failed" + (f" ({failed.message})" if failed else "")
+    if failed is None:
+        why = f"{dropped.needed.step_id} did not happen"
+    verb = "not started" if step.kind.spawns else "not done"
+    return StepResult(step.worker_id, step.kind, Outcome.SKIPPED, f"{verb}: {why}",
+                      step_id=step.id)
 
 
-def _run(ctx: Context, steps: list[schedule.Step], actions: dict[str, Action],
-         envs: Mapping[str, dict[str, str]], emit: Callable[[ActionResult], None]) -> None:
-    scheduler = schedule.Scheduler(list(steps))
-    done = threading.Condition()
-    threads: list[threading.Thread] = []
-
-    def run(step: schedule.Step) -> None:
-        action = actions[step.key]
-        try:
-            if step.kind == schedule.AWAIT:
-                result = await_loading(ctx, action)
-            elif step.kind == schedule.STOP:
-                result = stop_worker(ctx, action)
-            else:
-                result = start_worker(ctx, action, envs[action.worker_id])
-        except Exception as exc:  # noqa: BLE001 - reported, never lost in a thread
-            result = ActionResult(action.worker_id, action.action, False, SPAWN_FAILED,
-                                  f"{type(exc).__name__}: {exc}")
-        # a replace reports once: its start's result, or its stop's failure
-        if not (step.kind == schedule.STOP and action.action == REPLACE and result.ok):
-            emit(result)
-        with done:
-            scheduler.finished(step, result.ok)
-            done.notify_all()
-
-    with done:
-        while scheduler.pending or not scheduler.idle:
-            for step in scheduler.orphaned():
-                action = actions[step.key]
-                emit(ActionResult(action.worker_id, action.action, False, SKIPPED,
-                                  "not started: the old version could not be stopped"))
-            if ctx.stop_event.is_set():
-                break
-            for step in scheduler.next_runnable():
-                thread = threading.Thread(target=run, args=(step,), daemon=True,
-                                          name=f"{step.kind} {step.worker_id}")
-                threads.append(thread)
-                thread.start()
-            if scheduler.pending or not scheduler.idle:
-                done.wait(timeout=ctx.poll_interval)
-    try:
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(timeout=0.2)
-    except KeyboardInterrupt:
-        ctx.stop_event.set()
-        for thread in threads:
-            thread.join()
-        raise
-    for step in scheduler.pending:
-        action = actions[step.key]
-        emit(ActionResult(action.worker_id, action.action, True, INTERRUPTED,
-                          f"not {'started' if step.kind == schedule.START else 'done'}: "
-                          "interrupted before its turn"))
-
-
-def _emitter(report: ApplyReport,
-             listener: Callable[[ActionResult], None] | None) -> Callable[[ActionResult], None]:
+def _emitter(report: ApplyReport, listener: Listener | None) -> Listener:
     lock = threading.Lock()
 
-    def emit(result: ActionResult) -> None:
+    def emit(result: StepResult) -> None:
         with lock:
             report.results.append(result)
         if listener is not None:
             listener(result)
 
     return emit
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(timeout=0.2)

@@ -1,86 +1,88 @@
-"""When each step of an apply may run, from vLLM's rules about shared GPUs (vLLM 0.32):
+"""Which of a plan's steps may begin now, from what they wait for (`Step.after`).
 
-- a worker's memory profiling reads device-wide free memory: while one loads on a GPU, nothing
-  else on that GPU may start *or stop* (a neighbour that frees memory aborts its start-up);
-- stops on a GPU come before the starts planned on it (the memory must be released first), and
-  stops may overlap each other;
-- steps on different GPUs run in parallel;
-- a replace's new worker starts only after its old one has stopped.
-
-Steps are taken in plan order; a step never overtakes an earlier waiting step that shares a GPU
-with it. Pure bookkeeping: the steps themselves run in threads that the caller provides.
+Pure bookkeeping, no decisions: the planner wrote every rule (GPU order, rollouts, rollbacks)
+as a dependency. A step may begin once each step it needs has finished the way it needs
+(DONE: succeeded, FAILED: failed, FINISHED: either). A step whose need can no longer be met
+is dropped: `skipped` when what it needed failed (it would have been wrong to run it), `not
+needed` for a rollback whose replacement succeeded. Steps that only report (hold, wait,
+keep) never run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-GpuKey = tuple[str, int]
+from gardenctl.plan.model import Needs, Step, When
+from gardenctl.vocab import StepKind
 
-AWAIT = "await"  # a worker still loading from an earlier run
-STOP = "stop"
-START = "start"
+RUNS = (StepKind.START, StepKind.REPLACE, StepKind.RESTART, StepKind.ROLLBACK, StepKind.STOP,
+        StepKind.STOP_LEFTOVERS, StepKind.AWAIT, StepKind.ADOPT)
 
 
-@dataclass
-class Step:
-    kind: str
-    worker_id: str
-    keys: frozenset[GpuKey]
-    after: str | None = None  # the key of a step that must have succeeded first
-    key: str = ""
-
-    def __post_init__(self) -> None:
-        self.key = self.key or f"{self.kind}:{self.worker_id}"
+@dataclass(frozen=True)
+class Dropped:
+    step: Step
+    needed: Needs  # the need that can no longer be met
+    skipped: bool  # True: what it needed failed; False: a rollback that is not needed
 
 
 @dataclass
-class Scheduler:
+class Schedule:
     pending: list[Step]
-    running_exclusive: dict[GpuKey, int] = field(default_factory=dict)  # starts, awaits
-    running_stops: dict[GpuKey, int] = field(default_factory=dict)
+    running: set[str] = field(default_factory=set)
     succeeded: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
+    dropped: set[str] = field(default_factory=set)  # never ran: neither done nor failed
 
-    def next_runnable(self) -> list[Step]:
-        """Steps that may begin now (removed from pending); they must be reported back with
-        `finished` when done."""
-        ready: list[Step] = []
-        reserved: set[GpuKey] = set()  # GPUs of earlier steps still waiting: no overtaking
-        for step in list(self.pending):
-            if step.after is not None and step.after not in self.succeeded:
-                reserved |= step.keys
-                continue
-            blocked = set(self.running_exclusive)
-            if step.kind != STOP:
-                blocked |= set(self.running_stops)
-            if step.keys & (blocked | reserved):
-                reserved |= step.keys
-                continue
+    @classmethod
+    def of(cls, steps: Iterable[Step]) -> Schedule:
+        return cls([s for s in steps if s.kind in RUNS])
+
+    def _met(self, need: Needs) -> bool | None:
+        """True: met; False: can never be met; None: not yet known."""
+        if need.step_id in self.succeeded:
+            return need.when != When.FAILED
+        if need.step_id in self.failed:
+            return need.when != When.DONE
+        if need.step_id in self.dropped:
+            return need.when == When.FINISHED
+        if need.step_id in self.running or any(s.id == need.step_id for s in self.pending):
+            return None
+        return need.when != When.FAILED  # not in this plan: treated as done before it
+
+    def runnable(self) -> list[Step]:
+        """Steps that may begin now (taken out of pending; report each with `finished`)."""
+        ready = [s for s in self.pending if all(self._met(n) is True for n in s.after)]
+        for step in ready:
             self.pending.remove(step)
-            ready.append(step)
-            target = self.running_stops if step.kind == STOP else self.running_exclusive
-            for gpu in step.keys:
-                target[gpu] = target.get(gpu, 0) + 1
-            if step.kind != STOP:
-                reserved |= step.keys  # one start per GPU at a time
+            self.running.add(step.id)
         return ready
 
     def finished(self, step: Step, ok: bool) -> None:
-        target = self.running_stops if step.kind == STOP else self.running_exclusive
-        for gpu in step.keys:
-            target[gpu] -= 1
-            if not target[gpu]:
-                del target[gpu]
-        (self.succeeded if ok else self.failed).add(step.key)
+        self.running.discard(step.id)
+        (self.succeeded if ok else self.failed).add(step.id)
 
-    def orphaned(self) -> list[Step]:
-        """Pending steps that can never run because what they wait for failed (removed)."""
-        lost = [s for s in self.pending if s.after is not None and s.after in self.failed]
-        for step in lost:
-            self.pending.remove(step)
-        return lost
+    def drop_unreachable(self) -> list[Dropped]:
+        """Steps whose needs can never be met, removed: what needs them done (or failed) is
+        dropped too; what only needs them finished may go on."""
+        dropped: list[Dropped] = []
+        changed = True
+        while changed:
+            changed = False
+            for step in list(self.pending):
+                need = next((n for n in step.after if self._met(n) is False), None)
+                if need is None:
+                    continue
+                self.pending.remove(step)
+                self.dropped.add(step.id)
+                dropped.append(Dropped(step, need, skipped=need.when != When.FAILED))
+                changed = True
+        return dropped
 
     @property
-    def idle(self) -> bool:
-        return not self.running_exclusive and not self.running_stops
+    def done(self) -> bool:
+        return not self.pending and not self.running
+
+
+__all__ = ["RUNS", "Dropped", "Schedule"]

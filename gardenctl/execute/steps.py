@@ -1,34 +1,27 @@
-"""The steps an apply is made of: stop a worker, start one, wait for one still loading.
+"""Carrying out one plan step against a runtime and the GPU probe.
 
-Each step talks to the runtime and the GPU probe and returns an ActionResult; none decides
-anything beyond what its action says.
+Each function does what its step says and returns a StepResult; none decides anything the
+step does not say. A spawn either waits until its worker is ready (`apply`: `Context.wait`),
+or returns once the process runs (`watch`: later passes observe the load).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from gardenctl.errors import GardenError
-from gardenctl.execute.results import (
-    EXITED_BEFORE_READY,
-    HEALTH_TIMEOUT,
-    INSUFFICIENT_FREE,
-    INTERRUPTED,
-    KILLED_BY_SIGNAL,
-    MEMORY_NOT_RELEASED,
-    OK,
-    READY_OUTCOME,
-    SPAWN_FAILED,
-    STOP_FAILED,
-    ActionResult,
-)
-from gardenctl.plan.model import START, Action
+from gardenctl.execute.results import StepResult
+from gardenctl.observe import Rejection
+from gardenctl.plan.model import Launch, Step
 from gardenctl.runtime import base
 from gardenctl.spec.models import env_reference
 from gardenctl.units import format_size
+from gardenctl.vocab import Cause, Outcome, Phase, StepKind
 from gardenctl.workers import DesiredWorker
+
 
 class Progress(Protocol):
     def update(self, worker_id: str, phase: str, detail: str, elapsed: float) -> None: ...
@@ -44,16 +37,18 @@ class Context:
     runtime: base.Runtime
     probe: base.GpuProbe | None
     progress: Progress
-    clock: Callable[[], float]
+    clock: Callable[[], float]  # monotonic
     sleep: Callable[[float], None]
     wall: Callable[[], float]
     poll_interval: float
     release_timeout: float
     stop_event: threading.Event
+    wait: bool = True  # spawns wait for ready (apply), or return once spawned (watch)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def resolve_env(worker: DesiredWorker, environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+def resolve_env(worker: DesiredWorker,
+                environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
     """The worker's environment with ${NAME} references filled in, and the names missing."""
     resolved, missing = {}, []
     for key, value in worker.env:
@@ -67,30 +62,56 @@ def resolve_env(worker: DesiredWorker, environ: Mapping[str, str]) -> tuple[dict
     return resolved, missing
 
 
-def stop_worker(ctx: Context, action: Action) -> ActionResult:
+def _result(step: Step, outcome: Outcome, message: str, elapsed: float = 0.0,
+            **extra: object) -> StepResult:
+    return StepResult(step.worker_id, step.kind, outcome, message, elapsed, step_id=step.id,
+                      **extra)  # type: ignore[arg-type]
+
+
+# -- stops ---------------------------------------------------------------------------------
+
+def stop_step(ctx: Context, step: Step) -> StepResult:
+    """STOP (removal, or an unhealthy / stuck run kept as ended) and STOP_LEFTOVERS."""
     started = ctx.clock()
-    previous = action.previous
-    assert previous is not None
-    ctx.progress.update(action.worker_id, "stopping", "", 0.0)
-    try:
-        result = ctx.runtime.stop(action.worker_id)  # also ends what a dead worker left behind
-        released = _wait_released(ctx, previous.node, previous.gpus, set(result.pids))
-    except GardenError as exc:
-        return ActionResult(action.worker_id, action.action, False, STOP_FAILED, str(exc),
-                            ctx.clock() - started)
+    ctx.progress.update(step.worker_id, "stopping", "", 0.0)
+    stopped = _stop(ctx, step, keep=step.then, reason=step.ends_because or step.cause,
+                    cause=_end_cause(step))
     elapsed = ctx.clock() - started
-    if released is not None:
-        return ActionResult(action.worker_id, action.action, False, MEMORY_NOT_RELEASED,
-                            released, elapsed,
-                            hint="a process of the worker still holds GPU memory; check "
-                            "`gardenctl inventory`")
-    if result.outcome == "gone":
-        ctx.progress.update(action.worker_id, "stopped", "already exited", elapsed)
-        return ActionResult(action.worker_id, action.action, True, OK,
-                            "already exited; record removed", elapsed)
-    ctx.progress.update(action.worker_id, "stopped", result.detail, elapsed)
-    return ActionResult(action.worker_id, action.action, True, OK,
-                        f"stopped ({result.detail or result.outcome})", elapsed)
+    if isinstance(stopped, StepResult):
+        return replace(stopped, elapsed=elapsed)
+    ctx.progress.update(step.worker_id, "stopped", stopped.detail, elapsed)
+    if stopped.outcome == "gone":
+        return _result(step, Outcome.OK, "already exited; record removed" if step.then is None
+                       else "already exited", elapsed)
+    return _result(step, Outcome.OK, f"stopped ({stopped.detail or stopped.outcome})", elapsed)
+
+
+def _stop(ctx: Context, step: Step, *, keep: Phase | None, reason: str,
+          cause: Cause = Cause.EXITED) -> base.StopResult | StepResult:
+    """Stop whatever runs under the step's worker id and wait for its GPU memory to come
+    back; what the runtime did, or the failure."""
+    previous = step.previous
+    try:
+        result = ctx.runtime.stop(step.worker_id, keep=keep, reason=reason, cause=cause)
+        node, gpus = (previous.node, previous.gpus) if previous else (step.node, step.gpus)
+        held = _wait_released(ctx, node, gpus, set(result.pids))
+    except GardenError as exc:
+        return _result(step, Outcome.STOP_FAILED, str(exc))
+    if held is not None:
+        return _result(step, Outcome.MEMORY_NOT_RELEASED, held,
+                       hint="a process of the worker still holds GPU memory; check "
+                       "`gardenctl inventory`")
+    return result
+
+
+def _end_cause(step: Step) -> Cause:
+    """Why the run a step ends is over, in the vocabulary of causes."""
+    previous = step.previous
+    if previous is not None and previous.phase == Phase.UNHEALTHY:
+        return Cause.UNHEALTHY
+    if previous is not None and previous.phase == Phase.STARTING:
+        return Cause.START_TIMEOUT
+    return previous.cause if previous is not None and previous.cause else Cause.EXITED
 
 
 def _wait_released(ctx: Context, node: str, gpus: tuple[int, ...], pids: set[int]) -> str | None:
@@ -109,107 +130,122 @@ def _wait_released(ctx: Context, node: str, gpus: tuple[int, ...], pids: set[int
         ctx.sleep(ctx.poll_interval)
 
 
-def gpu_keys(action: Action) -> set[tuple[str, int]]:
-    return {(action.node, index) for index in action.gpus}
+# -- spawns --------------------------------------------------------------------------------
 
-
-def restart_count(action: Action) -> int:
-    """How many times the worker has been started again after crashing (replace resets it)."""
-    previous = action.previous
-    if action.action == START and previous is not None and not previous.running:
-        return previous.restarts + 1
-    return 0
-
-
-def start_worker(ctx: Context, action: Action, env: dict[str, str]) -> ActionResult:
-    worker = action.worker
-    assert worker is not None
+def spawn_step(ctx: Context, step: Step, env: dict[str, str], because: str = "") -> StepResult:
+    """START, REPLACE, RESTART, ROLLBACK: stop what runs under the worker's id (if anything),
+    make sure its GPUs have room, spawn it, and (apply) wait until it is ready. ``because``:
+    for a rollback, why the replacement failed."""
+    worker = step.worker
+    assert worker is not None and step.launch is not None
+    launch = step.launch
+    if step.kind == StepKind.ROLLBACK and because and launch.rejected is not None:
+        launch = replace(launch, rejected=Rejection(launch.rejected.spec_hash, because,
+                                                    ctx.wall()))
     started = ctx.clock()
-    previous = action.previous
-    if previous is not None and not previous.running:
-        # A crashed worker's EngineCore or TP processes may survive it, holding GPU memory.
-        try:
-            leftovers = ctx.runtime.stop(worker.worker_id)
-            held = _wait_released(ctx, worker.node, previous.gpus, set(leftovers.pids))
-        except GardenError as exc:
-            held = str(exc)
-        if held:
-            return ActionResult(worker.worker_id, action.action, False, MEMORY_NOT_RELEASED,
-                                f"what its previous run left behind still holds GPU memory: "
-                                f"{held}")
-    try:
-        short = _wait_free_memory(ctx, worker)
-    except GardenError as exc:
-        short = str(exc)
+    if step.previous is not None and (step.previous.running or step.previous.pids):
+        ctx.progress.update(worker.worker_id, "stopping", "", 0.0)
+        keep = Phase.CRASHED if step.previous.ever_ready else Phase.FAILED
+        stopped = _stop(ctx, step, keep=keep, reason=step.ends_because or step.cause,
+                        cause=_end_cause(step))
+        if isinstance(stopped, StepResult):
+            return replace(stopped, elapsed=ctx.clock() - started)
+    short = _wait_free_memory(ctx, worker)
     if short:
-        return ActionResult(worker.worker_id, action.action, False, INSUFFICIENT_FREE, short,
-                            hint="another process holds GPU memory the plan counted on; see "
-                            "`gardenctl inventory`, then run plan again")
+        ctx.runtime.fail(worker, launch, short, Cause.FREE_MEMORY_CHECK)
+        return _result(step, Outcome.INSUFFICIENT_FREE, short, ctx.clock() - started,
+                       hint="another process holds GPU memory the plan counted on; see "
+                       "`gardenctl inventory`, then run plan again")
     ctx.progress.update(worker.worker_id, "spawning", "", 0.0)
     try:
-        ctx.runtime.spawn(worker, env, restart_count(action))
+        _spawn_when_gpu_free(ctx, worker, env, launch)
+    except base.GpuBusy as exc:
+        return _result(step, Outcome.DEFERRED, f"not started: {exc}; it starts once the GPU "
+                       "is free", ctx.clock() - started)
     except base.SpawnError as exc:
-        return ActionResult(worker.worker_id, action.action, False, SPAWN_FAILED, str(exc),
-                            cause=exc.kind)
-    return _wait_ready(ctx, action, started, ctx.clock)
+        return _result(step, Outcome.SPAWN_FAILED, str(exc), ctx.clock() - started,
+                       cause=exc.cause, hint=exc.hint)
+    if not ctx.wait:
+        return _result(step, Outcome.SPAWNED, "spawned; loading", ctx.clock() - started)
+    return _wait_ready(ctx, step, worker, started, ctx.clock)
 
 
-def await_loading(ctx: Context, action: Action) -> ActionResult:
+def _spawn_when_gpu_free(ctx: Context, worker: DesiredWorker, env: dict[str, str],
+                         launch: Launch) -> None:
+    """Spawn; while another garden's worker loads on the GPU, wait (apply) up to the start
+    timeout, or give up at once (watch tries again on its next pass)."""
+    deadline = ctx.clock() + worker.start_timeout
+    while True:
+        try:
+            ctx.runtime.spawn(worker, env, launch)
+            return
+        except base.GpuBusy as exc:
+            if not ctx.wait or ctx.clock() >= deadline or ctx.stop_event.is_set():
+                raise
+            ctx.progress.update(worker.worker_id, "waiting", str(exc), 0.0)
+            ctx.sleep(ctx.poll_interval)
+
+
+def await_step(ctx: Context, step: Step) -> StepResult:
     """Wait for a worker spawned by an earlier run, timing it from when it really started."""
-    previous = action.previous
-    assert previous is not None
-    began = previous.started_at if previous.started_at is not None else ctx.wall()
-    return _wait_ready(ctx, action, began, ctx.wall)
+    worker = step.worker or (step.previous.spec if step.previous else None)
+    assert worker is not None and step.previous is not None
+    began = step.previous.started_at if step.previous.started_at is not None else ctx.wall()
+    return _wait_ready(ctx, step, worker, began, ctx.wall)
 
 
-def _wait_ready(ctx: Context, action: Action, began: float,
-                now: Callable[[], float]) -> ActionResult:
-    """Poll until ready, exited or past the start timeout (elapsed = now() - began)."""
-    worker = action.worker
-    assert worker is not None
+def adopt_step(ctx: Context, step: Step) -> StepResult:
+    assert step.previous is not None and step.worker is not None
+    ctx.runtime.adopt(step.previous, step.worker)
+    return _result(step, Outcome.OK, "adopted: record written")
+
+
+def _wait_ready(ctx: Context, step: Step, worker: DesiredWorker, began: float,
+                now: Callable[[], float]) -> StepResult:
+    """Poll until ready, ended or past the start timeout (elapsed = now() - began)."""
     last = ""
     while True:
         status = ctx.runtime.check(worker.worker_id)
         elapsed = now() - began
-        if status.phase == base.READY:
+        if status.phase == Phase.READY:
             ctx.progress.update(worker.worker_id, "ready", "", elapsed)
-            return ActionResult(worker.worker_id, action.action, True, READY_OUTCOME,
-                                f"ready after {elapsed:.1f}s", elapsed)
-        if status.phase == base.EXITED:
+            return _result(step, Outcome.READY, f"ready after {elapsed:.1f}s", elapsed)
+        if status.ended:
             ctx.progress.update(worker.worker_id, "failed", status.detail, elapsed)
-            return _exited(worker, action, status, elapsed)
+            return _ended(step, status, elapsed)
         last = status.detail or last
         ctx.progress.update(worker.worker_id, "starting", status.detail, elapsed)
         if elapsed > worker.start_timeout:
-            ctx.runtime.stop(worker.worker_id)
+            message = (f"not ready within its start timeout of {worker.start_timeout:.0f}s"
+                       + (f" (last: {last})" if last else ""))
+            ctx.runtime.stop(worker.worker_id, keep=Phase.FAILED, reason=message,
+                             cause=Cause.START_TIMEOUT)
             ctx.progress.update(worker.worker_id, "failed", "health check timed out", elapsed)
-            return ActionResult(worker.worker_id, action.action, False, HEALTH_TIMEOUT,
-                                f"not ready within its start timeout of {worker.start_timeout:.0f}s"
-                                + (f" (last: {last})" if last else "") + "; stopped it", elapsed,
-                                hint="raise start_timeout for large models, or read its log "
-                                f"(gardenctl logs {worker.worker_id})")
+            return _result(step, Outcome.HEALTH_TIMEOUT, message + "; stopped it", elapsed,
+                           cause=Cause.START_TIMEOUT,
+                           hint="raise start_timeout for large models, or read its log "
+                           f"(gardenctl logs {worker.worker_id})")
         if ctx.stop_event.is_set():
-            return ActionResult(worker.worker_id, action.action, True, INTERRUPTED,
-                                "still loading; left running (the next pass checks it)", elapsed)
+            return _result(step, Outcome.INTERRUPTED, "still loading; left running (the next "
+                           "apply or watch pass checks it)", elapsed)
         ctx.sleep(ctx.poll_interval)
 
 
-def _exited(worker: DesiredWorker, action: Action, status: base.WorkerStatus,
-            elapsed: float) -> ActionResult:
+def _ended(step: Step, status: base.WorkerStatus, elapsed: float) -> StepResult:
     diagnosis = status.diagnosis
     if status.signal is not None:
-        return ActionResult(worker.worker_id, action.action, False, KILLED_BY_SIGNAL,
-                            f"killed by signal {status.signal} before it was ready", elapsed,
-                            log_tail=status.log_tail)
+        return _result(step, Outcome.KILLED_BY_SIGNAL, f"killed by signal {status.signal} "
+                       "before it was ready", elapsed, log_tail=status.log_tail,
+                       cause=Cause.KILLED_BY_SIGNAL)
     code = "?" if status.exit_code is None else status.exit_code
     message = f"exited with code {code} before it was ready"
-    if diagnosis is not None:
+    if diagnosis is not None and diagnosis.cause != Cause.UNKNOWN:
         message += f": {diagnosis.message}"
-    return ActionResult(worker.worker_id, action.action, False, EXITED_BEFORE_READY, message,
-                        elapsed, hint=diagnosis.hint if diagnosis else "",
-                        log_tail=status.log_tail, cause=diagnosis.cause if diagnosis else None,
-                        suggested_max_model_len=diagnosis.suggested_max_model_len
-                        if diagnosis else None)
+    return _result(step, Outcome.EXITED_BEFORE_READY, message, elapsed,
+                   hint=diagnosis.hint if diagnosis else "", log_tail=status.log_tail,
+                   cause=diagnosis.cause if diagnosis else Cause.EXITED,
+                   suggested_max_model_len=diagnosis.suggested_max_model_len
+                   if diagnosis else None)
 
 
 def _wait_free_memory(ctx: Context, worker: DesiredWorker) -> str | None:
@@ -238,3 +274,7 @@ def _check_free_memory(ctx: Context, worker: DesiredWorker) -> str | None:
                             f"{format_size(worker.claim_bytes)} (utilization "
                             f"{worker.utilization:.3f} of the GPU plus its CUDA context)")
     return "; ".join(problems) or None
+
+
+__all__ = ["Context", "Progress", "Silent", "adopt_step", "await_step", "resolve_env",
+           "spawn_step", "stop_step"]

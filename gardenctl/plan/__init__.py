@@ -1,5 +1,5 @@
-"""Plans: ordered actions with causes, GPU ledgers, and their text and JSON forms."""
+"""Plans: steps with causes and dependencies, GPU ledgers, and their text and JSON forms."""
 
-from gardenctl.plan.model import KEEP, REPLACE, START, STOP, Action, Plan
+from gardenctl.plan.model import Launch, Needs, Plan, Step, When
 
-__all__ = ["Action", "KEEP", "Plan", "REPLACE", "START", "STOP"]
+__all__ = ["Launch", "Needs", "Plan", "Step", "When"]

@@ -1,32 +1,42 @@
-"""A plan as a JSON document (`plan -o json`, `plan --out plan.json`) and back.
+"""A plan as a JSON document (`plan -o json`, `plan --out plan.json`).
 
-Fields are only ever added (format_version says which generation wrote them). Secrets never
-appear: worker environments hold `${NAME}` references, resolved only when a worker starts.
+Fields are only ever added (format_version says which generation wrote them); version 2 added
+`steps` (each with its id, kind, cause, notes and what it waits for). `actions` keeps one entry
+per worker for readers of version 1. Secrets never appear: worker environments hold `${NAME}`
+references, resolved only when a worker starts.
+
+A saved plan is never executed from the file: `apply plan.json` makes the plan again and runs it
+only if the document it makes is identical to the saved one (`saved_plan_difference`), so a
+hand-edited argv, an edited garden or a changed fleet is refused rather than run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+import time
+from collections.abc import Mapping
+from typing import Any
 
 from gardenctl.errors import GardenError
-from gardenctl.observe import ObservedWorker
-from gardenctl.placement.model import LedgerRow, Reason, Unplaced
-from gardenctl.plan.model import PLAN_FORMAT_VERSION, Action, ModelSummary, Plan
-from gardenctl.workers import DesiredWorker
+from gardenctl.placement.model import LedgerRow, Unplaced
+from gardenctl.plan.model import PLAN_FORMAT_VERSION, Launch, Plan, Step
+
+KIND = "gardenctl-plan"
 
 
 def plan_to_json(plan: Plan) -> dict[str, Any]:
     return {
         "format_version": PLAN_FORMAT_VERSION,
-        "kind": "gardenctl-plan",
+        "kind": KIND,
         "garden": plan.garden,
         "garden_file": plan.garden_file,
         "inventory_source": plan.inventory_source,
         "fingerprints": dict(plan.fingerprints),
         "summary": plan.summary(),
         "has_changes": plan.has_changes,
-        "actions": [_action_json(a) for a in plan.actions],
+        "converged": plan.converged,
+        "steps": [step_json(s) for s in plan.steps],
+        "actions": [_action_json(s) for s in plan.steps if not s.conditional],
         "gpus": [_ledger_json(row) for row in plan.ledgers],
         "unplaced": [_unplaced_json(u) for u in plan.unplaced],
         "models": [dataclasses.asdict(m) for m in plan.models],
@@ -34,21 +44,58 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _action_json(action: Action) -> dict[str, Any]:
-    previous = action.previous
+def step_json(step: Step) -> dict[str, Any]:
     return {
-        "action": action.action,
-        "worker": action.worker_id,
-        "model": action.model,
-        "node": action.node,
-        "gpus": list(action.gpus),
-        "claim_bytes": action.claim_bytes,  # on each of its GPUs
-        "gpu_memory_utilization": action.utilization,
-        "port": action.port,
-        "cause": action.cause,
-        "previous": previous.to_json() if previous else None,
-        "spec": action.worker.to_json() if action.worker else None,
+        "id": step.id,
+        "kind": step.kind.value,
+        "worker": step.worker_id,
+        "model": step.model,
+        "node": step.node,
+        "gpus": list(step.gpus),
+        "claim_bytes": step.claim_bytes,
+        "gpu_memory_utilization": step.utilization,
+        "port": step.port,
+        "cause": step.cause,
+        "notes": list(step.notes),
+        "after": [n.to_json() for n in step.after],
+        "conditional": step.conditional,
+        "until": _iso(step.until),
+        "then": step.then.value if step.then else None,
+        "ends_because": step.ends_because,
+        "launch": _launch_json(step.launch),
+        "spec": step.worker.to_json() if step.worker else None,
+        "previous": step.previous.to_json() if step.previous else None,
     }
+
+
+def _action_json(step: Step) -> dict[str, Any]:
+    return {
+        "action": step.kind.value,
+        "worker": step.worker_id,
+        "model": step.model,
+        "node": step.node,
+        "gpus": list(step.gpus),
+        "claim_bytes": step.claim_bytes,  # on each of its GPUs
+        "gpu_memory_utilization": step.utilization,
+        "port": step.port,
+        "cause": step.cause,
+        "previous": step.previous.to_json() if step.previous else None,
+        "spec": step.worker.to_json() if step.worker else None,
+    }
+
+
+def _launch_json(launch: Launch | None) -> dict[str, Any] | None:
+    if launch is None:
+        return None
+    return {"restarts": launch.restarts, "streak": launch.streak,
+            "replaces": launch.replaces.to_json() if launch.replaces else None,
+            "rejected": launch.rejected.to_json() if launch.rejected else None}
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
 def _ledger_json(row: LedgerRow) -> dict[str, Any]:
@@ -76,66 +123,37 @@ def _unplaced_json(unplaced: Unplaced) -> dict[str, Any]:
     }
 
 
-def plan_from_json(document: Mapping[str, Any]) -> Plan:
-    """Rebuild a Plan from its JSON document; GardenError if it is not one."""
-    if not isinstance(document, Mapping) or document.get("kind") != "gardenctl-plan":
+def check_saved_plan(document: object) -> Mapping[str, Any]:
+    """The saved document, if it is a plan this gardenctl can compare; GardenError if not."""
+    if not isinstance(document, Mapping) or document.get("kind") != KIND:
         raise GardenError("this file is not a gardenctl plan (made by `gardenctl plan --out`)")
     version = document.get("format_version")
-    if not isinstance(version, int) or version > PLAN_FORMAT_VERSION:
-        raise GardenError(f"this plan has format_version {version!r}; this gardenctl reads up to "
-                          f"{PLAN_FORMAT_VERSION}. Make the plan again with this version.")
-    try:
-        return Plan(
-            garden=document["garden"],
-            garden_file=document["garden_file"],
-            inventory_source=document["inventory_source"],
-            fingerprints=dict(document["fingerprints"]),
-            actions=tuple(_action_from(a) for a in document["actions"]),
-            ledgers=tuple(_ledger_from(g) for g in document["gpus"]),
-            unplaced=tuple(_unplaced_from(u) for u in document["unplaced"]),
-            warnings=tuple(document.get("warnings", ())),
-            models=tuple(ModelSummary(**m) for m in document.get("models", ())),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise GardenError(f"the plan file is damaged ({type(exc).__name__}: {exc}); make it "
-                          "again with `gardenctl plan --out`") from None
+    if version != PLAN_FORMAT_VERSION:
+        raise GardenError(f"this plan has format_version {version!r}; this gardenctl makes "
+                          f"version {PLAN_FORMAT_VERSION}. Make the plan again with "
+                          "`gardenctl plan --out`.")
+    return document
 
 
-def _action_from(data: Mapping[str, Any]) -> Action:
-    previous = data.get("previous")
-    spec = data.get("spec")
-    return Action(
-        action=data["action"],
-        worker_id=data["worker"],
-        model=data["model"],
-        cause=data["cause"],
-        worker=DesiredWorker.from_json(spec) if spec else None,
-        previous=observed_from_json(previous) if previous else None,
-    )
+def saved_plan_difference(saved: Mapping[str, Any], fresh: Mapping[str, Any]) -> str | None:
+    """None when the saved plan is exactly the plan made now; else the first difference, in
+    words (which step or section, which field)."""
+    for name in ("garden", "inventory", "observed"):
+        if saved.get("fingerprints", {}).get(name) != fresh["fingerprints"].get(name):
+            return {"garden": "the garden file changed", "inventory": "the GPUs changed",
+                    "observed": "the running workers changed"}[name]
+    saved_steps, fresh_steps = saved.get("steps"), fresh["steps"]
+    if not isinstance(saved_steps, list) or len(saved_steps) != len(fresh_steps):
+        return "its steps are not the steps the garden gives now"
+    for old, new in zip(saved_steps, fresh_steps, strict=True):
+        if old != new:
+            fields = sorted(k for k in new if not isinstance(old, Mapping) or old.get(k) != new[k])
+            what = new["id"]
+            return f"step {what} differs ({', '.join(fields) or 'its fields'})"
+    for key in sorted(fresh):
+        if saved.get(key) != fresh[key]:
+            return f"its {key!r} section differs"
+    return None
 
 
-def observed_from_json(data: Mapping[str, Any]) -> ObservedWorker:
-    values = dict(data)
-    values["gpus"] = tuple(values["gpus"])
-    values["argv"] = tuple(values["argv"])
-    values["pids"] = tuple(values.get("pids", ()))
-    values["env"] = tuple(sorted(dict(values.get("env", {})).items()))
-    return ObservedWorker(**values)
-
-
-def _ledger_from(data: Mapping[str, Any]) -> LedgerRow:
-    return LedgerRow(
-        node=data["node"], index=data["index"], name=data["name"],
-        total_bytes=data["total_bytes"], used_by_others_bytes=data["used_by_others_bytes"],
-        reserve_bytes=data["reserve_bytes"], claimed_before_bytes=data["claimed_before_bytes"],
-        claimed_after_bytes=data["claimed_after_bytes"],
-        workers_before=tuple((w["worker"], w["claim_bytes"]) for w in data["workers_before"]),
-        workers_after=tuple((w["worker"], w["claim_bytes"]) for w in data["workers_after"]),
-    )
-
-
-def _unplaced_from(data: Mapping[str, Any]) -> Unplaced:
-    return Unplaced(
-        worker_id=data["worker"], model=data["model"], kept_previous=data["kept_previous"],
-        reasons=tuple(Reason(**r) for r in data["reasons"]),
-    )
+__all__ = ["check_saved_plan", "plan_to_json", "saved_plan_difference", "step_json"]

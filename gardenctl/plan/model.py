@@ -1,74 +1,124 @@
-"""The Plan: ordered actions, each with a cause, and every GPU's ledger before -> after.
+"""The Plan: every step `apply` will take, each with its cause and what it waits for, and every
+GPU's ledger before -> after.
 
-A plan is a value: `plan` shows it, `plan --out` saves it, `apply` executes exactly it.
+A plan is a value: `plan` shows it, `plan --out` saves it, `apply` executes exactly it (a saved
+plan is refused unless the garden, GPUs and workers still produce exactly the same steps). The
+executor decides nothing: which steps run, in which order, what happens when one fails (skip
+what depended on it, roll a failed replacement back) is written in the steps' dependencies.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Mapping
 
-from gardenctl.observe import ObservedWorker
+from gardenctl.observe import ObservedWorker, Rejection
 from gardenctl.placement.model import LedgerRow, Unplaced
+from gardenctl.vocab import Phase, StepKind
 from gardenctl.workers import DesiredWorker
 
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2
 
-START = "start"
-STOP = "stop"
-REPLACE = "replace"
-KEEP = "keep"
-ACTION_ORDER = {STOP: 0, REPLACE: 1, START: 2, KEEP: 3}
+GpuKey = tuple[str, int]
+
+
+class When(str, Enum):
+    """What a step needs of a step it depends on."""
+
+    DONE = "done"  # succeeded: a start is ready, a stop released its memory
+    FAILED = "failed"  # failed (a rollback runs only if its replacement failed)
+    FINISHED = "finished"  # either (the GPU is no longer busy with it)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
-class Action:
-    action: str  # start | stop | replace | keep
+class Needs:
+    step_id: str
+    when: When = When.DONE
+
+    def to_json(self) -> dict[str, str]:
+        return {"step": self.step_id, "when": self.when.value}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a spawn records the run it begins: its history and what it replaces."""
+
+    restarts: int = 0  # started again after failures (shown like k8s RESTARTS)
+    streak: int = 0  # failed runs in a row before this one (backoff)
+    replaces: DesiredWorker | None = None  # the running version, to roll back to if needed
+    rejected: Rejection | None = None  # set by a rollback: the version that failed
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: StepKind
     worker_id: str
     model: str
-    cause: str  # in plain words
-    worker: DesiredWorker | None = None  # what will run (start, replace, keep)
-    previous: ObservedWorker | None = None  # what runs now (stop, replace, keep)
+    cause: str  # why, in plain words (one line)
+    worker: DesiredWorker | None = None  # what runs after it (spawns, keep, await, adopt...)
+    previous: ObservedWorker | None = None  # what runs (or ran) before it
+    after: tuple[Needs, ...] = ()
+    launch: Launch | None = None  # spawns only
+    then: Phase | None = None  # stops: keep the record in this phase (None: remove it)
+    ends_because: str = ""  # a run it ends (to start it again): why, as its record will say
+    until: float | None = None  # hold: not before this wall-clock time
+    notes: tuple[str, ...] = ()  # what else a reader should know (availability, rollback)
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind.value}:{self.worker_id}"
+
+    @property
+    def target(self) -> DesiredWorker | ObservedWorker:
+        if self.worker is not None:
+            return self.worker
+        assert self.previous is not None, f"step {self.id} names no worker"
+        return self.previous
 
     @property
     def node(self) -> str:
-        return self.worker.node if self.worker else self.previous.node  # type: ignore[union-attr]
+        return self.target.node
 
     @property
     def gpus(self) -> tuple[int, ...]:
-        return self.worker.gpus if self.worker else self.previous.gpus  # type: ignore[union-attr]
+        return self.target.gpus
 
     @property
     def claim_bytes(self) -> int:
-        source = self.worker or self.previous
-        return source.claim_bytes  # type: ignore[union-attr]
+        return self.target.claim_bytes
 
     @property
     def utilization(self) -> float:
-        source = self.worker or self.previous
-        return source.utilization  # type: ignore[union-attr]
+        return self.target.utilization
 
     @property
     def port(self) -> int:
-        source = self.worker or self.previous
-        return source.port  # type: ignore[union-attr]
+        return self.target.port
+
+    @property
+    def gpu_keys(self) -> frozenset[GpuKey]:
+        """Every GPU it touches: where it runs after, and where the version it stops ran."""
+        keys = {(self.node, index) for index in self.gpus}
+        if self.previous is not None and self.kind in (StepKind.REPLACE, StepKind.RESTART):
+            keys |= {(self.previous.node, index) for index in self.previous.gpus}
+        return frozenset(keys)
+
+    @property
+    def conditional(self) -> bool:
+        """It runs only if something fails (a rollback)."""
+        return any(n.when == When.FAILED for n in self.after)
 
     @property
     def changes(self) -> bool:
-        """True when applying it changes a worker or gardenctl's records of one: every action
-        but keep, and a keep that adopts a worker found running without a record."""
-        return self.action != KEEP or self.adopts
-
-    @property
-    def adopts(self) -> bool:
-        return (self.action == KEEP and self.previous is not None
-                and not self.previous.has_record and self.previous.running)
+        return self.kind.acts and not self.conditional
 
     @property
     def loading(self) -> bool:
-        """A kept worker that is still starting (an earlier apply was interrupted)."""
-        return (self.action == KEEP and self.previous is not None
-                and self.previous.phase == "starting")
+        return self.kind == StepKind.AWAIT
 
 
 @dataclass(frozen=True)
@@ -103,7 +153,7 @@ class Plan:
     garden_file: str
     inventory_source: str
     fingerprints: Mapping[str, str]  # garden, inventory, observed: for refusing stale plans
-    actions: tuple[Action, ...]
+    steps: tuple[Step, ...]  # in the order they may begin
     ledgers: tuple[LedgerRow, ...]
     unplaced: tuple[Unplaced, ...]
     warnings: tuple[str, ...] = field(default=())
@@ -111,21 +161,31 @@ class Plan:
 
     @property
     def has_changes(self) -> bool:
-        return any(a.changes for a in self.actions)
+        return any(s.changes for s in self.steps)
 
     @property
     def has_work(self) -> bool:
         """Something for apply to do: changes, or workers still loading to wait for."""
-        return any(a.changes or a.loading for a in self.actions)
+        return any(s.changes or s.loading for s in self.steps)
 
-    def count(self, action: str) -> int:
-        return sum(1 for a in self.actions if a.action == action)
+    @property
+    def blocked(self) -> bool:
+        """Some worker cannot be started now: held by its backoff, or waiting for something
+        outside gardenctl (an unset secret, a taken port, a stopped rollout)."""
+        return any(s.kind in (StepKind.HOLD, StepKind.WAIT) for s in self.steps)
+
+    @property
+    def converged(self) -> bool:
+        """Nothing to do and nothing waiting: every worker runs as the garden wants."""
+        return not self.unplaced and all(s.kind == StepKind.KEEP for s in self.steps)
+
+    def step(self, step_id: str) -> Step | None:
+        return next((s for s in self.steps if s.id == step_id), None)
+
+    def count(self, kind: StepKind) -> int:
+        return sum(1 for s in self.steps if s.kind == kind and not s.conditional)
 
     def summary(self) -> dict[str, int]:
-        return {
-            "start": self.count(START),
-            "replace": self.count(REPLACE),
-            "stop": self.count(STOP),
-            "keep": self.count(KEEP),
-            "unplaced": len(self.unplaced),
-        }
+        counts = {kind.value: self.count(kind) for kind in StepKind}
+        counts["unplaced"] = len(self.unplaced)
+        return counts

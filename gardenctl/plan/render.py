@@ -1,27 +1,38 @@
-"""A plan as text for people: actions with causes, then each GPU's ledger before -> after.
+"""A plan as text for people: its steps with causes and what each waits for, the models'
+assumed memory, then each GPU's ledger before -> after.
 
-Deterministic (no clock, no terminal width): golden tests compare it byte for byte.
-Bars: '#' used by other processes, '=' claimed by our workers, '.' free; 40 characters = total.
+Deterministic (no clock, no terminal width): golden tests compare it byte for byte. Everything
+that came from the garden file is shown escaped (`gardenctl.text.shown`): a newline in a model
+id cannot forge a line. Bars: '#' used by others, '=' claimed by our workers, '.' free.
 """
 
 from __future__ import annotations
 
 from gardenctl.placement.model import LedgerRow
-from gardenctl.plan.model import KEEP, REPLACE, START, STOP, Action, Plan
+from gardenctl.plan.model import Plan, Step, When
+from gardenctl.text import shown
 from gardenctl.units import format_size
+from gardenctl.vocab import StepKind
 
 BAR_WIDTH = 40
-SYMBOLS = {START: "+", REPLACE: "~", STOP: "-", KEEP: "="}
+SYMBOLS = {
+    StepKind.START: "+", StepKind.REPLACE: "~", StepKind.RESTART: "^", StepKind.ROLLBACK: "<",
+    StepKind.STOP: "-", StepKind.STOP_LEFTOVERS: "-", StepKind.AWAIT: "*", StepKind.ADOPT: "@",
+    StepKind.HOLD: "!", StepKind.WAIT: "!", StepKind.KEEP: "=",
+}
+_SPAWNED_HERE = (StepKind.START, StepKind.REPLACE, StepKind.RESTART, StepKind.ROLLBACK,
+                 StepKind.AWAIT, StepKind.ADOPT, StepKind.KEEP)
 
 
 def render_plan(plan: Plan, *, show_idle_gpus: bool = False) -> str:
-    lines = [f"Plan for garden {plan.garden} ({plan.garden_file}; GPUs {plan.inventory_source})",
-             ""]
-    if plan.actions:
-        lines.append("Workers:")
-        width = max(len(a.worker_id) for a in plan.actions)
-        for action in plan.actions:
-            lines += _action_lines(action, width)
+    lines = [f"Plan for garden {shown(plan.garden)} ({shown(plan.garden_file)}; GPUs "
+             f"{shown(plan.inventory_source)})", ""]
+    if plan.steps:
+        lines.append("Steps (in order; 'after' is what a step waits for):")
+        width = max(len(shown(s.worker_id)) for s in plan.steps)
+        numbers = {s.id: i for i, s in enumerate(plan.steps, 1)}
+        for step in plan.steps:
+            lines += step_lines(step, width, numbers)
         lines.append("")
     lines += _model_lines(plan)
     lines += _ledger_lines(plan.ledgers, show_idle_gpus)
@@ -29,13 +40,13 @@ def render_plan(plan: Plan, *, show_idle_gpus: bool = False) -> str:
         lines.append(f"Unplaced ({len(plan.unplaced)}):")
         for unplaced in plan.unplaced:
             head = "kept at its running version" if unplaced.kept_previous else "not placed"
-            lines.append(f"  ! {unplaced.worker_id}: {head}")
+            lines.append(f"  ! {shown(unplaced.worker_id)}: {head}")
             for reason in unplaced.reasons:
-                lines.append(f"      {reason.message}")
+                lines.append(f"      {shown(reason.message)}")
         lines.append("")
     if plan.warnings:
         lines.append("Warnings:")
-        lines += [f"  - {w}" for w in plan.warnings]
+        lines += [f"  - {shown(w)}" for w in plan.warnings]
         lines.append("")
     lines.append(summary_line(plan))
     return "\n".join(lines)
@@ -46,28 +57,47 @@ def summary_line(plan: Plan) -> str:
     if not plan.has_changes:
         text = f"No changes: {s['keep']} worker(s) already as the garden wants."
     else:
-        text = (f"Plan: {s['start']} to start, {s['replace']} to replace, {s['stop']} to stop, "
-                f"{s['keep']} unchanged.")
-        adopted = sum(1 for a in plan.actions if a.adopts)
-        if adopted:
-            text += f" {adopted} to adopt."
-    loading = sum(1 for a in plan.actions if a.loading)
-    if loading:
-        text += f" {loading} still loading (apply waits for them)."
+        text = (f"Plan: {s['start']} to start, {s['replace']} to replace, {s['restart']} to "
+                f"restart, {s['stop'] + s['stop_leftovers']} to stop, {s['keep']} unchanged.")
+        if s["rollback"]:
+            text += f" {s['rollback']} to roll back."
+        if s["adopt"]:
+            text += f" {s['adopt']} to adopt."
+    if s["await"]:
+        text += f" {s['await']} still loading (apply waits for them)."
+    if s["hold"]:
+        text += f" {s['hold']} held by crash-loop backoff."
+    if s["wait"]:
+        text += f" {s['wait']} waiting (see Warnings)."
     if s["unplaced"]:
         text += f" {s['unplaced']} unplaced."
     return text
 
 
-def _action_lines(action: Action, width: int) -> list[str]:
-    head = f"  {SYMBOLS[action.action]} {action.action:<8} {action.worker_id:<{width}}  "
-    where = f"{action.node} GPU {','.join(map(str, action.gpus))}"
-    if action.action == STOP:
-        head += where
+def step_lines(step: Step, width: int, numbers: dict[str, int] | None = None) -> list[str]:
+    """A step as lines: what, where, why, what else, and what it waits for."""
+    numbers = numbers or {}
+    number = f"{numbers[step.id]:>2}. " if step.id in numbers else ""
+    label = step.kind.value.replace("_", " ")
+    head = f"  {number}{SYMBOLS[step.kind]} {label:<14} {shown(step.worker_id):<{width}}  "
+    where = f"{shown(step.node)} GPU {','.join(map(str, step.gpus))}"
+    if step.kind in _SPAWNED_HERE and step.worker is not None:
+        head += (f"{where}  util {step.utilization:.3f}  claims {format_size(step.claim_bytes)}"
+                 f"  port {step.port}")
     else:
-        head += (f"{where}  util {action.utilization:.3f}  claims {format_size(action.claim_bytes)}"
-                 f"  port {action.port}")
-    return [head.rstrip(), f"      {action.cause}"]
+        head += where
+    lines = [head.rstrip(), f"      {shown(step.cause)}"]
+    lines += [f"      ({shown(note)})" for note in step.notes]
+    if step.after:
+        lines.append("      after: " + ", ".join(_need(n.step_id, n.when, numbers)
+                                                  for n in step.after))
+    return lines
+
+
+def _need(step_id: str, when: When, numbers: dict[str, int]) -> str:
+    name = f"{numbers[step_id]}" if step_id in numbers else shown(step_id)
+    return {When.DONE: f"{name} done", When.FAILED: f"{name} failed",
+            When.FINISHED: f"{name} finished"}[when]
 
 
 def _model_lines(plan: Plan) -> list[str]:
@@ -76,34 +106,37 @@ def _model_lines(plan: Plan) -> list[str]:
     lines = ["Models (estimated memory per GPU; `gardenctl estimate MODEL` itemises it):"]
     width = max(len(m.name) for m in plan.models)
     for m in plan.models:
-        basis = m.weights_source.split(":", 1)[0][:40]
+        basis = shown(m.weights_source.split(":", 1)[0][:40])
         sequences = f"{m.max_model_len:,} tokens" + (f" x {m.min_concurrency}"
                                                      if m.min_concurrency > 1 else "")
         tp = f", TP {m.tensor_parallel_size}" if m.tensor_parallel_size > 1 else ""
         lines.append(f"  {m.name:<{width}}  {format_size(m.total_bytes):>9} = weights "
-                     f"{format_size(m.weights_bytes)} ({basis}) + KV {format_size(m.kv_cache_bytes)}"
-                     f" ({sequences}{tp}) + other {format_size(m.other_bytes)}")
+                     f"{format_size(m.weights_bytes)} ({basis}) + KV "
+                     f"{format_size(m.kv_cache_bytes)} ({sequences}{tp}) + other "
+                     f"{format_size(m.other_bytes)}")
     lines.append("")
     return lines
 
 
 def _ledger_lines(rows: tuple[LedgerRow, ...], show_idle: bool) -> list[str]:
-    shown = [r for r in rows if show_idle or r.workers_before or r.workers_after]
+    shown_rows = [r for r in rows if show_idle or r.workers_before or r.workers_after]
     if not rows:
         return []
     lines = ["GPUs ('#' others, '=' our claims, '.' free):"]
-    for row in shown:
-        lines.append(f"  {row.node} GPU {row.index}  {row.name}  {format_size(row.total_bytes)}")
+    for row in shown_rows:
+        lines.append(f"  {shown(row.node)} GPU {row.index}  {shown(row.name)}  "
+                     f"{format_size(row.total_bytes)}")
         lines.append(f"    before {_bar(row, row.claimed_before_bytes)}  "
                      f"{_figures(row, row.claimed_before_bytes)}")
         lines.append(f"    after  {_bar(row, row.claimed_after_bytes)}  "
                      f"{_figures(row, row.claimed_after_bytes)}")
         if row.workers_after:
-            names = ", ".join(f"{_short(w)} {format_size(b)}" for w, b in row.workers_after)
+            names = ", ".join(f"{shown(_short(w))} {format_size(b)}"
+                              for w, b in row.workers_after)
             lines.append(f"           {names}")
         if row.overcommitted:
             lines.append("    ! over-committed: running workers claim more than is free")
-    idle = len(rows) - len(shown)
+    idle = len(rows) - len(shown_rows)
     if idle:
         lines.append(f"  ({idle} GPU(s) with no workers of this garden not shown)")
     lines.append("")

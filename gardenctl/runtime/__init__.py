@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from gardenctl.errors import GardenError
 from gardenctl.inventory.model import Inventory
+from gardenctl.runtime.base import GpuProbe, Runtime
 from gardenctl.spec.models import Garden
 from gardenctl.state import StateDir
 
 
 def open_runtime(garden: Garden | None, inventory: Inventory, state: StateDir, *,
-                 writable: bool = True):
+                 writable: bool = True) -> Runtime:
     """The runtime a garden asks for, bound to the node it runs on. ``writable``: the caller
-    holds the state lock (read-only commands pass False and change no record)."""
+    holds the garden's lock (read-only commands pass False and change no record)."""
     kind = garden.runtime.kind if garden is not None else "local"
     if kind == "ray":
         raise GardenError(
@@ -30,7 +31,7 @@ def open_runtime(garden: Garden | None, inventory: Inventory, state: StateDir, *
     return LocalRuntime(state, node=inventory.nodes[0].name, writable=writable)
 
 
-def open_probe(inventory: Inventory):
+def open_probe(inventory: Inventory) -> GpuProbe | None:
     """Live GPU memory through NVML when the inventory came from NVML; None for declared
     (simulated) GPUs, whose memory nobody can measure."""
     if not inventory.used_includes_ours:

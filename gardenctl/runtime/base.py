@@ -1,36 +1,40 @@
-"""What a runtime does (local processes, Ray actors, the in-memory fake), and what it reports.
+"""What a runtime does (local processes, the in-memory fake), and what it reports.
 
-A runtime carries no decision logic: it observes, spawns, checks and stops workers when told.
-The executor (gardenctl.execute) decides nothing either: it runs the plan's actions in the
-order vLLM's rules require. The same contract tests run against every runtime.
+A runtime carries no decision logic: it observes, spawns, checks, probes and stops workers when
+told, and keeps each worker's record through the phases of `gardenctl.phases`. The planner
+decides what to do; the executor (gardenctl.execute) runs the plan's steps in the order their
+dependencies give. The same contract tests (tests/test_runtime_contract.py) run against every
+runtime.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Protocol
 
-from gardenctl.errors import GardenError
+from gardenctl.errors import GardenError, TemporaryError
 from gardenctl.observe import Observed, ObservedWorker
+from gardenctl.plan.model import Launch
 from gardenctl.runtime.diagnose import Diagnosis
+from gardenctl.vocab import Cause, Phase
 from gardenctl.workers import DesiredWorker
-
-# WorkerStatus.phase
-STARTING = "starting"
-READY = "ready"
-EXITED = "exited"
 
 
 @dataclass(frozen=True)
 class WorkerStatus:
-    """One look at a starting or running worker."""
+    """One look at a worker: its phase now (STARTING, READY, or the phase its run ended in)."""
 
-    phase: str  # starting | ready | exited
-    detail: str = ""  # what it is doing now, e.g. "loading weights"
-    exit_code: int | None = None  # set when exited normally
-    signal: int | None = None  # set when killed by a signal
-    log_tail: str = ""  # last lines of its log (exited only)
-    diagnosis: Diagnosis | None = None  # recognised cause (exited only)
+    phase: Phase
+    detail: str = ""  # what it is doing now ("loading weights"), or why it ended
+    exit_code: int | None = None  # set when it exited normally
+    signal: int | None = None  # set when it was killed by a signal
+    log_tail: str = ""  # last lines of its log (ended only)
+    diagnosis: Diagnosis | None = None  # recognised cause (ended only)
+
+    @property
+    def ended(self) -> bool:
+        return self.phase.dead
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,18 @@ class StopResult:
 
 
 class SpawnError(GardenError):
-    """A worker could not even be started (command not found, port taken, ...)."""
+    """A worker could not even be started (command not found, port taken, ...). The runtime
+    has recorded the failed start before raising."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, cause: Cause, message: str, hint: str = "") -> None:
         super().__init__(message)
-        self.kind = kind
+        self.cause = cause
+        self.hint = hint
+
+
+class GpuBusy(TemporaryError):
+    """Another worker (of any garden in the state directory) is loading or stopping on one of
+    the GPUs: vLLM must not start there now. Nothing was recorded; try again later."""
 
 
 class StopError(GardenError):
@@ -54,31 +65,60 @@ class StopError(GardenError):
 
 class Runtime(Protocol):
     name: str
+    node: str
 
-    def observe(self) -> Observed:
-        """Every worker this runtime knows of (all gardens), each with its phase."""
+    def observe(self, *, confirm_health: bool = True) -> Observed:
+        """Every worker this runtime knows of (all gardens), each with its phase. With
+        ``confirm_health``, a ready worker whose /health fails is probed again (its
+        failure_threshold times, briefly) and observed UNHEALTHY if every probe fails;
+        without it (watch, whose prober thread does this), its recorded phase stands."""
+        ...
 
-    def spawn(self, worker: DesiredWorker, env: Mapping[str, str], restarts: int = 0) -> None:
-        """Start the worker's process(es) and record it; SpawnError when it cannot start.
+    def spawn(self, worker: DesiredWorker, env: Mapping[str, str], launch: Launch) -> None:
+        """Start the worker's process(es) and record the run (``launch`` carries its history).
+        ``env`` is the worker's garden environment with secret references resolved.
+        GpuBusy when another worker loads or stops on its GPUs (nothing recorded); SpawnError
+        when it cannot start (recorded as a failed start)."""
+        ...
 
-        ``env`` is the worker's environment with secret references resolved."""
+    def fail(self, worker: DesiredWorker, launch: Launch, reason: str, cause: Cause,
+             hint: str = "") -> None:
+        """Record a start that could not happen (the GPU never had room, its memory was
+        never released): FAILED, counted like any failed run."""
+        ...
 
     def check(self, worker_id: str) -> WorkerStatus:
-        """Is the worker still starting, ready (health 200 and its name in /v1/models) or gone?"""
+        """Is the worker still starting, ready (health 200 and its name in /v1/models), or
+        has its run ended? Records what it finds."""
+        ...
 
-    def stop(self, worker_id: str, grace: float) -> StopResult:
-        """SIGTERM, wait ``grace`` seconds, SIGKILL the whole group, verify nothing survives.
-        Removes the worker's record."""
+    def stop(self, worker_id: str, *, keep: Phase | None = None, reason: str = "",
+             cause: Cause = Cause.EXITED, grace: float | None = None) -> StopResult:
+        """SIGTERM, wait ``grace`` seconds (default: its shutdown timeout + a margin), SIGKILL
+        the whole group, verify nothing survives. The record is removed, or with ``keep``
+        kept as an ended run (FAILED / CRASHED, with ``reason``) to be started again."""
+        ...
 
     def adopt(self, worker: ObservedWorker, desired: DesiredWorker) -> None:
         """Record a worker found running by its marker (no record) as the garden wants it."""
+        ...
+
+    def probe_health(self, worker_id: str) -> str | None:
+        """One liveness probe (/health): None when healthy, else why not."""
+        ...
+
+    def mark_unhealthy(self, worker_id: str, detail: str) -> None:
+        """Record that a ready worker failed its liveness probes (the planner restarts it)."""
+        ...
 
     def log_path(self, worker_id: str) -> str | None:
         """Where the worker's output goes, if the runtime keeps it in a file."""
+        ...
 
     def dead_workers(self) -> set[tuple[str, int | None]]:
         """(worker id, pid) of workers believed running whose process is gone. Cheap (no HTTP,
         no process scan): `watch` calls it every second to notice a death quickly."""
+        ...
 
 
 class GpuProbe(Protocol):
@@ -87,3 +127,7 @@ class GpuProbe(Protocol):
     def free_bytes(self, node: str, index: int) -> int: ...
 
     def pids_on(self, node: str, index: int) -> set[int]: ...
+
+
+__all__ = ["GpuBusy", "GpuProbe", "Runtime", "SpawnError", "StopError", "StopResult",
+           "WorkerStatus"]

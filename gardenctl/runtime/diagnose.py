@@ -1,6 +1,6 @@
 """Recognise why a vLLM worker failed from the end of its log, and say what to do.
 
-Pure: text in, Diagnosis out. Messages checked against vLLM 0.32 (shared/VLLM.md).
+Pure: text in, Diagnosis out. Messages checked against vLLM 0.32 (docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -8,20 +8,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-OOM = "out_of_memory"
-KV_CACHE_TOO_SMALL = "kv_cache_too_small"
-NO_CACHE_BLOCKS = "no_cache_blocks"
-PORT_IN_USE = "port_in_use"
-MODEL_NOT_FOUND = "model_not_found"
-FREE_MEMORY_CHECK = "insufficient_free_memory"
-PROFILING_RACE = "memory_profiling_race"
-UNRECOGNISED_FLAG = "unrecognised_flag"
-UNKNOWN = "unknown"
+from gardenctl.vocab import Cause
+
+OOM = Cause.OUT_OF_MEMORY
+KV_CACHE_TOO_SMALL = Cause.KV_CACHE_TOO_SMALL
+NO_CACHE_BLOCKS = Cause.NO_CACHE_BLOCKS
+PORT_IN_USE = Cause.PORT_IN_USE
+MODEL_NOT_FOUND = Cause.MODEL_NOT_FOUND
+FREE_MEMORY_CHECK = Cause.FREE_MEMORY_CHECK
+PROFILING_RACE = Cause.PROFILING_RACE
+UNRECOGNISED_FLAG = Cause.UNRECOGNISED_FLAG
+ENGINE_DEAD = Cause.ENGINE_DEAD
+UNKNOWN = Cause.UNKNOWN
 
 
 @dataclass(frozen=True)
 class Diagnosis:
-    cause: str
+    cause: Cause
     message: str  # one line, for people
     hint: str = ""
     suggested_max_model_len: int | None = None
@@ -80,5 +83,9 @@ def diagnose(log_tail: str) -> Diagnosis:
     if match:
         return Diagnosis(UNRECOGNISED_FLAG, f"vLLM does not know {match.group(1).strip()}",
                          hint="remove it from args, or point vllm_command at a newer vLLM")
+    if re.search(r"EngineDeadError|Engine core .*died|EngineCore encountered", log_tail):
+        return Diagnosis(ENGINE_DEAD, "vLLM's engine died while serving",
+                         hint="read the worker's log (`gardenctl logs WORKER`) for what killed "
+                         "the engine")
     last = next((line.strip() for line in reversed(log_tail.splitlines()) if line.strip()), "")
     return Diagnosis(UNKNOWN, last[:300] or "no output")

@@ -1,9 +1,10 @@
-"""An in-memory runtime for tests: no processes, a clock you control, the stand-in's behaviour.
+"""An in-memory runtime for tests: simulated processes, a clock you control, real bookkeeping.
 
-It reads the same inputs as the stand-in vLLM server (the worker's `vllm serve` argv, parsed by
-the stand-in's parser, and its STANDIN_VLLM_* environment) and produces the same log text on
-failure (the stand-in's engine), so the contract tests in tests/test_runtime_contract.py hold
-for it and for the local runtime running the stand-in alike.
+Only the processes are simulated; records are kept by the same code as the local runtime's
+(`runtime.records`), in memory. A simulated process behaves like the stand-in vLLM server run
+by the local runtime: it reads the worker's `vllm serve` argv with the stand-in's parser and its
+STANDIN_VLLM_* environment, and fails with the stand-in engine's log lines, so the contract
+tests in tests/test_runtime_contract.py hold for both runtimes.
 """
 
 from __future__ import annotations
@@ -12,147 +13,203 @@ import contextlib
 import io
 import itertools
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-from gardenctl.observe import CRASHED, READY, STARTING, Observed, ObservedWorker
+from gardenctl.observe import Observed, ObservedWorker
+from gardenctl.plan.model import Launch
 from gardenctl.runtime import base
-from gardenctl.runtime.diagnose import diagnose
+from gardenctl.runtime.records import ALIVE, MemoryStore, RecordedRuntime
+from gardenctl.state import WorkerRecord
+from gardenctl.vocab import Cause, Phase
 from gardenctl.workers import DesiredWorker
 
 _pids = itertools.count(40000)
 
 
 @dataclass
-class FakeWorker:
+class FakeProcess:
+    """A simulated `vllm serve`: when it answers, fails or dies, on the runtime's clock."""
+
     worker: DesiredWorker
     pid: int
-    started: float  # runtime clock
+    started: float
     ready_delay: float
-    started_wall: float = 0.0  # wall time, as a real process's start time
     failure_lines: tuple[str, ...] = ()  # set: it exits after ready_delay with these lines
     exit_code: int = 1
     hang: bool = False
-    crash_after: float | None = None  # seconds after ready
+    crash_after: float | None = None  # seconds after ready: the engine dies
+    keep_alive_on_engine_death: bool = False  # then the API server stays up, /health 503
     ignore_sigterm: bool = False
-    restarts: int = 0
-    has_record: bool = True
-    log: list[str] = field(default_factory=list)
+    killed: int | None = None  # set by kill(): the exit code (negative: a signal)
+
+    def exit_code_at(self, now: float) -> object:
+        if self.killed is not None:
+            return self.killed
+        elapsed = now - self.started
+        if self.failure_lines and elapsed >= self.ready_delay:
+            return self.exit_code
+        if self._engine_dead(now) and not self.keep_alive_on_engine_death:
+            return self.exit_code
+        return ALIVE
+
+    def _engine_dead(self, now: float) -> bool:
+        return (self.crash_after is not None
+                and now - self.started >= self.ready_delay + self.crash_after)
+
+    def answers(self, now: float) -> bool:
+        """/health is 200 (and /v1/models lists the worker)."""
+        return (self.exit_code_at(now) is ALIVE and not self.hang and not self.failure_lines
+                and now - self.started >= self.ready_delay and not self._engine_dead(now))
+
+    def log(self, now: float) -> str:
+        if self.failure_lines and self.exit_code_at(now) is not ALIVE:
+            return "\n".join(self.failure_lines)
+        if self._engine_dead(now):
+            from gardenctl.testing.standin_engine import engine_crashed
+
+            crash = engine_crashed()
+            return "\n".join(crash.engine_traceback + crash.server_traceback)
+        return ""
 
 
-class FakeRuntime:
+class FakeRuntime(RecordedRuntime):
     name = "fake"
 
-    def __init__(self, node: str = "node-a", clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, node: str = "node-a", clock: Callable[[], float] = time.time) -> None:
+        super().__init__(MemoryStore(), writable=True, clock=clock)
         self.node = node
-        self.clock = clock
-        self.wall = wall
-        self.workers: dict[str, FakeWorker] = {}
-        self.exited: dict[str, tuple[FakeWorker, base.WorkerStatus]] = {}
+        self.processes: dict[str, FakeProcess] = {}  # by worker id: its current process
         self.spawned: list[str] = []  # every spawn, in order (tests read it)
         self.stopped: list[str] = []
 
     # -- the Runtime contract ----------------------------------------------------------------
 
-    def spawn(self, worker: DesiredWorker, env: Mapping[str, str], restarts: int = 0) -> None:
+    def spawn(self, worker: DesiredWorker, env: Mapping[str, str], launch: Launch) -> None:
         from gardenctl.testing.standin_env import EnvError, StandinEnv
 
         if worker.node != self.node:
-            raise base.SpawnError("wrong_node", f"{worker.worker_id} is planned on node "
+            raise base.SpawnError(Cause.SPAWN_FAILED, f"{worker.worker_id} is planned on node "
                                   f"{worker.node}, but this runtime runs on {self.node}")
-        for other in self.workers.values():
-            if other.worker.port == worker.port and self._phase(other)[0] != base.EXITED:
-                raise base.SpawnError("port_in_use", f"port {worker.port} on {worker.host} is "
-                                      f"already in use by pid {other.pid}")
+        self._check_gpus_free(worker)
+        for other_id, other in self.processes.items():
+            if other.worker.port == worker.port and other_id != worker.worker_id \
+                    and other.exit_code_at(self.clock()) is ALIVE:
+                error = base.SpawnError(Cause.PORT_IN_USE, f"port {worker.port} on "
+                                        f"{worker.host} is already in use by pid {other.pid}")
+                self.fail(worker, launch, str(error), error.cause)
+                raise error
+        now = self.clock()
         try:
             settings = StandinEnv.from_environ(env)
         except EnvError as exc:
-            self._record_exit(worker, 2, (str(exc),), restarts)
-            return
-        lines, code = self._startup_failure(worker, settings)
-        fake = FakeWorker(worker=worker, pid=next(_pids), started=self.clock(),
-                          started_wall=self.wall(),
-                          ready_delay=settings.ready_delay, failure_lines=lines,
-                          exit_code=code if code is not None else settings.exit_code,
-                          hang=settings.fail == "hang",
-                          crash_after=settings.crash_after if settings.fail == "crash_after_ready"
-                          else None, ignore_sigterm=settings.ignore_sigterm, restarts=restarts)
-        if lines and code == 2:
-            fake.ready_delay = 0.0  # a usage error exits at once
-        self.exited.pop(worker.worker_id, None)
-        self.workers[worker.worker_id] = fake
+            process = FakeProcess(worker, next(_pids), now, 0.0, failure_lines=(str(exc),),
+                                  exit_code=2)
+        else:
+            lines, code = self._startup_failure(worker, settings)
+            process = FakeProcess(
+                worker, next(_pids), now, settings.ready_delay, failure_lines=lines,
+                exit_code=code if code is not None else settings.exit_code,
+                hang=settings.fail == "hang",
+                crash_after=settings.crash_after if settings.fail == "crash_after_ready"
+                else None, keep_alive_on_engine_death=settings.keep_alive_on_engine_death,
+                ignore_sigterm=settings.ignore_sigterm)
+            if lines and code == 2:
+                process.ready_delay = 0.0  # a usage error exits at once
+        self.processes[worker.worker_id] = process
         self.spawned.append(worker.worker_id)
+        self._record_new_run(WorkerRecord.begin(
+            worker, launch, pid=process.pid, started_at=now, log_path="",
+            before=self.store.read_record(worker.worker_id)))
 
-    def check(self, worker_id: str) -> base.WorkerStatus:
-        fake = self.workers.get(worker_id)
-        if fake is None:
-            gone = self.exited.get(worker_id)
-            return gone[1] if gone else base.WorkerStatus(base.EXITED, "no record")
-        phase, status = self._phase(fake)
-        if phase == base.EXITED:
-            del self.workers[worker_id]
-            self.exited[worker_id] = (fake, status)
-        return status
-
-    def stop(self, worker_id: str, grace: float | None = None) -> base.StopResult:
-        fake = self.workers.pop(worker_id, None)
-        self.exited.pop(worker_id, None)
+    def stop(self, worker_id: str, *, keep: Phase | None = None, reason: str = "",
+             cause: Cause = Cause.EXITED, grace: float | None = None) -> base.StopResult:
+        record = self.store.read_record(worker_id)
+        process = self.processes.pop(worker_id, None)
         self.stopped.append(worker_id)
-        if fake is None:
-            return base.StopResult("gone")
-        outcome = "killed" if fake.ignore_sigterm else "stopped"
-        return base.StopResult(outcome, (fake.pid,), f"{outcome} (fake)")
+        alive = process is not None and process.exit_code_at(self.clock()) is ALIVE
+        self._begin_stop(record, alive)
+        self._after_stop(worker_id, record, keep, reason, cause)
+        if process is None or not alive:
+            return base.StopResult("gone", (process.pid,) if process else (), "already exited")
+        outcome = "killed" if process.ignore_sigterm else "stopped"
+        return base.StopResult(outcome, (process.pid,), f"{outcome} (fake)")
 
     def adopt(self, worker: ObservedWorker, desired: DesiredWorker) -> None:
-        fake = self.workers.get(worker.worker_id)
-        if fake is not None:
-            fake.has_record = True
+        process = self.processes.get(worker.worker_id)
+        if process is None:
+            return
+        record = WorkerRecord.begin(desired, Launch(), pid=process.pid,
+                                    started_at=worker.started_at or self.clock(), log_path="")
+        if process.answers(self.clock()):
+            record.mark_ready(self.clock())
+        self._record_new_run(record)
 
     def log_path(self, worker_id: str) -> str | None:
         return None
 
-    def dead_workers(self) -> set[tuple[str, int | None]]:
-        dead = {(w, fake.pid) for w, fake in self.workers.items()
-                if self._phase(fake)[0] == base.EXITED}
-        return dead | {(w, fake.pid) for w, (fake, _) in self.exited.items()}
+    def observe(self, *, confirm_health: bool = True) -> Observed:
+        records = self.store.records()
+        workers = {w.worker_id: w for w in self._observe_records(records, confirm_health)}
+        for worker_id, process in sorted(self.processes.items()):
+            record = self.store.read_record(worker_id)
+            if (record is None or record.pid != process.pid) \
+                    and process.exit_code_at(self.clock()) is ALIVE:
+                workers[worker_id] = ObservedWorker(  # marked, unrecorded: an orphan
+                    spec=process.worker, phase=Phase.UNKNOWN, pid=process.pid,
+                    has_record=False, started_at=process.started, pids=(process.pid,))
+        return Observed(tuple(workers[w] for w in sorted(workers)), source="fake runtime")
 
-    def observe(self) -> Observed:
-        workers = []
-        for worker_id in sorted(self.workers):
-            status = self.check(worker_id)  # moves a worker that exited to self.exited
-            if status.phase != base.EXITED:
-                phase = READY if status.phase == base.READY else STARTING
-                workers.append(self._observed(self.workers[worker_id], phase))
-        for worker_id, (fake, status) in sorted(self.exited.items()):
-            workers.append(self._observed(fake, CRASHED, status))
-        return Observed(tuple(sorted(workers, key=lambda w: w.worker_id)),
-                        source="fake runtime")
+    # -- the process side of records ---------------------------------------------------------
+
+    def _process(self, record: WorkerRecord) -> FakeProcess | None:
+        process = self.processes.get(record.worker_id)
+        return process if process is not None and process.pid == record.pid else None
+
+    def _exit_code(self, record: WorkerRecord) -> object:
+        process = self._process(record)
+        return process.exit_code_at(self.clock()) if process else record.exit_code
+
+    def _probe_ready(self, record: WorkerRecord) -> bool:
+        process = self._process(record)
+        return process is not None and process.answers(self.clock())
+
+    def _probe_health(self, record: WorkerRecord) -> str | None:
+        process = self._process(record)
+        if process is None or process.exit_code_at(self.clock()) is not ALIVE:
+            return "/health did not answer (connection refused)"
+        return None if process.answers(self.clock()) else "/health answered 503"
+
+    def _log_tail(self, record: WorkerRecord) -> str:
+        process = self._process(record)
+        return process.log(self.clock()) if process else ""
+
+    def _milestone(self, record: WorkerRecord) -> str:
+        return "loading weights"
+
+    def _members(self, record: WorkerRecord, alive: bool) -> tuple[int, ...]:
+        process = self._process(record)
+        return (process.pid,) if process and process.exit_code_at(self.clock()) is ALIVE else ()
 
     # -- test helpers ------------------------------------------------------------------------
 
     def add_unrecorded(self, worker: DesiredWorker) -> None:
         """A worker running with our marker but no record (gardenctl died after spawning it)."""
-        self.workers[worker.worker_id] = FakeWorker(worker=worker, pid=next(_pids),
-                                                    started=self.clock() - 3600,
-                                                    started_wall=self.wall() - 3600,
-                                                    ready_delay=0.0, has_record=False)
+        self.processes[worker.worker_id] = FakeProcess(worker, next(_pids),
+                                                       self.clock() - 3600, 0.0)
 
     def kill(self, worker_id: str, code: int = -9) -> None:
-        """The process dies (kill -9, OOM killer): the next look reports it exited."""
-        fake = self.workers.pop(worker_id)
-        status = base.WorkerStatus(base.EXITED, "killed by signal 9" if code < 0 else "exited",
-                                   exit_code=None if code < 0 else code,
-                                   signal=-code if code < 0 else None)
-        self.exited[worker_id] = (fake, status)
+        """The process dies (kill -9, the OOM killer): the next look reports it exited."""
+        self.processes[worker_id].killed = code
 
-    # -- internals ---------------------------------------------------------------------------
-
-    def _startup_failure(self, worker: DesiredWorker, settings) -> tuple[tuple[str, ...], int | None]:
+    def _startup_failure(self, worker: DesiredWorker,
+                         settings: object) -> tuple[tuple[str, ...], int | None]:
         from gardenctl.testing import standin_args
         from gardenctl.testing.standin_engine import STARTUP_FAILURE_MODES, simulate_startup
+        from gardenctl.testing.standin_env import StandinEnv
         from gardenctl.testing.standin_vllm import engine_settings
 
+        assert isinstance(settings, StandinEnv)
         argv = list(worker.argv)
         rest = argv[argv.index("serve") + 1:] if "serve" in argv else argv[1:]
         stderr = io.StringIO()
@@ -166,45 +223,3 @@ class FakeRuntime:
         if result.failure is None:
             return (), None
         return result.failure.engine_traceback + result.failure.server_traceback, None
-
-    def _record_exit(self, worker: DesiredWorker, code: int, lines: tuple[str, ...],
-                     restarts: int) -> None:
-        fake = FakeWorker(worker=worker, pid=next(_pids), started=self.clock(), ready_delay=0,
-                          started_wall=self.wall(), failure_lines=lines, exit_code=code,
-                          restarts=restarts)
-        self.workers[worker.worker_id] = fake
-        self.spawned.append(worker.worker_id)
-
-    def _phase(self, fake: FakeWorker) -> tuple[str, base.WorkerStatus]:
-        elapsed = self.clock() - fake.started
-        if fake.failure_lines and elapsed >= fake.ready_delay:
-            tail = "\n".join(fake.failure_lines)
-            diagnosis = diagnose(tail)
-            return base.EXITED, base.WorkerStatus(base.EXITED, diagnosis.message,
-                                                  exit_code=fake.exit_code, log_tail=tail,
-                                                  diagnosis=diagnosis)
-        if fake.hang or elapsed < fake.ready_delay:
-            return base.STARTING, base.WorkerStatus(base.STARTING, "loading weights")
-        if fake.crash_after is not None and elapsed >= fake.ready_delay + fake.crash_after:
-            from gardenctl.testing.standin_engine import engine_crashed
-
-            crash = engine_crashed()
-            tail = "\n".join(crash.engine_traceback + crash.server_traceback)
-            diagnosis = diagnose(tail)
-            return base.EXITED, base.WorkerStatus(base.EXITED, diagnosis.message,
-                                                  exit_code=fake.exit_code, log_tail=tail,
-                                                  diagnosis=diagnosis)
-        return base.READY, base.WorkerStatus(base.READY, "ready")
-
-    def _observed(self, fake: FakeWorker, phase: str,
-                  status: base.WorkerStatus | None = None) -> ObservedWorker:
-        w = fake.worker
-        return ObservedWorker(
-            worker_id=w.worker_id, garden=w.garden, model=w.model, replica=w.replica, node=w.node,
-            gpus=w.gpus, port=w.port, utilization=w.utilization, claim_bytes=w.claim_bytes,
-            spec_hash=w.spec_hash, sizing_hash=w.sizing_hash, argv=w.argv, phase=phase,
-            pid=fake.pid, has_record=fake.has_record, restarts=fake.restarts,
-            started_at=fake.started_wall,
-            exit_code=status.exit_code if status else None,
-            last_error=status.detail if status else None, pids=(fake.pid,), env=w.env,
-        )

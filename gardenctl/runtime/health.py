@@ -46,6 +46,17 @@ def probe_ready(host: str, port: int, served_name: str, api_key: str | None,
     return served_name in names
 
 
+def probe_liveness(host: str, port: int, timeout: float = 2.0) -> str | None:
+    """One liveness probe: None when /health answers 200; otherwise why not, in words (vLLM
+    answers 503 once its engine has died while the API server lives on)."""
+    status, _ = _get(host, port, "/health", None, timeout)
+    if status == 200:
+        return None
+    if status is None:
+        return f"/health did not answer within {timeout:g}s"
+    return f"/health answered {status}"
+
+
 def _get(host: str, port: int, path: str, api_key: str | None,
          timeout: float) -> tuple[int | None, bytes]:
     connection = http.client.HTTPConnection(connect_host(host), port, timeout=timeout)

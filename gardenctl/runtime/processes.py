@@ -147,13 +147,30 @@ def kill_members(pids: list[int]) -> None:
         signal_process(pid, signal.SIGKILL)
 
 
-def listening_ports() -> set[int]:
-    """TCP ports something on this machine listens on (empty where that cannot be read)."""
+def listening_ports() -> dict[int, str]:
+    """TCP ports something on this machine listens on, each with who ("pid 123 (python3)"
+    where visible, else "another program"); empty where that cannot be read."""
     try:
-        return {conn.laddr.port for conn in psutil.net_connections(kind="inet")
-                if conn.status == psutil.CONN_LISTEN and conn.laddr}
+        connections = psutil.net_connections(kind="inet")
     except (psutil.AccessDenied, OSError):
-        return set()
+        return {}
+    ports: dict[int, str] = {}
+    for conn in connections:
+        if conn.status != psutil.CONN_LISTEN or not conn.laddr:
+            continue
+        port = conn.laddr.port
+        if conn.pid and ports.get(port, "another program") == "another program":
+            ports[port] = _describe_pid(conn.pid)
+        else:
+            ports.setdefault(port, "another program")
+    return ports
+
+
+def _describe_pid(pid: int) -> str:
+    try:
+        return f"pid {pid} ({psutil.Process(pid).name()})"
+    except psutil.Error:
+        return f"pid {pid}"
 
 
 def port_owner(host: str, port: int) -> str | None:
@@ -169,14 +186,4 @@ def port_owner(host: str, port: int) -> str | None:
         pass
     finally:
         probe.close()
-    try:
-        for conn in psutil.net_connections(kind="inet"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-                if conn.pid:
-                    try:
-                        return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
-                    except psutil.Error:
-                        return f"pid {conn.pid}"
-    except psutil.AccessDenied:
-        pass
-    return "another process"
+    return listening_ports().get(port, "another program")

@@ -130,6 +130,32 @@ class ModelPlacement(_Strict):
     )
 
 
+class LivenessProbe(_Strict):
+    """How a ready worker is probed, like a kubelet liveness probe: `/health` every `period`;
+    `failure_threshold` failures in a row restart it (with the crash-loop backoff)."""
+
+    period: Seconds = Field(5.0, gt=0, description="Seconds between probes (under watch).")
+    failure_threshold: int = Field(
+        3, ge=1, le=100, description="Failed probes in a row before the worker is restarted."
+    )
+    timeout: Seconds = Field(2.0, gt=0, description="How long one probe may take.")
+
+
+class RolloutPolicy(_Strict):
+    """How a model's replicas are replaced when its settings change."""
+
+    max_unavailable: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Replicas that may be down at once while being replaced; the next replica is "
+            "replaced only when the previous one is ready, and a replacement that does not "
+            "become ready is rolled back to the running version."
+        ),
+    )
+
+
 class ModelSettings(_Strict):
     """Every setting of a model that `defaults:` may also give (a model's own value wins)."""
 
@@ -216,6 +242,14 @@ class ModelSettings(_Strict):
             "How long vLLM drains in-flight requests when stopped (--shutdown-timeout); its "
             "process group is SIGKILLed if it has not exited 10 s after that."
         ),
+    )
+    liveness: LivenessProbe = Field(
+        default_factory=lambda: LivenessProbe(),
+        description="How a ready worker is checked, and when it is restarted as unhealthy.",
+    )
+    rollout: RolloutPolicy = Field(
+        default_factory=lambda: RolloutPolicy(),
+        description="How replicas are replaced when the model's settings change.",
     )
 
 

@@ -1,0 +1,271 @@
+"""What every runtime does with records, whatever runs its processes.
+
+`RecordedRuntime` keeps each worker's record through its phases (`gardenctl.phases`): it
+turns what a runtime sees of a process (alive or its exit code, ready, healthy, its log) into
+the record's phase, diagnosis and history, and observes records as `ObservedWorker`s. A
+runtime supplies only the process side (`_exit_code`, `_probe_ready`, `_probe_health`,
+`_log_tail`, `_members`); the local runtime runs real processes, the fake simulates them, and
+both keep records the same way, so the contract tests hold for both.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from gardenctl.observe import ObservedWorker
+from gardenctl.plan.model import Launch
+from gardenctl.runtime import base
+from gardenctl.runtime.diagnose import diagnose
+from gardenctl.state import WorkerRecord
+from gardenctl.vocab import Cause, Phase
+from gardenctl.workers import DesiredWorker
+
+ALIVE = object()  # what _exit_code returns for a process that still runs
+CONFIRM_INTERVAL = 0.5  # seconds between the re-probes of a failing worker in one observation
+
+
+class RecordStore(Protocol):
+    def read_record(self, worker_id: str) -> WorkerRecord | None: ...
+
+    def write_record(self, record: WorkerRecord) -> None: ...
+
+    def delete_record(self, worker_id: str) -> None: ...
+
+    def records(self, garden: str | None = None,
+                damaged: list[str] | None = None) -> list[WorkerRecord]: ...
+
+
+class MemoryStore:
+    """Records in memory (the fake runtime's state directory)."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, dict[str, object]] = {}
+
+    def read_record(self, worker_id: str) -> WorkerRecord | None:
+        data = self._records.get(worker_id)
+        return WorkerRecord.from_json(dict(data)) if data is not None else None
+
+    def write_record(self, record: WorkerRecord) -> None:
+        self._records[record.worker_id] = record.to_json()  # a copy, as a file would be
+
+    def delete_record(self, worker_id: str) -> None:
+        self._records.pop(worker_id, None)
+
+    def records(self, garden: str | None = None,
+                damaged: list[str] | None = None) -> list[WorkerRecord]:
+        found = [WorkerRecord.from_json(dict(data)) for _, data in sorted(self._records.items())]
+        return [r for r in found if garden is None or r.garden == garden]
+
+
+class RecordedRuntime:
+    """The record side of a runtime (see the module docstring).
+
+    Records change by compare-and-swap: an update is written only if the stored record is
+    still the same run in the phase it was read in, so an observation that read a dead run
+    never overwrites the record of the run a concurrent restart has just begun."""
+
+    def __init__(self, store: RecordStore, *, writable: bool, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.writable = writable
+        self.clock = clock
+        self._records_lock = threading.RLock()
+
+    # -- the process side, supplied by each runtime -----------------------------------------
+
+    def _exit_code(self, record: WorkerRecord) -> object:
+        """ALIVE, or the run's exit code (negative: killed by that signal; None: unknown)."""
+        raise NotImplementedError
+
+    def _probe_ready(self, record: WorkerRecord) -> bool:
+        """/health answers 200 and /v1/models lists the served name."""
+        raise NotImplementedError
+
+    def _probe_health(self, record: WorkerRecord) -> str | None:
+        """One liveness probe: None when healthy, else why not."""
+        raise NotImplementedError
+
+    def _log_tail(self, record: WorkerRecord) -> str:
+        raise NotImplementedError
+
+    def _milestone(self, record: WorkerRecord) -> str:
+        """What a loading worker is doing now."""
+        raise NotImplementedError
+
+    def _members(self, record: WorkerRecord, alive: bool) -> tuple[int, ...]:
+        """The live processes of the worker (its process group)."""
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------
+
+    def _save(self, record: WorkerRecord) -> bool:
+        """Write an update of ``record`` if it is still the run and phase it was read as."""
+        if not self.writable:
+            return False
+        with self._records_lock:
+            stored = self.store.read_record(record.worker_id)
+            if (stored is None or stored.pid != record.pid
+                    or stored.started_at != record.started_at
+                    or stored.phase != record.loaded_as):
+                return False
+            self.store.write_record(record)
+            record.loaded_as = record.phase
+            return True
+
+    def _record_new_run(self, record: WorkerRecord) -> None:
+        with self._records_lock:
+            self.store.write_record(record)
+            record.loaded_as = record.phase
+
+    def fail(self, worker: DesiredWorker, launch: Launch, reason: str, cause: Cause,
+             hint: str = "") -> None:
+        with self._records_lock:
+            before = self.store.read_record(worker.worker_id)
+            self._record_new_run(WorkerRecord.failed_start(
+                worker, launch, reason=reason, cause=cause, hint=hint, at=self.clock(),
+                before=before))
+
+    def check(self, worker_id: str) -> base.WorkerStatus:
+        record = self.store.read_record(worker_id)
+        if record is None:
+            return base.WorkerStatus(Phase.FAILED, "no record")
+        if record.phase.dead:
+            return self._ended_status(record)
+        code = self._exit_code(record)
+        if code is not ALIVE:
+            return self._record_exit(record, code)
+        if record.phase == Phase.STARTING:
+            if self._mark_if_ready(record):
+                return base.WorkerStatus(Phase.READY, "ready")
+            return base.WorkerStatus(Phase.STARTING, self._milestone(record))
+        return base.WorkerStatus(record.phase, record.last_error or "")
+
+    def _mark_if_ready(self, record: WorkerRecord) -> bool:
+        if not self._probe_ready(record):
+            return False
+        record.mark_ready(self.clock())
+        self._save(record)
+        return True
+
+    def _record_exit(self, record: WorkerRecord, code: object) -> base.WorkerStatus:
+        """The run ended without being asked to: record how, diagnosed from its log."""
+        tail = "\n".join(self._log_tail(record).splitlines()[-25:])
+        diagnosis = diagnose(tail)
+        exit_code = code if isinstance(code, int) else None
+        signal_number = -exit_code if exit_code is not None and exit_code < 0 else None
+        if signal_number:
+            error, cause = f"killed by signal {signal_number}", Cause.KILLED_BY_SIGNAL
+        elif diagnosis.cause != Cause.UNKNOWN:
+            error, cause = diagnosis.message, diagnosis.cause
+        elif exit_code is None:
+            error, cause = ("its process is gone (exit status unknown: it was not started by "
+                            "this gardenctl process)"), Cause.EXITED
+        else:
+            error, cause = f"exited with code {exit_code}", Cause.EXITED
+        if record.phase == Phase.STOPPING:  # a stop that was interrupted: it is over anyway
+            error = f"{error} (while being stopped)"
+        record.mark_ended(self.clock(), exit_code=exit_code, error=error, cause=cause,
+                          hint=diagnosis.hint)
+        self._save(record)
+        return base.WorkerStatus(record.phase, error, exit_code=None if signal_number
+                                 else exit_code, signal=signal_number, log_tail=tail,
+                                 diagnosis=diagnosis)
+
+    def _ended_status(self, record: WorkerRecord) -> base.WorkerStatus:
+        code = record.exit_code
+        tail = "\n".join(self._log_tail(record).splitlines()[-25:])
+        return base.WorkerStatus(record.phase, record.last_error or "",
+                                 exit_code=code if code is None or code >= 0 else None,
+                                 signal=-code if code is not None and code < 0 else None,
+                                 log_tail=tail, diagnosis=diagnose(tail) if tail else None)
+
+    def probe_health(self, worker_id: str) -> str | None:
+        record = self.store.read_record(worker_id)
+        if record is None:
+            return "no record"
+        return self._probe_health(record)
+
+    def mark_unhealthy(self, worker_id: str, detail: str) -> None:
+        record = self.store.read_record(worker_id)
+        if record is not None and record.phase == Phase.READY:
+            record.mark_unhealthy(detail)
+            self._save(record)
+
+    def _confirm_unhealthy(self, record: WorkerRecord) -> str:
+        """'' when the ready worker is healthy; else why not, once every one of its
+        failure_threshold probes (CONFIRM_INTERVAL apart) failed."""
+        threshold = record.spec.liveness.failure_threshold
+        detail = ""
+        for attempt in range(threshold):
+            if attempt:
+                time.sleep(CONFIRM_INTERVAL)
+            problem = self._probe_health(record)
+            if problem is None:
+                return ""
+            detail = problem
+        return f"{detail} ({threshold} probes in a row)"
+
+    def dead_workers(self) -> set[tuple[str, int | None]]:
+        return {(r.worker_id, r.pid) for r in self.store.records(damaged=[])
+                if r.phase in (Phase.STARTING, Phase.READY, Phase.UNHEALTHY)
+                and self._exit_code(r) is not ALIVE}
+
+    def _check_gpus_free(self, worker: DesiredWorker) -> None:
+        """vLLM's rule, across every garden of the state directory: nothing starts on a GPU
+        while another worker loads or stops there."""
+        mine = set(worker.gpus)
+        for record in self.store.records(damaged=[]):
+            spec = record.spec
+            if (record.worker_id == worker.worker_id or spec.node != worker.node
+                    or not mine & set(spec.gpus)
+                    or record.phase not in (Phase.STARTING, Phase.STOPPING)):
+                continue
+            if self._exit_code(record) is ALIVE:
+                doing = "loading" if record.phase == Phase.STARTING else "stopping"
+                shared = ",".join(str(g) for g in sorted(mine & set(spec.gpus)))
+                raise base.GpuBusy(f"GPU {shared} is busy: {record.worker_id} is {doing} there")
+
+    def _begin_stop(self, record: WorkerRecord | None, alive: bool) -> None:
+        if record is not None and alive and record.phase.running \
+                and record.phase != Phase.STOPPING:
+            record.move_to(Phase.STOPPING)
+            self._save(record)
+
+    def _after_stop(self, worker_id: str, record: WorkerRecord | None, keep: Phase | None,
+                    reason: str, cause: Cause) -> None:
+        """Remove the record, or keep it as an ended run (to be started again)."""
+        if keep is None or record is None:
+            with self._records_lock:
+                self.store.delete_record(worker_id)
+            return
+        if record.phase.running:
+            record.mark_ended(self.clock(), exit_code=None, error=reason or "stopped",
+                              cause=cause)
+            self._save(record)
+
+    def _observe_records(self, records: Iterable[WorkerRecord], confirm_health: bool,
+                         mapper: Callable[..., Iterable[ObservedWorker]] = map,
+                         ) -> list[ObservedWorker]:
+        return list(mapper(lambda r: self._observe_record(r, confirm_health), records))
+
+    def _observe_record(self, record: WorkerRecord, confirm_health: bool) -> ObservedWorker:
+        if record.phase.dead:  # EngineCore or TP workers can outlive a killed main process
+            return record.observed(record.phase, self._members(record, False))
+        code = self._exit_code(record)
+        if code is not ALIVE:
+            self._record_exit(record, code)
+            return record.observed(record.phase, self._members(record, False))
+        health = ""
+        if record.phase == Phase.STARTING:
+            self._mark_if_ready(record)
+        elif record.phase == Phase.READY and confirm_health:
+            health = self._confirm_unhealthy(record)
+            if health:
+                record.mark_unhealthy(health)
+                self._save(record)
+        return record.observed(record.phase, self._members(record, True), health=health)
+
+
+__all__ = ["ALIVE", "MemoryStore", "RecordStore", "RecordedRuntime"]
