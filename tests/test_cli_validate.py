@@ -479,3 +479,45 @@ def test_quoted_text_where_a_number_is_expected_is_not_told_to_drop_the_quotes(g
 
     assert issue["path"] == "models[0].replicas"
     assert "remove the quotes" not in issue["hint"]
+
+
+# -- control characters from the file never reach the terminal raw ----------------------------
+
+HOSTILE = (
+    'name: lab\nmodels:\n'
+    '  - name: a\n'
+    '    model: "-evil\\nFORGED: garden.yaml is valid\\x1b[2J"\n'
+    '    args: ["--x\\ngarden.yaml: valid (FORGED)\\x1b[2J"]\n'
+)
+
+
+def assert_no_raw_control_or_forged_line(output: str) -> None:
+    assert all(c == "\n" or c.isprintable() for c in output), repr(output)
+    for line in output.splitlines():
+        assert line.startswith(("garden.yaml:", "::")), line
+        assert "FORGED" not in line or "\\nFORGED" in line or "\\ngarden.yaml" in line
+
+
+@pytest.mark.parametrize("output", ["text", "github"])
+def test_validate_escapes_newlines_and_terminal_escapes_from_the_file(gardenctl, workdir,
+                                                                      output):
+    write(workdir, "garden.yaml", HOSTILE)
+
+    result = gardenctl("validate", "-o", output)
+
+    assert result.code == 1
+    text = result.out + result.err
+    assert "\x1b" not in text
+    assert_no_raw_control_or_forged_line(text)
+    assert "'-evil\\nFORGED: garden.yaml is valid\\x1b[2J'" in text
+    assert "--x\\ngarden.yaml: valid (FORGED)\\x1b[2J is not a `vllm serve` flag" in text
+
+
+def test_validate_escapes_control_characters_in_warnings_of_a_valid_garden(gardenctl, workdir):
+    write(workdir, "garden.yaml", HOSTILE.replace('"-evil', '"evil'))
+
+    result = gardenctl("validate")
+
+    assert result.code == 0
+    assert_no_raw_control_or_forged_line(result.out)
+    assert result.out.splitlines()[-1].startswith("garden.yaml: valid (1 model(s)")

@@ -96,7 +96,7 @@ def test_alias_bomb_is_refused_quickly():
     bomb = "a: &a [x,x,x,x,x,x,x,x,x,x]\n"
     for i, name in enumerate("bcdefghij"):
         prev = "abcdefghij"[i]
-        bomb += f"{name}: &{name} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"
+        bomb += f"{name}: &{name} [" + ",".join([f"*{prev}"] * 10) + "]\n"
     (issue,) = errors_of(bomb)
     assert "expands to more than" in issue.message
 

@@ -1,61 +1,208 @@
 """Cross-field checks of a garden: the rules one field's schema cannot express.
 
-`check_garden` needs only the file; `check_inventory_fit` also needs the hardware (declared or
-discovered). Both return issues (errors and warnings) rather than raising, so `validate` can
-report every problem at once.
+`check_garden` needs only the file (gardenctl.validation checks it against the hardware). It
+returns issues (errors and warnings) rather than raising, so `validate` can report every
+problem at once.
+
+What a model's `args` and `env` may not say is one table each, ARG_RULES and ENV_RULES, with
+the reason for every entry (checked against vLLM 0.32's `vllm serve` parser and its envs.py):
+flags and variables that gardenctl sets itself, that would put a secret in argv, or that would
+make a worker use other GPUs, or other GPU memory, than gardenctl's plan assigned it.
+
+The work is bounded whatever the file holds (`validate` must answer at once on any file up to
+the 1 MiB limit): each check costs a few dict lookups per value; at most MAX_ERRORS errors and
+MAX_WARNINGS warnings are built in full, the rest counted into one summarising issue; and
+"did you mean" suggestions (difflib, about a millisecond each) stop after MAX_SUGGESTIONS.
 """
 
 from __future__ import annotations
 
+import bisect
+import difflib
 import re
-from functools import lru_cache
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import lru_cache, partial
 from importlib import resources
-from typing import Iterable
+from typing import Any
 
 from gardenctl.errors import SpecIssue
 from gardenctl.spec.models import (
     LOOPBACK_HOSTS,
     Garden,
-    ModelSpec,
     env_reference,
     looks_secret,
 )
 from gardenctl.spec.yamlsource import Path, SourceMap
+from gardenctl.text import inline, quoted
 
 API_KEY_ENV = "VLLM_API_KEY"
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 VLLM_FLAGS_VERSION = "0.32"
+MAX_ERRORS = 100  # errors built in full per file; the others are counted
+MAX_WARNINGS = 100  # the same for warnings, so warnings never hide an error
+MAX_SUGGESTIONS = 20  # "did you mean" lookups per file
+MAX_SUGGESTED_LENGTH = 64  # longer names are not compared (difflib is quadratic in length)
 
-# Flags gardenctl sets itself from the model's fields: giving them in `args` too would fight it.
-MANAGED_FLAGS = {
-    "--host": "host",
-    "--port": "port",
-    "--served-model-name": "served_model_name",
-    "--max-model-len": "max_model_len",
-    "--tensor-parallel-size": "tensor_parallel_size",
-    "-tp": "tensor_parallel_size",
-    "--gpu-memory-utilization": "gpu_memory_utilization",
-    "--dtype": "dtype",
-    "--quantization": "quantization",
-    "-q": "quantization",
-    "--kv-cache-dtype": "kv_cache_dtype",
-    "--max-num-seqs": "max_num_seqs",
-    "--max-num-batched-tokens": "max_num_batched_tokens",
-    "--enforce-eager": "enforce_eager",
-    "--no-enforce-eager": "enforce_eager",
-    "--revision": "revision",
-    "--trust-remote-code": "trust_remote_code",
-    "--no-trust-remote-code": "trust_remote_code",
-    "--shutdown-timeout": "shutdown_timeout",
-    "--model": "model",
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a flag or an environment variable may not be in a garden file, and what to write
+    instead. `why` completes a sentence that starts with the flag or variable's name."""
+
+    why: str
+    instead: str
+
+
+def _managed(field: str) -> Refusal:
+    return Refusal(f"is set by gardenctl from the model's `{field}` field",
+                   f"set `{field}` instead")
+
+
+def _secret(variable: str) -> Refusal:
+    return Refusal("would put a secret in argv, readable by every local user",
+                   f'set env: {{{variable}: "${{...}}"}} instead')
+
+
+_KV_INSTEAD = ("set min_concurrency and max_model_len instead: gardenctl sizes the KV cache, "
+               "and the memory it claims for the worker, from them")
+_DATA_PARALLEL = Refusal(
+    "configures data parallelism: vLLM would start engine ranks on GPUs of their own that "
+    "gardenctl's plan never gave the worker",
+    "use replicas: gardenctl places each replica on GPUs of its own")
+_DEVICES_INSTEAD = "pin the model's GPUs with placement.gpus and placement.node instead"
+
+# What `args` may not contain, by vLLM's long flag name (short spellings: SHORT_FLAGS).
+# Considered and allowed: --decode-context-parallel-size (reuses the tensor-parallel GPUs),
+# --mm-ipc-gpu-memory-gb (carved out of the KV cache, inside the budget), --cpu-offload-gb and
+# --kv-offloading-size (host memory), --distributed-executor-backend, the multi-node flags
+# (--nnodes, --node-rank, --headless, --master-*: they spread a worker, never add GPUs here),
+# and the --no- twins of the refused data-parallel and elastic-EP switches (they turn it off).
+ARG_RULES: dict[str, Refusal] = {
+    # Set by gardenctl from the model's fields: a second value would fight it.
+    "--host": _managed("host"),
+    "--port": _managed("port"),
+    "--served-model-name": _managed("served_model_name"),
+    "--max-model-len": _managed("max_model_len"),
+    "--tensor-parallel-size": _managed("tensor_parallel_size"),
+    "--gpu-memory-utilization": _managed("gpu_memory_utilization"),
+    # vLLM 0.32's second name of --gpu-memory-utilization (same destination).
+    "--device-memory-utilization": _managed("gpu_memory_utilization"),
+    "--dtype": _managed("dtype"),
+    "--quantization": _managed("quantization"),
+    "--kv-cache-dtype": _managed("kv_cache_dtype"),
+    "--max-num-seqs": _managed("max_num_seqs"),
+    "--max-num-batched-tokens": _managed("max_num_batched_tokens"),
+    "--enforce-eager": _managed("enforce_eager"),
+    "--no-enforce-eager": _managed("enforce_eager"),
+    "--revision": _managed("revision"),
+    "--trust-remote-code": _managed("trust_remote_code"),
+    "--no-trust-remote-code": _managed("trust_remote_code"),
+    "--shutdown-timeout": _managed("shutdown_timeout"),
+    "--model": _managed("model"),
+    # Secrets: argv is readable by every local user (ps, /proc).
+    "--api-key": _secret(API_KEY_ENV),
+    "--hf-token": _secret("HF_TOKEN"),
+    # A config file could set anything above behind gardenctl's back.
+    "--config": Refusal(
+        "is not allowed in args: a vLLM config file could override what gardenctl sets "
+        "(port, utilization, API key)", "put its settings in the model's fields and args"),
+    # GPUs: a worker runs on exactly the tensor_parallel_size GPUs the plan gave it.
+    "--pipeline-parallel-size": Refusal(
+        "multiplies the GPUs a worker uses (pipeline x tensor parallel), beyond the "
+        "tensor_parallel_size GPUs gardenctl's plan gives it",
+        "set tensor_parallel_size to the number of GPUs a worker needs"),
+    "--prefill-context-parallel-size": Refusal(
+        "multiplies the GPUs a worker uses (vLLM's world size is pipeline x tensor x "
+        "prefill-context parallel), beyond the tensor_parallel_size GPUs gardenctl's plan "
+        "gives it", "set tensor_parallel_size to the number of GPUs a worker needs"),
+    "--device-ids": Refusal(
+        "chooses the worker's GPUs itself, but a worker must use the GPUs gardenctl's plan "
+        "assigned it (given in CUDA_VISIBLE_DEVICES)", _DEVICES_INSTEAD),
+    "--data-parallel-address": _DATA_PARALLEL,
+    "--data-parallel-backend": _DATA_PARALLEL,
+    "--data-parallel-external-lb": _DATA_PARALLEL,
+    "--data-parallel-hybrid-lb": _DATA_PARALLEL,
+    "--data-parallel-multi-port-external-lb": _DATA_PARALLEL,
+    "--data-parallel-rank": _DATA_PARALLEL,
+    "--data-parallel-rpc-port": _DATA_PARALLEL,
+    "--data-parallel-size": _DATA_PARALLEL,
+    "--data-parallel-size-local": _DATA_PARALLEL,
+    "--data-parallel-start-rank": _DATA_PARALLEL,
+    "--data-parallel-supervisor-port": _DATA_PARALLEL,
+    # Elastic expert parallelism adds data-parallel ranks while the worker runs.
+    "--enable-elastic-ep": _DATA_PARALLEL,
+    "--elastic-ep-max-dp-size": _DATA_PARALLEL,
+    # GPU memory: the worker's memory is what --gpu-memory-utilization gives it, no more.
+    "--kv-cache-memory-bytes": Refusal(
+        "sets the KV cache outside --gpu-memory-utilization, so the memory gardenctl claimed "
+        "for the worker would be wrong", _KV_INSTEAD),
+    "--num-gpu-blocks-override": Refusal(
+        "forces the KV cache's size whatever memory gardenctl claimed for the worker (more "
+        "blocks than that memory holds: out of memory on a shared GPU)", _KV_INSTEAD),
 }
-# Flags that would let something else decide what gardenctl must control.
-FORBIDDEN_FLAGS = {
-    "--config": "a vLLM config file could override what gardenctl sets (port, utilization, "
-                "API key); put its settings in the model's fields and args",
+
+# vLLM 0.32's short spellings (engine/arg_utils.py); the same table as the stand-in server's
+# SHORT_ALIASES (a test keeps them equal).
+SHORT_FLAGS = {
+    "-ac": "--attention-config",
+    "-asc": "--api-server-count",
+    "-cc": "--compilation-config",
+    "-dc": "--diffusion-config",
+    "-dcp": "--decode-context-parallel-size",
+    "-dp": "--data-parallel-size",
+    "-dpa": "--data-parallel-address",
+    "-dpb": "--data-parallel-backend",
+    "-dpe": "--data-parallel-external-lb",
+    "-dph": "--data-parallel-hybrid-lb",
+    "-dpl": "--data-parallel-size-local",
+    "-dpm": "--data-parallel-multi-port-external-lb",
+    "-dpn": "--data-parallel-rank",
+    "-dpp": "--data-parallel-rpc-port",
+    "-dpr": "--data-parallel-start-rank",
+    "-ep": "--enable-expert-parallel",
+    "-n": "--nnodes",
+    "-pcp": "--prefill-context-parallel-size",
+    "-pp": "--pipeline-parallel-size",
+    "-q": "--quantization",
+    "-r": "--node-rank",
+    "-sc": "--speculative-config",
+    "-tp": "--tensor-parallel-size",
 }
-# Flags whose value is a secret: argv is readable by every local user.
-SECRET_FLAGS = {"--api-key": API_KEY_ENV, "--hf-token": "HF_TOKEN"}
+
+_MARKER = Refusal(
+    "is one of gardenctl's markers, which tell its workers apart from other processes; a "
+    "forged one could make gardenctl adopt or stop the wrong process",
+    "remove it: gardenctl sets it on every worker")
+
+# What `env` may not set (gardenctl sets these itself, or they select other GPUs or memory).
+ENV_RULES: dict[str, Refusal] = {
+    "CUDA_VISIBLE_DEVICES": Refusal(
+        "selects the worker's GPUs, which gardenctl sets from its plan", _DEVICES_INSTEAD),
+    "CUDA_DEVICE_ORDER": Refusal(
+        "changes what GPU indexes mean; gardenctl sets PCI_BUS_ID so that they are NVML's "
+        "indexes, the ones its plan uses", "remove it"),
+    "NVIDIA_VISIBLE_DEVICES": Refusal(
+        "selects GPUs in NVIDIA's container runtime, apart from gardenctl's plan",
+        _DEVICES_INSTEAD),
+    "HIP_VISIBLE_DEVICES": Refusal(
+        "selects AMD GPUs apart from gardenctl's plan", _DEVICES_INSTEAD),
+    "ROCR_VISIBLE_DEVICES": Refusal(
+        "selects AMD GPUs apart from gardenctl's plan", _DEVICES_INSTEAD),
+    "VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS": Refusal(
+        "is set by gardenctl so that the CUDA-graph pool is inside --gpu-memory-utilization; "
+        "changed, the pool would sit outside the memory claimed for the worker",
+        "remove it; enforce_eager: true turns CUDA graphs off"),
+    "VLLM_PORT": Refusal(
+        "is the base of vLLM's internal ports: two workers given the same one collide, so "
+        "gardenctl leaves it unset", "remove it; the HTTP port is the model's `port` field"),
+    "GARDENCTL_WORKER_ID": _MARKER,
+    "GARDENCTL_SPEC_HASH": _MARKER,
+    "GARDENCTL_STATE": _MARKER,
+}
+RESERVED_ENV_PREFIX = Refusal(
+    "starts with GARDENCTL_, a prefix reserved for gardenctl's own markers",
+    "rename the variable")
 
 
 @lru_cache(maxsize=1)
@@ -64,6 +211,11 @@ def known_vllm_flags() -> frozenset[str]:
     return frozenset(
         line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
     )
+
+
+@lru_cache(maxsize=1)
+def _sorted_long_flags() -> tuple[str, ...]:
+    return tuple(sorted(f for f in known_vllm_flags() if f.startswith("--")))
 
 
 def flag_name(arg: str) -> str | None:
@@ -83,6 +235,95 @@ def is_number(text: str) -> bool:
     return True
 
 
+def canonical_flag(name: str) -> str | None:
+    """The `vllm serve` flag that ``name`` (as `flag_name` gives it) means to vLLM's parser, or
+    None if it names none: a short spelling (`-pp`), a short one with its value attached
+    (`-qawq`, as argparse reads it) or a unique abbreviation of a long flag (`--kv-cache-mem`:
+    argparse accepts those unless told not to, so they must not slip past ARG_RULES)."""
+    known = known_vllm_flags()
+    if name in SHORT_FLAGS:
+        return SHORT_FLAGS[name]
+    if name in known:
+        return name
+    if not name.startswith("--"):
+        return SHORT_FLAGS.get(name[:2])  # -qawq: a two-letter short flag and its value
+    flags = _sorted_long_flags()
+    at = bisect.bisect_left(flags, name)
+    if at < len(flags) and flags[at].startswith(name):
+        unique = at + 1 == len(flags) or not flags[at + 1].startswith(name)
+        return flags[at] if unique else None
+    return None
+
+
+class Findings:
+    """The issues found in a file: the first MAX_ERRORS errors and MAX_WARNINGS warnings built
+    in full, the others only counted (and summarised by `issues()`), so a file with 50,000
+    mistakes costs no more to report than one with a hundred. Issues are passed as functions
+    that build them, called only for the issues kept."""
+
+    def __init__(self, source: SourceMap) -> None:
+        self.source = source
+        self.kept: list[SpecIssue] = []
+        self.room = {"error": MAX_ERRORS, "warning": MAX_WARNINGS}
+        self.hidden = {"error": 0, "warning": 0}
+        self.first_hidden: dict[str, SpecIssue] = {}  # by severity
+        self.suggestions_left = MAX_SUGGESTIONS
+
+    def add(self, severity: str, build: Callable[[], SpecIssue]) -> None:
+        if self.room[severity] > 0:
+            self.room[severity] -= 1
+            self.kept.append(build())
+            return
+        self.hidden[severity] += 1
+        if severity not in self.first_hidden:
+            self.first_hidden[severity] = build()
+
+    def suggest(self, word: str, choices: Iterable[str], cutoff: float) -> str | None:
+        """The closest choice to ``word``, while the file's suggestion budget lasts."""
+        if self.suggestions_left <= 0 or len(word) > MAX_SUGGESTED_LENGTH:
+            return None
+        self.suggestions_left -= 1
+        close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
+        return close[0] if close else None
+
+    def issues(self) -> list[SpecIssue]:
+        """The kept issues, then one issue that counts the others (if any)."""
+        first = self.first_hidden.get("error") or self.first_hidden.get("warning")
+        summary = summarise_hidden(self.hidden["error"], self.hidden["warning"], first)
+        return self.kept + ([summary] if summary else [])
+
+
+def summarise_hidden(errors: int, warnings: int, first: SpecIssue | None) -> SpecIssue | None:
+    """One issue standing for ``errors`` and ``warnings`` not reported one by one, located
+    where ``first`` (the first hidden error, else the first hidden warning) is."""
+    if (not errors and not warnings) or first is None:
+        return None
+    counts = [f"{n:,} more {kind}{'s' if n != 1 else ''}"
+              for n, kind in ((errors, "error"), (warnings, "warning")) if n]
+    return SpecIssue(
+        message=f"{' and '.join(counts)} not shown (the first of them: {first.message})",
+        path=first.path, file=first.file, line=first.line, column=first.column,
+        hint=f"validate reports at most {MAX_ERRORS} errors and {MAX_WARNINGS} warnings one "
+        "by one; fix these and run it again",
+        severity="error" if errors else "warning")
+
+
+class _Settings:
+    """Models' values with `defaults:` applied (a model's own value wins), read one field at a
+    time: building the resolved models would copy the merged env of every model."""
+
+    def __init__(self, garden: Garden) -> None:
+        self.models = garden.models
+        self.defaults = garden.defaults
+        self.inherited = garden.defaults.model_fields_set
+
+    def get(self, index: int, field: str) -> Any:
+        model = self.models[index]
+        if field in self.inherited and field not in model.model_fields_set:
+            return getattr(self.defaults, field)
+        return getattr(model, field)
+
+
 def _where(garden: Garden, index: int, field: str) -> Path:
     """The path where a resolved model's value was written: the model itself or `defaults`."""
     model = garden.models[index]
@@ -93,140 +334,195 @@ def _where(garden: Garden, index: int, field: str) -> Path:
     return ("models", index)
 
 
-def worker_ports(model: ModelSpec) -> list[int]:
-    """Explicit ports of a model's replicas: replica i listens on port + i."""
-    if model.port is None:
-        return []
-    return [model.port + i for i in range(model.replicas)]
-
-
 def check_garden(garden: Garden, source: SourceMap) -> list[SpecIssue]:
-    issues: list[SpecIssue] = []
-    resolved = garden.resolved_models()
-    issues += _check_unique_names(garden, source)
-    issues += _check_ports(garden, resolved, source)
-    for index, model in enumerate(resolved):
-        issues += _check_model(garden, index, model, source)
+    """Every cross-field problem of a garden, most serious first within each check, with at
+    most MAX_ERRORS errors and MAX_WARNINGS warnings one by one (then a summary)."""
+    found = Findings(source)
+    settings = _Settings(garden)
+    _check_unique_names(garden, found)
+    _check_ports(garden, settings, found)
+    _check_env(garden.defaults.env, ("defaults", "env"), found)
+    _check_args(garden.defaults.args, ("defaults", "args"), found)
+    for index in range(len(garden.models)):
+        _check_model(garden, settings, index, found)
     if garden.inventory is not None:
         seen: dict[str, int] = {}
         for i, node in enumerate(garden.inventory.nodes):
             if node.name in seen:
-                issues.append(source.issue(("inventory", "nodes", i, "name"),
-                                           f"node {node.name!r} is declared twice",
-                                           hint=f"first at inventory.nodes[{seen[node.name]}]"))
+                first = seen[node.name]
+                found.add("error", partial(
+                    source.issue, ("inventory", "nodes", i, "name"),
+                    f"node {quoted(node.name)} is declared twice",
+                    hint=f"first at inventory.nodes[{first}]"))
             seen.setdefault(node.name, i)
     if garden.runtime.kind == "local" and garden.runtime.address:
-        issues.append(source.issue(("runtime", "address"), "address is only used by kind: ray",
-                                   severity="warning"))
-    return issues
+        found.add("warning", partial(source.issue, ("runtime", "address"),
+                                     "address is only used by kind: ray", severity="warning"))
+    return found.issues()
 
 
-def _check_unique_names(garden: Garden, source: SourceMap) -> Iterable[SpecIssue]:
+def _check_unique_names(garden: Garden, found: Findings) -> None:
     seen: dict[str, int] = {}
     for i, model in enumerate(garden.models):
-        if model.name in seen:
-            yield source.issue(("models", i, "name"), f"model name {model.name!r} is used twice",
-                               hint=f"first used by models[{seen[model.name]}]; names must be "
-                               "unique in a garden")
-        else:
+        if model.name not in seen:
             seen[model.name] = i
+            continue
+        found.add("error", partial(_duplicate_name, found.source, i, model.name, seen[model.name]))
 
 
-def _check_ports(garden: Garden, resolved: list[ModelSpec],
-                 source: SourceMap) -> Iterable[SpecIssue]:
-    taken: dict[int, list[tuple[str, int, str]]] = {}  # port -> [(host, model index, worker)]
-    for i, model in enumerate(resolved):
-        for replica, port in enumerate(worker_ports(model)):
-            if port > 65535:
-                yield source.issue(_where(garden, i, "port"),
-                                   f"replica {replica} would listen on port {port}, above 65535",
-                                   hint="choose a lower port")
-                continue
-            for host, other, worker in taken.get(port, []):
-                if _hosts_overlap(host, model.host):
-                    yield source.issue(
-                        _where(garden, i, "port"),
-                        f"{model.name}/{replica} and {worker} would both listen on "
-                        f"{model.host}:{port}",
-                        hint="each worker needs its own host:port; replica i of a model "
-                        "uses port + i",
-                    )
-            taken.setdefault(port, []).append((model.host, i, f"{model.name}/{replica}"))
+def _duplicate_name(source: SourceMap, i: int, name: str, first: int) -> SpecIssue:
+    return source.issue(("models", i, "name"), f"model name {quoted(name)} is used twice",
+                        hint=f"first used by models[{first}]; names must be unique in a garden")
 
 
-def _hosts_overlap(a: str, b: str) -> bool:
-    wildcard = {"0.0.0.0", "::", ""}
-    loopback = set(LOOPBACK_HOSTS)
-    if a in wildcard or b in wildcard or a == b:
-        return True
-    return a in loopback and b in loopback
+def _host_kind(host: str) -> str:
+    """Which listeners a host overlaps: a wildcard every other, loopback names each other,
+    any other address only itself."""
+    if host in ("0.0.0.0", "::", ""):
+        return "*"
+    if host in LOOPBACK_HOSTS:
+        return "loopback"
+    return "host " + host
 
 
-def _check_model(garden: Garden, i: int, model: ModelSpec,
-                 source: SourceMap) -> Iterable[SpecIssue]:
+def _check_ports(garden: Garden, settings: _Settings, found: Findings) -> None:
+    """Two workers on one host:port. Each model with a `port` holds the ports
+    [port, port + replicas); sorted by first port, a model clashes with an earlier-starting
+    one whose ports reach past its first port, on an overlapping host. Keeping, per kind of
+    host, the model reaching furthest makes this O(models log models) whatever the file."""
+    spans: list[tuple[int, int, int]] = []  # (first port, model index, end port)
+    for i in range(len(garden.models)):
+        port = settings.get(i, "port")
+        replicas = settings.get(i, "replicas")
+        if port is None or replicas == 0:
+            continue
+        if port + replicas - 1 > 65535:
+            replica = 65536 - port
+            found.add("error", partial(
+                found.source.issue, _where(garden, i, "port"), f"replica {replica} would listen "
+                f"on port {port + replica}, above 65535", hint="choose a lower port"))
+        spans.append((port, i, min(port + replicas, 65536)))
+    furthest: dict[str, tuple[int, int, int]] = {}  # host kind -> (end, first port, index)
+    for start, i, end in sorted(spans):
+        host = settings.get(i, "host")
+        kind = _host_kind(host)
+        overlapping = ("any",) if kind == "*" else ("*", kind)
+        clash = max((furthest[k] for k in overlapping if k in furthest), default=None)
+        if clash is not None and clash[0] > start:
+            _report_clash(garden, found, i, host, start, clash)
+        for k in ("any", kind):
+            if k not in furthest or furthest[k][0] < end:
+                furthest[k] = (end, start, i)
+
+
+def _report_clash(garden: Garden, found: Findings, i: int, host: str, port: int,
+                  clash: tuple[int, int, int]) -> None:
+    _, other_start, other = clash
+    name, other_name = garden.models[i].name, garden.models[other].name
+    found.add("error", partial(
+        found.source.issue, _where(garden, i, "port"),
+        f"{name}/0 and {other_name}/{port - other_start} would both listen on "
+        f"{inline(host)}:{port}",
+        hint="each worker needs its own host:port; replica i of a model uses port + i"))
+
+
+def _check_model(garden: Garden, settings: _Settings, i: int, found: Findings) -> None:
+    source = found.source
+    model = garden.models[i]
     if model.model.startswith("-"):
-        yield source.issue(("models", i, "model"), f"model {model.model!r} starts with '-', so "
-                           "vLLM would read it as a flag", hint="write ./NAME for a local folder")
-    if model.host not in LOOPBACK_HOSTS:
-        ref = model.env.get(API_KEY_ENV)
+        found.add("error", partial(
+            source.issue, ("models", i, "model"),
+            f"model {quoted(model.model)} starts with '-', so vLLM would read it as a flag",
+            hint="write ./NAME for a local folder"))
+    host = settings.get(i, "host")
+    if host not in LOOPBACK_HOSTS:
+        ref = model.env.get(API_KEY_ENV, garden.defaults.env.get(API_KEY_ENV))
         if ref is None or env_reference(ref) is None:
-            yield source.issue(
-                _where(garden, i, "host"),
-                f"host {model.host} exposes the model beyond this machine without an API key",
-                hint=f"add env: {{{API_KEY_ENV}: \"${{YOUR_KEY_VARIABLE}}\"}} (vLLM reads it "
-                "as --api-key), or listen on 127.0.0.1",
-            )
-    if model.trust_remote_code and not (model.revision and COMMIT_RE.match(model.revision)):
-        yield source.issue(
-            _where(garden, i, "trust_remote_code"),
+            found.add("error", partial(
+                source.issue, _where(garden, i, "host"),
+                f"host {inline(host)} exposes the model beyond this machine without an "
+                "API key", hint=f"add env: {{{API_KEY_ENV}: \"${{YOUR_KEY_VARIABLE}}\"}} (vLLM "
+                "reads it as --api-key), or listen on 127.0.0.1"))
+    revision = settings.get(i, "revision")
+    if settings.get(i, "trust_remote_code") and not (revision and COMMIT_RE.match(revision)):
+        found.add("error", partial(
+            source.issue, _where(garden, i, "trust_remote_code"),
             "trust_remote_code runs the model repository's Python code, so it needs a pinned "
-            "revision",
-            hint="set revision to a 40-character commit hash of the model repository",
-        )
-    for key, value in sorted(model.env.items()):
-        if looks_secret(key) and env_reference(value) is None:
-            path = ("models", i, "env", key) if key in garden.models[i].env else ("defaults", "env", key)
-            yield source.issue(path, f"{key} looks like a secret but is written in the file",
-                               hint=f"use a reference resolved at start-up: {key}: \"${{{key}}}\"")
-    if model.placement and model.placement.gpus is not None:
-        gpus = model.placement.gpus
-        path = _where(garden, i, "placement")
-        if len(set(gpus)) != len(gpus):
-            yield source.issue(path, "placement.gpus lists a GPU twice")
-        if len(set(gpus)) < model.tensor_parallel_size:
-            yield source.issue(path, f"placement.gpus has {len(set(gpus))} GPU(s) but "
-                               f"tensor_parallel_size is {model.tensor_parallel_size}",
-                               hint="pin at least tensor_parallel_size GPUs")
-    yield from _check_args(garden, i, model, source)
+            "revision", hint="set revision to a 40-character commit hash of the model "
+            "repository"))
+    _check_env(model.env, ("models", i, "env"), found)
+    _check_placement(garden, settings, i, found)
+    if "args" in model.model_fields_set:
+        _check_args(model.args, ("models", i, "args"), found)
 
 
-def _check_args(garden: Garden, i: int, model: ModelSpec,
-                source: SourceMap) -> Iterable[SpecIssue]:
+def _check_placement(garden: Garden, settings: _Settings, i: int, found: Findings) -> None:
+    placement = settings.get(i, "placement")
+    if placement is None or placement.gpus is None:
+        return
+    gpus = placement.gpus
+    path = _where(garden, i, "placement")
+    tensor_parallel = settings.get(i, "tensor_parallel_size")
+    if len(set(gpus)) != len(gpus):
+        found.add("error", partial(found.source.issue, path, "placement.gpus lists a GPU twice"))
+    if len(set(gpus)) < tensor_parallel:
+        found.add("error", partial(
+            found.source.issue, path,
+            f"placement.gpus has {len(set(gpus))} GPU(s) but tensor_parallel_size is "
+            f"{tensor_parallel}", hint="pin at least tensor_parallel_size GPUs"))
+
+
+def _check_env(env: dict[str, str], base: Path, found: Findings) -> None:
+    """One env mapping as written (a model's, or the defaults' once for every model)."""
+    for key, value in env.items():
+        refusal = ENV_RULES.get(key)
+        if refusal is None and key.startswith("GARDENCTL_"):
+            refusal = RESERVED_ENV_PREFIX
+        if refusal is not None:
+            found.add("error", partial(found.source.issue, base + (key,), f"{key} {refusal.why}",
+                                       hint=refusal.instead, at_key=True))
+        elif looks_secret(key) and env_reference(value) is None:
+            found.add("error", partial(
+                found.source.issue, base + (key,),
+                f"{key} looks like a secret but is written in the file",
+                hint=f"use a reference resolved at start-up: {key}: \"${{{key}}}\""))
+
+
+def _check_args(args: list[str], base: Path, found: Findings) -> None:
+    """One args list as written: refused flags are errors, unknown ones warnings."""
     known = known_vllm_flags()
-    base = _where(garden, i, "args")
-    for j, arg in enumerate(model.args):
-        path = base + (j,) if base[-1] == "args" else base
+    for j, arg in enumerate(args):
         name = flag_name(arg)
         if name is None:
             continue
-        if name in SECRET_FLAGS:
-            yield source.issue(path, f"{name} would put a secret in argv, readable by every "
-                               "local user", hint=f"set env: {{{SECRET_FLAGS[name]}: "
-                               f"\"${{...}}\"}} instead")
-        elif name in MANAGED_FLAGS:
-            yield source.issue(path, f"{name} is set by gardenctl",
-                               hint=f"use the model's `{MANAGED_FLAGS[name]}` field instead")
-        elif name in FORBIDDEN_FLAGS:
-            yield source.issue(path, f"{name} is not allowed in args",
-                               hint=FORBIDDEN_FLAGS[name])
+        flag = name if name in known and name not in SHORT_FLAGS else canonical_flag(name)
+        refusal = ARG_RULES.get(flag) if flag is not None else None
+        if flag is not None and refusal is not None:
+            found.add("error", partial(_refused_arg, found.source, base + (j,), name, flag,
+                                       refusal))
         elif name not in known:
-            import difflib
+            found.add("warning", partial(_unknown_arg, found, base + (j,), name))
 
-            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.7)
-            yield source.issue(
-                path,
-                f"{name} is not a `vllm serve` flag in vLLM {VLLM_FLAGS_VERSION}",
-                hint=(f"did you mean {close[0]}? " if close else "")
-                + "vLLM will refuse to start if it does not know it",
-                severity="warning",
-            )
+
+def _refused_arg(source: SourceMap, path: Path, name: str, flag: str,
+                 refusal: Refusal) -> SpecIssue:
+    """The issue of a refused flag, naming the flag as written and as vLLM reads it."""
+    written = inline(name)
+    if name == flag:
+        spelled = written
+    elif name.startswith("--") and flag.startswith(name):
+        spelled = f"{written} (vLLM's parser completes it to {flag})"
+    else:
+        spelled = f"{written} ({flag})"
+    return source.issue(path, f"{spelled} {refusal.why}", hint=refusal.instead)
+
+
+def _unknown_arg(found: Findings, path: Path, name: str) -> SpecIssue:
+    close = found.suggest(name, _sorted_long_flags(), cutoff=0.7)
+    return found.source.issue(
+        path,
+        f"{inline(name)} is not a `vllm serve` flag in vLLM {VLLM_FLAGS_VERSION}",
+        hint=(f"did you mean {close}? " if close else "")
+        + "vLLM will refuse to start if it does not know it",
+        severity="warning",
+    )

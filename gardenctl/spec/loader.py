@@ -1,4 +1,10 @@
-"""load_garden: garden.yaml -> Garden, with every error located (file:line:col + field path)."""
+"""load_garden: garden.yaml -> Garden, with every error located (file:line:col + field path).
+
+Reporting is bounded like the checks (gardenctl.spec.checks): of pydantic's errors, only the
+first MAX_ERRORS in file order are turned into readable issues (with their "did you mean"
+suggestions); the others are counted into one summarising issue. Values quoted in messages
+go through `shown`: repr-style, control characters escaped, long values cut.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,23 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from gardenctl.errors import SpecError, SpecIssue
-from gardenctl.spec.checks import check_garden, is_number
+from gardenctl.spec.checks import (
+    MAX_ERRORS,
+    MAX_SUGGESTED_LENGTH,
+    check_garden,
+    is_number,
+    summarise_hidden,
+)
 from gardenctl.spec.models import Garden, ModelSpec
-from gardenctl.spec.yamlsource import MAX_FILE_BYTES, Path, SourceMap, format_path, read_yaml
+from gardenctl.spec.yamlsource import (
+    MAX_FILE_BYTES,
+    Path,
+    SourceMap,
+    cyclic_gc_paused,
+    format_path,
+    read_yaml,
+)
+from gardenctl.text import quoted
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -78,7 +98,8 @@ def read_file(path: str | FsPath, missing_hint: str = GARDEN_MISSING_HINT) -> by
         raise SpecError([SpecIssue(message="no such file", file=name,
                                    hint=missing_hint)]) from None
     except IsADirectoryError:
-        raise SpecError([SpecIssue(message="is a directory, not a garden file", file=name)]) from None
+        raise SpecError([SpecIssue(message="is a directory, not a garden file",
+                                   file=name)]) from None
     except OSError as exc:
         raise SpecError([SpecIssue(message=f"cannot read: {exc.strerror}", file=name)]) from None
     return raw
@@ -91,7 +112,8 @@ def read_mapping(raw: bytes, file: str, *, what: str, hint: str) -> tuple[dict, 
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise SpecError([SpecIssue(message="not UTF-8 text", file=file, line=line)]) from None
-    data, source = read_yaml(text, file)
+    with cyclic_gc_paused():
+        data, source = read_yaml(text, file)
     if data is None:
         raise SpecError([SpecIssue(message=f"the {what} is empty", file=file, hint=hint)])
     if not isinstance(data, dict):
@@ -109,10 +131,12 @@ def validate_document(data: dict, source: SourceMap, model: type[M]) -> M:
 
 
 def parse_garden(raw: bytes, file: str) -> LoadedGarden:
-    data, source = read_mapping(raw, file, what="garden file",
-                                hint="it needs at least `name:` and `models:`")
-    garden = validate_document(data, source, Garden)
-    issues = check_garden(garden, source)
+    """A garden file's bytes -> LoadedGarden; SpecError listing what is wrong otherwise."""
+    with cyclic_gc_paused():
+        data, source = read_mapping(raw, file, what="garden file",
+                                    hint="it needs at least `name:` and `models:`")
+        garden = validate_document(data, source, Garden)
+        issues = check_garden(garden, source)
     errors = [i for i in issues if i.severity == "error"]
     if errors:
         raise SpecError(issues)
@@ -127,21 +151,38 @@ def parse_garden(raw: bytes, file: str) -> LoadedGarden:
 
 def validation_issues(exc: ValidationError, data: Any, source: SourceMap,
                       root: type[BaseModel] = Garden) -> list[SpecIssue]:
-    """Turn pydantic's errors into located, readable issues (one per field path)."""
-    grouped: dict[Path, list[dict]] = {}
+    """Turn pydantic's errors into located, readable issues (one per field path), in file
+    order: the first MAX_ERRORS in full, then one issue that counts the others."""
+    grouped: dict[Path, list[dict[str, Any]]] = {}
     kinds: dict[Path, str] = {}
-    for error in exc.errors(include_url=False):
+    for details in exc.errors(include_url=False, include_context=True):
+        error = dict(details)
         path, kind = _data_path(error, data)
         grouped.setdefault(path, []).append(error)
         kinds[path] = kind
-    issues = []
-    for path, errors in grouped.items():
-        issues.append(_issue_for(path, kinds[path], errors, source, root))
-    issues.sort(key=lambda i: (i.line, i.column, i.path))
+    located = sorted(grouped, key=lambda p: (_position(p, kinds[p], source), format_path(p)))
+    issues = [_issue_for(path, kinds[path], grouped[path], source, root)
+              for path in located[:MAX_ERRORS]]
+    if len(located) > MAX_ERRORS:
+        first = located[MAX_ERRORS]
+        hidden = _issue_for(first, kinds[first], grouped[first], source, root)
+        summary = summarise_hidden(len(located) - MAX_ERRORS, 0, hidden)
+        issues += [summary] if summary else []
     return issues
 
 
-def _data_path(error: dict, data: Any) -> tuple[Path, str]:
+def _position(path: Path, kind: str, source: SourceMap) -> tuple[int, int]:
+    """Where `_issue_for` will locate the issue of ``path``: cheap, to sort before building."""
+    if kind == "missing":
+        mark = source.value_mark(path[:-1])
+    elif kind in ("extra", "key"):
+        mark = source.key_mark(path)
+    else:
+        mark = source.value_mark(path)
+    return (mark.line, mark.column) if mark else (0, 0)
+
+
+def _data_path(error: dict[str, Any], data: Any) -> tuple[Path, str]:
     """Keep the parts of pydantic's loc that name real places in the data (drop union tags)."""
     loc = error["loc"]
     node = data
@@ -151,10 +192,9 @@ def _data_path(error: dict, data: Any) -> tuple[Path, str]:
         if part == "[key]":
             kind = "key"
             continue
-        if isinstance(node, dict) and isinstance(part, str) and part in node:
-            path.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        in_mapping = isinstance(node, dict) and isinstance(part, str) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+        if in_mapping or in_list:
             path.append(part)
             node = node[part]
         elif error["type"] == "missing" and i == len(loc) - 1 and isinstance(part, str):
@@ -166,22 +206,24 @@ def _data_path(error: dict, data: Any) -> tuple[Path, str]:
     return tuple(path), kind
 
 
-def _issue_for(path: Path, kind: str, errors: list[dict], source: SourceMap,
+def _issue_for(path: Path, kind: str, errors: list[dict[str, Any]], source: SourceMap,
                root: type[BaseModel]) -> SpecIssue:
     field = next((p for p in reversed(path) if isinstance(p, str)), "")
     first = errors[0]
     if kind == "extra":
         valid = _valid_keys(root, path[:-1])
-        close = difflib.get_close_matches(str(path[-1]), valid, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}?" if close else ""
+        key = str(path[-1])
+        matches = (difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+                   if len(key) <= MAX_SUGGESTED_LENGTH else [])
+        hint = f"did you mean {matches[0]!r}?" if matches else ""
         listing = ", ".join(valid)
         hint = (hint + " " if hint else "") + f"valid keys here: {listing}"
-        return source.issue(path, f"unknown key {path[-1]!r}", hint=hint, at_key=True)
+        return source.issue(path, f"unknown key {quoted(path[-1])}", hint=hint, at_key=True)
     if kind == "missing":
         return source.issue(path, f"required key {field!r} is missing",
                             hint=FIELD_HINTS.get(field, ""), at=path[:-1])
     if kind == "key":
-        return source.issue(path, f"invalid key {path[-1]!r}: {_clean(first['msg'])}",
+        return source.issue(path, f"invalid key {quoted(path[-1])}: {_clean(first['msg'])}",
                             hint="environment names are letters, digits and '_', "
                             "not starting with a digit", at_key=True)
     value = first.get("input")
@@ -203,8 +245,8 @@ def _issue_for(path: Path, kind: str, errors: list[dict], source: SourceMap,
     hint = FIELD_HINTS.get(field, "")
     plain = source.plain_text.get(path)
     if first["type"] == "string_type" and plain is not None:
-        shown = "the value" if secret else f'"{plain}"'
-        hint = f"YAML read this as {type(value).__name__}; quote it to keep it text: {shown}"
+        written = "the value" if secret else quoted(plain).replace("'", '"', 2)
+        hint = f"YAML read this as {type(value).__name__}; quote it to keep it text: {written}"
     elif first["type"] in ("int_type", "float_type", "bool_type") and isinstance(value, str):
         if plain is not None and plain[:1] == "0" and plain[1:2].isdigit():
             hint = "leading zeros are ambiguous in YAML; write the number without them"
@@ -230,8 +272,7 @@ def _describe(value: Any, plain: str | None) -> str:
     if isinstance(value, (int, float)):
         return f"the number {plain if plain is not None else value}"
     if isinstance(value, str):
-        shown = value if len(value) <= 60 else value[:57] + "..."
-        return f"{shown!r}"
+        return quoted(value)
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
@@ -239,7 +280,7 @@ def _describe(value: Any, plain: str | None) -> str:
     return type(value).__name__
 
 
-def _expected_literals(errors: list[dict]) -> str:
+def _expected_literals(errors: list[dict[str, Any]]) -> str:
     for error in errors:
         expected = (error.get("ctx") or {}).get("expected")
         if expected:
@@ -247,12 +288,13 @@ def _expected_literals(errors: list[dict]) -> str:
     return ""
 
 
-def _close_literal(value: Any, errors: list[dict]) -> str | None:
-    if not isinstance(value, str):
+def _close_literal(value: Any, errors: list[dict[str, Any]]) -> str | None:
+    if not isinstance(value, str) or len(value) > MAX_SUGGESTED_LENGTH:
         return None
     for error in errors:
-        expected = (error.get("ctx") or {}).get("expected", "")
-        options = [o.strip().strip("'") for o in expected.replace(" or ", ",").split(",") if o.strip()]
+        expected: str = (error.get("ctx") or {}).get("expected", "")
+        words = expected.replace(" or ", ",").split(",")
+        options = [o.strip().strip("'") for o in words if o.strip()]
         close = difflib.get_close_matches(value, options, n=1, cutoff=0.5)
         if close:
             return close[0]

@@ -9,7 +9,7 @@ refuse unknown keys.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -96,9 +96,9 @@ Seconds = Annotated[
 
 def _check_env_value(value: str) -> str:
     if "${" in value and not ENV_REFERENCE.match(value):
-        raise ValueError(
-            "an environment reference must be the whole value, like ${HF_TOKEN}; "
-            f"got {value!r}"
+        raise ValueError(  # the value is not repeated: it may be a secret
+            "an environment reference must be the whole value, like ${HF_TOKEN}; this value "
+            "has ${ in it but is not one reference"
         )
     return value
 
@@ -182,7 +182,7 @@ class ModelSettings(_Strict):
         None, description="vLLM quantization method (awq, gptq, fp8, ...); unset: from the model."
     )
     kv_cache_dtype: KvCacheDtype = "auto"
-    gpu_memory_utilization: Union[Literal["auto"], Annotated[float, Field(gt=0, le=1)]] = Field(
+    gpu_memory_utilization: Literal["auto"] | Annotated[float, Field(gt=0, le=1)] = Field(
         "auto",
         description=(
             "Fraction of each GPU's total memory the worker's vLLM may use; 'auto' computes "
@@ -244,11 +244,11 @@ class ModelSettings(_Strict):
         ),
     )
     liveness: LivenessProbe = Field(
-        default_factory=lambda: LivenessProbe(),
+        default=LivenessProbe(),  # one shared value: the models are frozen
         description="How a ready worker is checked, and when it is restarted as unhealthy.",
     )
     rollout: RolloutPolicy = Field(
-        default_factory=lambda: RolloutPolicy(),
+        default=RolloutPolicy(),
         description="How replicas are replaced when the model's settings change.",
     )
 
