@@ -11,7 +11,7 @@ plan, byte for byte. Only `gather_estimates` touches the disk (config.json, safe
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from gardenctl.estimate.types import EstimateRequest, MemoryEstimate, ModelMetadata
 from gardenctl.inventory.model import Inventory
@@ -49,14 +49,18 @@ def gather_estimates(models: Sequence[ModelSpec], estimator: str,
     """Read each model's metadata once (I/O) and estimate its memory (pure)."""
     from gardenctl.estimate import estimate_memory, read_model_metadata
 
-    reader = read_metadata or (lambda ref, revision: read_model_metadata(ref, revision))
+    reader = read_metadata or read_model_metadata
     cache: dict[tuple[str, str | None], ModelMetadata] = {}
+    known: dict[EstimateRequest, MemoryEstimate] = {}  # models asking the same thing
     estimates = {}
     for model in models:
         key = (model.model, model.revision)
         if key not in cache:
             cache[key] = reader(model.model, model.revision)
-        estimates[model.name] = estimate_memory(estimate_request(model), cache[key], estimator)
+        request = estimate_request(model)
+        if request not in known:
+            known[request] = estimate_memory(request, cache[key], estimator)
+        estimates[model.name] = known[request]
     return estimates
 
 

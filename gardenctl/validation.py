@@ -7,16 +7,19 @@ on an empty fleet). Each problem is an issue located at the model's line.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from functools import partial
 
 from gardenctl.errors import SpecIssue
 from gardenctl.estimate.types import MemoryEstimate
 from gardenctl.inventory.model import Inventory
-from gardenctl.placement.model import Placement
+from gardenctl.placement.model import Placement, Unplaced
 from gardenctl.placement.solver import place
+from gardenctl.spec.checks import Findings
 from gardenctl.spec.loader import LoadedGarden
 from gardenctl.spec.models import ModelSpec
+from gardenctl.spec.yamlsource import SourceMap
 from gardenctl.workers import build_requests
 
 
@@ -67,14 +70,21 @@ def check_against_inventory(loaded: LoadedGarden, inventory: Inventory,
     fitting = [m for i, m in enumerate(models) if i not in bad]  # the rest is still checked
     placement = place(build_requests(garden, fitting, estimates), inventory, garden.placement)
     index = {m.name: i for i, m in enumerate(models)}
-    for unplaced in placement.unplaced:
-        i = index[unplaced.model]
-        detail = "; ".join(r.message for r in unplaced.reasons)
-        issues.append(source.issue(("models", i), f"{unplaced.worker_id} does not fit on the "
-                                   f"inventory ({inventory.source}): {detail}",
-                                   hint="lower max_model_len or min_concurrency, use a smaller or "
-                                   "quantized model, lower priority elsewhere, or add GPUs"))
+    findings = Findings(source)  # thousands of workers that do not fit: the first in full
+    for unplaced in sorted(placement.unplaced, key=lambda u: (index[u.model], u.worker_id)):
+        findings.add("error", partial(_unplaced_issue, source, unplaced,
+                                      index[unplaced.model], inventory.source))
+    issues += findings.issues()
     return FitReport(tuple(issues), None if bad else placement)
+
+
+def _unplaced_issue(source: SourceMap, unplaced: Unplaced, index: int,
+                    inventory: str) -> SpecIssue:
+    detail = "; ".join(r.message for r in unplaced.reasons)
+    return source.issue(("models", index), f"{unplaced.worker_id} does not fit on the "
+                        f"inventory ({inventory}): {detail}",
+                        hint="lower max_model_len or min_concurrency, use a smaller or "
+                        "quantized model, lower priority elsewhere, or add GPUs")
 
 
 def _field(loaded: LoadedGarden, index: int, name: str) -> tuple:
@@ -88,13 +98,14 @@ def _field(loaded: LoadedGarden, index: int, name: str) -> tuple:
 
 def estimate_warnings(loaded: LoadedGarden, models: Sequence[ModelSpec],
                       estimates: Mapping[str, MemoryEstimate]) -> list[SpecIssue]:
-    """The estimator's warnings (a guessed size, a default length), located at each model."""
-    issues = []
+    """The estimator's warnings (a guessed size, a default length), located at each model
+    (the first in full, the others counted)."""
+    findings = Findings(loaded.source)
     for i, model in enumerate(models):
         for warning in estimates[model.name].warnings:
-            issues.append(loaded.source.issue(("models", i, "model"), warning,
-                                              severity="warning"))
-    return issues
+            findings.add("warning", partial(loaded.source.issue, ("models", i, "model"), warning,
+                                            severity="warning"))
+    return findings.issues()
 
 
 __all__ = ["FitReport", "check_against_inventory", "estimate_warnings"]

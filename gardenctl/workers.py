@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Collection, Mapping, Sequence
+from functools import lru_cache
+from typing import Any
 
 from gardenctl.estimate.types import MemoryEstimate
 from gardenctl.placement.model import Placement, WorkerRequest
@@ -106,9 +108,19 @@ def _digest(document: object) -> str:
 
 
 def sizing_hash(model: ModelSpec, policy: PlacementPolicy) -> str:
-    document = {name: getattr(model, name) for name in SIZING_FIELDS}
-    if model.gpu_memory_utilization == "auto":
-        document["policy"] = [policy.utilization_policy, policy.safety_margin, policy.estimator]
+    policy_knobs = ((policy.utilization_policy, policy.safety_margin, policy.estimator)
+                    if model.gpu_memory_utilization == "auto" else None)
+    values = tuple(tuple(v) if isinstance(v, list) else v
+                   for v in (getattr(model, name) for name in SIZING_FIELDS))
+    return _sizing_digest(values, policy_knobs)
+
+
+@lru_cache(maxsize=4096)  # a garden of many alike models hashes each kind once
+def _sizing_digest(values: tuple[object, ...], policy: tuple[object, ...] | None) -> str:
+    document: dict[str, object] = {name: list(v) if isinstance(v, tuple) else v
+                                   for name, v in zip(SIZING_FIELDS, values, strict=True)}
+    if policy is not None:
+        document["policy"] = list(policy)
     return _digest(document)
 
 

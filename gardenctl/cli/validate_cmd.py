@@ -54,18 +54,20 @@ def _validate_one(garden_path: str, inventory_path: str | None, output: str) -> 
 
 
 def _fit_issues(loaded, garden_path: str, inventory_path: str | None, summary: dict) -> list:
+    garden = loaded.garden
+    default_replicas = garden.defaults.replicas
+    summary["models"] = len(garden.models)
+    summary["workers"] = sum(m.replicas if "replicas" in m.model_fields_set else default_replicas
+                             for m in garden.models)
+    if inventory_path is None and garden.inventory is None:
+        summary["fit"] = "not checked: no inventory declared (add `inventory:` or --inventory)"
+        return []
     from gardenctl.errors import SpecError
     from gardenctl.inventory import resolve_inventory
     from gardenctl.planner import gather_estimates
     from gardenctl.validation import check_against_inventory, estimate_warnings
 
-    garden = loaded.garden
     models = loaded.models()
-    summary["models"] = len(models)
-    summary["workers"] = sum(m.replicas for m in models)
-    if inventory_path is None and garden.inventory is None:
-        summary["fit"] = "not checked: no inventory declared (add `inventory:` or --inventory)"
-        return []
     try:
         inventory = resolve_inventory(garden, garden_path, inventory_path)
     except SpecError as exc:  # a broken --inventory file: its own located issues

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from gardenctl.inventory.model import Gpu, Inventory
 from gardenctl.placement import model as m
-from gardenctl.placement.choose import STRATEGIES, choose
+from gardenctl.placement.choose import STRATEGIES, choose, claims_by_size
 from gardenctl.placement.ledger import GpuKey, Pool
 from gardenctl.placement.reasons import reasons
 from gardenctl.placement.utilization import UTILIZATION_STEP, claim_bytes
@@ -80,16 +80,27 @@ def place(
         rng = random.Random(seed)
         placed: list[m.Assignment] = []
         failed: list[m.Unplaced] = []
+        hopeless: set[tuple[object, ...]] = set()
+        explained: dict[tuple[object, ...], tuple[m.Reason, ...]] = {}  # since the last place
         for request in pending:
             if request.worker_id in held_back:
                 failed.append(_unplaced_kept_previous(request, held_back[request.worker_id], pool,
                                                       policy))
                 continue
-            choice = choose(request, pool, policy, strategy, rng)
+            # Claims only grow during a pass: a worker shaped like one that found no place
+            # finds none either (thousands of identical models cost one search, not each).
+            shape = _shape(request, pool, policy) if strategy == "best_fit" else None
+            choice = None if shape in hopeless else choose(request, pool, policy, strategy, rng)
             if choice is None:
-                failed.append(m.Unplaced(request.worker_id, request.model,
-                                         tuple(reasons(request, pool, policy))))
+                why = explained.get(shape) if shape is not None else None
+                if why is None:
+                    why = tuple(reasons(request, pool, policy))
+                if shape is not None:
+                    hopeless.add(shape)
+                    explained[shape] = why
+                failed.append(m.Unplaced(request.worker_id, request.model, why))
                 continue
+            explained.clear()  # the ledgers changed: reasons are worked out afresh
             for index in choice.gpus:
                 pool.add_claim((choice.node, index), request.worker_id, request.model, choice.claim)
             placed.append(m.Assignment(request.worker_id, request.model, choice.node, choice.gpus,
@@ -114,6 +125,15 @@ def placement_order(request: m.WorkerRequest) -> tuple[int, bool, int, int, str]
     pinned = request.pin_node is not None or request.pin_gpus is not None
     return (-request.priority, not pinned, -request.tensor_parallel_size,
             -request.estimate.total_bytes, request.worker_id)
+
+
+def _shape(request: m.WorkerRequest, pool: Pool, policy: PlacementPolicy) -> tuple[object, ...]:
+    """Everything that decides whether ``request`` fits somewhere in ``pool``: its claim on each
+    GPU size, its parallelism and pins, and (only when its replicas must stay apart) its
+    model."""
+    claims = tuple(sorted(claims_by_size(request, pool, policy).items()))
+    return (claims, request.tensor_parallel_size, request.pin_node, request.pin_gpus,
+            request.model if request.spread else None)
 
 
 def _may_stay(holding: m.Holding, request: m.WorkerRequest, present: set[GpuKey]) -> bool:
