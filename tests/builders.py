@@ -35,7 +35,7 @@ def inventory(*nodes: tuple[str, int, float], used_gib: float = 0.0) -> Inventor
 def request(worker_id: str, budget_gib: float, *, tp: int = 1, priority: int = 0,
             utilization: float | None = None, pin_node: str | None = None,
             pin_gpus: tuple[int, ...] | None = None, sizing: str = "s") -> WorkerRequest:
-    garden, model, replica = worker_id.split("/")
+    _, model, replica = worker_id.split("/")
     return WorkerRequest(worker_id=worker_id, model=model, replica=int(replica),
                          tensor_parallel_size=tp, priority=priority,
                          estimate=estimate(budget_gib, tp=tp), utilization=utilization,
@@ -66,7 +66,8 @@ def observed_from(plan, phase: str = "ready"):
     return Observed(tuple(workers), source="test")
 
 
-def garden_text(models: str, *, policy_yaml: str = "", gpus: str = "{name: L4, memory: 24GiB, count: 2}") -> bytes:
+def garden_text(models: str, *, policy_yaml: str = "",
+                gpus: str = "{name: L4, memory: 24GiB, count: 2}") -> bytes:
     return (f"name: lab\n{policy_yaml}inventory:\n  nodes:\n    - name: node-a\n"
             f"      gpus: [{gpus}]\nmodels:\n{models}").encode()
 

@@ -28,9 +28,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psutil
 
@@ -208,7 +209,7 @@ class Garden:
         started = time.monotonic()
         completed = subprocess.run(argv, cwd=self.root, env={**self.env, **(env or {})},
                                    stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                   timeout=timeout)
+                                   timeout=timeout, check=False)
         run = Run(tuple(args), completed.returncode, completed.stdout, completed.stderr,
                   time.monotonic() - started)
         self.runs.append(run)

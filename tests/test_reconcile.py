@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 from builders import garden_text, observed_from, plan_for
 
@@ -340,7 +341,7 @@ def test_stops_come_before_starts_and_starts_on_one_gpu_follow_each_other():
         if start.gpus == stop.gpus:
             assert Needs(stop.id, When.DONE) in start.after
     same_gpu = [s for s in starts if s.gpus == starts[0].gpus]
-    for before, after in zip(same_gpu, same_gpu[1:]):
+    for before, after in itertools.pairwise(same_gpu):
         assert Needs(before.id, When.FINISHED) in after.after
 
 

@@ -73,7 +73,7 @@ def pids(runtime):
 
 
 def test_first_passes_converge_and_report_the_version(setup):
-    garden, runtime, watcher, events, _ = setup
+    _garden, runtime, watcher, events, _clock = setup
     settle(watcher, "start")
     assert set(pids(runtime)) == {"lab/a/0", "lab/b/0"}
     kinds = [e["event"] for e in events()]
@@ -84,7 +84,7 @@ def test_first_passes_converge_and_report_the_version(setup):
 
 
 def test_a_pass_never_waits_for_a_worker_to_load(setup):
-    garden, runtime, watcher, events, clock = setup
+    garden, runtime, watcher, _events, _clock = setup
     garden.write_text(HEAD.replace('"0"', '"600"') + A)  # ten minutes of loading
     settle(watcher, "start")  # the spawn, then the pass its end triggers
     assert [w.phase for w in runtime.observe(confirm_health=False).workers] == [Phase.STARTING]
@@ -92,7 +92,7 @@ def test_a_pass_never_waits_for_a_worker_to_load(setup):
 
 
 def test_broken_file_changes_nothing_and_the_fix_converges(setup):
-    garden, runtime, watcher, events, _ = setup
+    garden, runtime, watcher, events, _clock = setup
     settle(watcher, "start")
     before = pids(runtime)
     garden.write_text(HEAD + A + "  - {name: b, model: x, max_model_len: [\n")
@@ -107,7 +107,7 @@ def test_broken_file_changes_nothing_and_the_fix_converges(setup):
 
 
 def test_a_version_that_does_not_fit_is_rejected(setup):
-    garden, runtime, watcher, events, _ = setup
+    garden, runtime, watcher, events, _clock = setup
     settle(watcher, "start")
     before = pids(runtime)
     garden.write_text(HEAD + A + "  - {name: huge, model: meta-llama/Llama-3.3-70B-Instruct}\n")
@@ -120,7 +120,7 @@ def test_a_version_that_does_not_fit_is_rejected(setup):
 
 
 def test_emptying_the_garden_needs_allow_empty(setup):
-    garden, runtime, watcher, events, _ = setup
+    garden, runtime, watcher, events, _clock = setup
     settle(watcher, "start")
     garden.write_text(HEAD.replace("models:\n", "models: []\n"))
     settle(watcher, "file changed")
@@ -129,7 +129,7 @@ def test_emptying_the_garden_needs_allow_empty(setup):
 
 
 def test_renaming_the_garden_is_refused(setup):
-    garden, runtime, watcher, events, _ = setup
+    garden, runtime, watcher, events, _clock = setup
     settle(watcher, "start")
     garden.write_text((HEAD + A + B).replace("name: lab", "name: other"))
     settle(watcher, "file changed")
@@ -138,7 +138,7 @@ def test_renaming_the_garden_is_refused(setup):
 
 
 def test_crashed_worker_restarts_at_once_then_backs_off_and_says_until_when(setup):
-    garden, runtime, watcher, events, clock = setup
+    _garden, runtime, watcher, events, clock = setup
     settle(watcher, "start")
     runtime.kill("lab/a/0")
     settle(watcher, "worker exited")
@@ -160,7 +160,7 @@ def test_crashed_worker_restarts_at_once_then_backs_off_and_says_until_when(setu
 
 
 def test_a_failing_worker_does_not_hold_back_the_others(setup):
-    garden, runtime, watcher, events, clock = setup
+    garden, runtime, watcher, _events, clock = setup
     failing = A.replace("max_model_len: 2048}", "max_model_len: 2048, "
                         "env: {STANDIN_VLLM_FAIL: oom, STANDIN_VLLM_READY_DELAY: '0'}}")
     garden.write_text(HEAD + failing)
@@ -195,7 +195,7 @@ def test_a_version_refused_for_lack_of_room_is_retried_when_room_appears(tmp_pat
 
 
 def test_a_version_that_cannot_be_planned_keeps_the_last_good_one_healing(setup):
-    garden, runtime, watcher, events, clock = setup
+    garden, runtime, watcher, events, _clock = setup
     settle(watcher, "start")
     garden.write_text(HEAD.replace("inventory: {nodes: [{name: node-a, gpus: [{name: L4, "
                                    "memory: 24GiB, count: 2}]}]}\n", "") + A + B)
@@ -206,7 +206,7 @@ def test_a_version_that_cannot_be_planned_keeps_the_last_good_one_healing(setup)
 
 
 def test_a_new_version_of_a_failing_worker_starts_without_its_backoff(setup):
-    garden, runtime, watcher, events, clock = setup
+    garden, runtime, watcher, _events, clock = setup
     settle(watcher, "start")
     for _ in range(2):
         runtime.kill("lab/a/0")
@@ -220,7 +220,7 @@ def test_a_new_version_of_a_failing_worker_starts_without_its_backoff(setup):
 
 
 def test_a_bad_edit_is_rolled_back_and_the_model_keeps_serving(setup):
-    garden, runtime, watcher, events, clock = setup
+    garden, runtime, watcher, events, _clock = setup
     two = A.replace("2048}", "2048, replicas: 2, spread_replicas: true}")
     garden.write_text(HEAD + two)
     settle(watcher, "start")
@@ -242,7 +242,7 @@ def test_a_bad_edit_is_rolled_back_and_the_model_keeps_serving(setup):
 
 
 def test_an_unhealthy_worker_is_restarted_by_the_next_pass(setup):
-    garden, runtime, watcher, events, clock = setup
+    _garden, runtime, watcher, _events, _clock = setup
     settle(watcher, "start")
     before = pids(runtime)
     runtime.mark_unhealthy("lab/a/0", "/health answered 503 (3 probes in a row)")
@@ -255,7 +255,7 @@ def test_an_unhealthy_worker_is_restarted_by_the_next_pass(setup):
 
 
 def test_a_bug_in_a_pass_does_not_stop_the_watcher(setup, monkeypatch):
-    garden, runtime, watcher, events, _ = setup
+    _garden, _runtime, watcher, events, _clock = setup
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("boom")

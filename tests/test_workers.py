@@ -41,7 +41,7 @@ def test_every_flag_gardenctl_emits_is_accepted_by_vllm_0_32():
 def test_argv_is_the_configured_command_then_serve_model_and_flags():
     w = full_worker()
     assert w.argv[:3] == ("/opt/vllm/bin/vllm", "serve", "Qwen/Qwen2.5-7B-Instruct")
-    flags = dict(zip(w.argv[3::2], w.argv[4::2]))
+    flags = dict(zip(w.argv[3::2], w.argv[4::2], strict=False))
     assert flags["--port"] == str(w.port) and flags["--host"] == "0.0.0.0"
     assert flags["--served-model-name"] == "chat"
     assert flags["--gpu-memory-utilization"] == f"{w.utilization:.3f}"

@@ -27,9 +27,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import psutil
 from e2e_helpers import STANDIN, free_port_block
@@ -125,7 +126,7 @@ class Watch:
                  stderr_path: Path) -> None:
         self.argv = argv
         self.stderr_path = stderr_path
-        self._stderr = open(stderr_path, "wb")
+        self._stderr = open(stderr_path, "wb")  # noqa: SIM115 - open while the watch runs
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=self._stderr)
@@ -308,7 +309,7 @@ class WatchedGarden:
     def run(self, *argv: str, timeout: float = COMMAND_TIMEOUT) -> Run:
         done = subprocess.run([*GARDENCTL, *argv], cwd=self.root, env=self.env,
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, check=False)
         return Run(tuple(argv), done.returncode, done.stdout, done.stderr)
 
     def watch(self, *args: str) -> Watch:
