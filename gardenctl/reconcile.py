@@ -91,6 +91,10 @@ class _Decider:
             return [_step(StepKind.AWAIT, worker, current, f"{_doing(current)} (in progress)")]
         same = current.spec_hash == worker.spec_hash
         phase = current.phase
+        # While a model's rollout is stopped, its replicas keep (and restart) the version they
+        # run; only a new edit of the model moves them again.
+        keeps = current.spec if not same and (
+            current.rejected_for(worker) or worker.model in stopped) else None
         if phase == Phase.UNKNOWN:
             if same:
                 return [_step(StepKind.ADOPT, worker, current, "found running with the same spec "
@@ -99,27 +103,29 @@ class _Decider:
                                  "record, in another version: " + describe_change(current, worker))
         if phase == Phase.STARTING:
             if self._timed_out(current, worker):
-                return self._restart(worker, current, f"not ready within its start timeout of "
-                                     f"{worker.start_timeout:g}s", then=Phase.FAILED)
-            if same:
-                return [_step(StepKind.AWAIT, worker, current,
+                return self._restart(keeps or worker, current, f"not ready within its start "
+                                     f"timeout of {worker.start_timeout:g}s", then=Phase.FAILED)
+            if same or keeps is not None:
+                return [_step(StepKind.AWAIT, keeps or worker, current,
                               f"still loading (started {_clock(current.started_at)})")]
             return self._replace(worker, current, describe_change(current, worker))
         if phase == Phase.READY:
             if same:
                 return [_step(StepKind.KEEP, worker, current, "up to date")]
-            if worker.model in stopped:
-                return [_step(StepKind.WAIT, worker, current, stopped[worker.model])]
+            if keeps is not None:
+                return [_step(StepKind.WAIT, keeps, current, stopped.get(
+                    worker.model, "rollout stopped: this version was rolled back"))]
             return self._replace(worker, current, describe_change(current, worker))
         if phase in (Phase.UNHEALTHY, Phase.STOPPING):
+            recorded = current.last_error or ""
             reason = ("an earlier stop of it was interrupted" if phase == Phase.STOPPING
-                      else current.last_error if (current.last_error or "").startswith("unhealthy")
+                      else recorded if recorded.startswith("unhealthy")
                       else f"unhealthy: {current.health or 'its health checks fail'}")
-            target = current.spec if current.rejected_for(worker) else worker
-            return self._restart(target, current, reason, then=Phase.CRASHED)
-        return self._after_exit(worker, current)
+            return self._restart(keeps or worker, current, reason, then=Phase.CRASHED)
+        return self._after_exit(worker, current, keeps)
 
-    def _after_exit(self, worker: DesiredWorker, current: ObservedWorker) -> list[Step]:
+    def _after_exit(self, worker: DesiredWorker, current: ObservedWorker,
+                    keeps: DesiredWorker | None) -> list[Step]:
         same = current.spec_hash == worker.spec_hash
         if current.previous is not None and not current.ever_ready and same:
             reason = _exit_detail(current)
@@ -127,9 +133,7 @@ class _Decider:
             return self._spawn(StepKind.ROLLBACK, current.previous, current,
                                f"its new version did not become ready ({reason}); starting the "
                                "previous version again", Launch(rejected=rejection))
-        if current.rejected_for(worker):  # the version we rolled back to died: restart it
-            return self._restart(current.spec, current, _death(current))
-        return self._restart(worker, current, _death(current))
+        return self._restart(keeps or worker, current, _death(current))
 
     def _restart(self, target: DesiredWorker, current: ObservedWorker, reason: str, *,
                  then: Phase | None = None) -> list[Step]:

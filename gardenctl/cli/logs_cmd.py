@@ -56,7 +56,7 @@ def _follow(handle, path) -> None:
         try:
             if os.stat(path).st_ino != inode:  # rotated: a new run of the worker began
                 handle.close()
-                handle = open(path, "rb")
+                handle = open(path, "rb")  # noqa: SIM115 - followed until Ctrl-C
                 inode = os.fstat(handle.fileno()).st_ino
                 click.echo("--- gardenctl: the worker was restarted; new log ---")
         except FileNotFoundError:

@@ -9,9 +9,9 @@ what depended on it, roll a failed replacement back) is written in the steps' de
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Mapping
 
 from gardenctl.observe import ObservedWorker, Rejection
 from gardenctl.placement.model import LedgerRow, Unplaced

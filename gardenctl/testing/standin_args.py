@@ -28,7 +28,8 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 FLAGS_PACKAGE = "gardenctl.data"
 FLAGS_FILE = "vllm-serve-flags-0.32.txt"
@@ -218,8 +219,9 @@ def normalize_underscores(argv: Sequence[str]) -> list[str]:
     for arg in argv:
         if arg.startswith("--"):
             name, sep, value = arg.partition("=")
-            arg = name.replace("_", "-") + sep + value
-        normalized.append(arg)
+            normalized.append(name.replace("_", "-") + sep + value)
+        else:
+            normalized.append(arg)
     return normalized
 
 

@@ -71,7 +71,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from gardenctl.testing import standin_args
 from gardenctl.testing.standin_engine import (
