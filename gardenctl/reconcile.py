@@ -276,15 +276,25 @@ def _pace_rollouts(steps: list[Step], desired: Sequence[DesiredWorker], observed
     """Replace ready replicas of a model at most `max_unavailable` at a time (counting the
     replicas already down), each after the previous one is ready; say what it means for the
     model's availability. A rollout that cannot proceed waits, naming the replicas down."""
-    by_model: dict[str, list[DesiredWorker]] = {}
+    replacing = {s.model for s in steps if s.kind == StepKind.REPLACE}
+    if not replacing:
+        return steps
+    workers: dict[str, list[DesiredWorker]] = {}
     for worker in desired:
-        by_model.setdefault(worker.model, []).append(worker)
-    result = list(steps)
-    for model, workers in sorted(by_model.items()):
-        policy = rollouts.get(model, ModelRollout(len(workers)))
-        result = chain_rollout(result, model, workers, observed, policy.replicas,
-                               policy.max_unavailable)
-    return result
+        if worker.model in replacing:
+            workers.setdefault(worker.model, []).append(worker)
+    by_model: dict[str, list[Step]] = {}
+    for step in steps:
+        if step.model in replacing:
+            by_model.setdefault(step.model, []).append(step)
+    changed: dict[str, Step | None] = {}
+    for model in sorted(replacing):
+        wanted = workers.get(model, [])
+        policy = rollouts.get(model, ModelRollout(len(wanted)))
+        changed.update(chain_rollout(by_model[model], wanted, observed, policy.replicas,
+                                     policy.max_unavailable))
+    result = [changed.get(s.id, s) if s.id in changed else s for s in steps]
+    return [s for s in result if s is not None]
 
 
 # -- small pure helpers ---------------------------------------------------------------------

@@ -89,31 +89,32 @@ def _dedupe(needs: list[Needs]) -> tuple[Needs, ...]:
     return tuple(chosen.values())
 
 
-def chain_rollout(steps: list[Step], model: str, workers: Sequence[DesiredWorker],
-                  observed: Observed, replicas: int, max_unavailable: int) -> list[Step]:
-    """Pace the replacements of ``model``'s ready replicas (see the module docstring)."""
-    replaces = sorted((s for s in steps if s.model == model and s.kind == StepKind.REPLACE
+def chain_rollout(steps: Sequence[Step], workers: Sequence[DesiredWorker], observed: Observed,
+                  replicas: int, max_unavailable: int) -> dict[str, Step | None]:
+    """Pace the replacements of one model's ready replicas (see the module docstring).
+    ``steps`` are that model's steps; returns the steps to change, by id (None: drop it)."""
+    replaces = sorted((s for s in steps if s.kind == StepKind.REPLACE
                        and s.previous is not None and s.previous.phase == Phase.READY),
                       key=_replica)
     if not replaces:
-        return steps
+        return {}
     replaced = {s.worker_id for s in replaces}
     down = sorted(w.worker_id for w in workers if w.worker_id not in replaced and (
         (o := observed.get(w.worker_id)) is None or o.phase != Phase.READY))
     revivers = {s.worker_id: s for s in steps if s.worker_id in down and not s.conditional
                 and (s.kind.spawns or s.kind in (StepKind.AWAIT, StepKind.ADOPT))}
     if len(down) >= max_unavailable and any(w not in revivers for w in down):
-        return _pause(steps, replaces, down, max_unavailable)
+        return _pause(replaces, down, max_unavailable)
     first_needs = [Needs(revivers[w].id) for w in down] if len(down) >= max_unavailable else []
     width = max_unavailable if first_needs else max_unavailable - len(down)
     notes = _notes(replicas, max_unavailable)
-    changed: dict[str, Step] = {}
+    changed: dict[str, Step | None] = {}
     for i, step in enumerate(replaces):
         needs = list(step.after) + (first_needs if i < width else [])
         if i >= width:
             needs.append(Needs(replaces[i - width].id))
         changed[step.id] = dataclasses.replace(step, after=tuple(needs), notes=notes)
-    return [changed.get(s.id, s) for s in steps]
+    return changed
 
 
 def _notes(replicas: int, max_unavailable: int) -> tuple[str, ...]:
@@ -126,16 +127,18 @@ def _notes(replicas: int, max_unavailable: int) -> tuple[str, ...]:
             "started again and the rollout stops")
 
 
-def _pause(steps: list[Step], replaces: list[Step], down: list[str],
-           max_unavailable: int) -> list[Step]:
+def _pause(replaces: list[Step], down: list[str],
+           max_unavailable: int) -> dict[str, Step | None]:
     """The rollout cannot go on: replicas are down with nothing that brings them back now."""
     names = ", ".join(w.rsplit("/", 1)[1] for w in down)
-    waiting = {s.id: dataclasses.replace(
-        s, kind=StepKind.WAIT, launch=None, notes=(),
-        cause=f"rollout waits: replica(s) {names} of {s.model} not ready, and at most "
-              f"{max_unavailable} may be down at once; then: {s.cause}") for s in replaces}
-    undone = {f"{StepKind.ROLLBACK.value}:{s.worker_id}" for s in replaces}
-    return [waiting.get(s.id, s) for s in steps if not (s.conditional and s.id in undone)]
+    changed: dict[str, Step | None] = {}
+    for step in replaces:
+        changed[step.id] = dataclasses.replace(
+            step, kind=StepKind.WAIT, launch=None, notes=(),
+            cause=f"rollout waits: replica(s) {names} of {step.model} not ready, and at most "
+                  f"{max_unavailable} may be down at once; then: {step.cause}")
+        changed[f"{StepKind.ROLLBACK.value}:{step.worker_id}"] = None  # nothing to roll back
+    return changed
 
 
 __all__ = ["chain_rollout", "sequence"]

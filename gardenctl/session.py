@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -16,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gardenctl.errors import GardenError, StalePlanError
-from gardenctl.execute import ApplyReport, Executor, Progress
-from gardenctl.execute.results import StepResult
+from gardenctl.execute import ApplyReport, Executor, Progress, StepResult
 from gardenctl.inventory.model import Inventory
 from gardenctl.observe import History, Observed
 from gardenctl.runtime import base
@@ -118,18 +118,17 @@ class Session:
             down_at=before.down_at, down_workers=before.down_workers))
 
     def executor(self, result: PlanResult, progress: Progress | None = None,
-                 stop_event: Any = None) -> Executor:
+                 stop_event: threading.Event | None = None) -> Executor:
         runtime = self.bind(result.inventory, result.loaded.garden)
         return Executor(runtime, environ=os.environ, probe=self.probe, progress=progress,
                         stop_event=stop_event)
 
     def apply(self, result: PlanResult, progress: Progress | None = None,
-              stop_event: Any = None,
-              on_result: Any = None) -> ApplyReport:
+              stop_event: threading.Event | None = None,
+              on_result: Callable[[StepResult], None] | None = None) -> ApplyReport:
+        """Run every step of the plan (remembering what the garden wanted, for later plans)."""
         self.record_applied(result, "apply")
-        executor = self.executor(result, progress, stop_event)
-        listener: Any = on_result
-        return executor.run(result.plan, listener)
+        return self.executor(result, progress, stop_event).run(result.plan, on_result)
 
 
 @contextmanager
@@ -142,4 +141,4 @@ def open_session(state_path: str | None, command: str) -> Iterator[Session]:
         session.close()
 
 
-__all__ = ["Session", "StepResult", "open_session"]
+__all__ = ["Session", "open_session"]

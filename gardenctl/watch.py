@@ -375,6 +375,7 @@ class Watcher:
         if plan.has_changes:
             self.session.record_applied(result, "watch")
         issued = self.executor.issue(plan, on_result=self._result)
+        self._reported.loading |= {s.worker_id for s in issued if s.kind.spawns}
         if issued:
             kinds = sorted({s.kind.value for s in issued})
             self.log.emit("plan", f"{len(issued)} step(s) begun: {', '.join(kinds)} ({reason})",
@@ -419,7 +420,9 @@ class Watcher:
         ready_now = {w.worker_id for w in mine if w.phase == Phase.READY}
         for worker_id in sorted(reported.loading & ready_now):
             self.log.emit("ready", "answers /health and /v1/models", worker=worker_id)
-        reported.loading = {s.worker_id for s in plan.steps if s.kind == StepKind.AWAIT}
+        over = {w.worker_id for w in mine if w.phase.dead}
+        reported.loading = (reported.loading - ready_now - over) | {
+            s.worker_id for s in plan.steps if s.kind == StepKind.AWAIT}
         reported.holds = {k: v for k, v in reported.holds.items()
                           if any(s.worker_id == k and s.kind == StepKind.HOLD for s in plan.steps)}
         reported.waits = {k: v for k, v in reported.waits.items()

@@ -110,6 +110,7 @@ def test_each_edit_restarts_only_the_worker_it_changes(garden):
     mark = watch.mark()
     garden.save([model("alpha"), model("beta", max_model_len=4096), model("gamma")])
     watch.wait_for("gamma started", ok_event("start", gamma), since=mark, timeout=REACTION)
+    watch.wait_event("ready", gamma, since=mark, timeout=REACTION)
     added = garden.worker_pids()
     assert {alpha: added[alpha], beta: added[beta]} == {alpha: after[alpha], beta: after[beta]}
     assert actions_since(watch, mark) == [("starting", gamma)]
@@ -194,6 +195,7 @@ def test_broken_saves_change_nothing_and_a_fix_converges(garden):
     mark = watch.mark()
     garden.save([model("alpha"), model("beta", max_model_len=3072)])
     watch.wait_for("beta replaced", ok_event("replace", beta), since=mark, timeout=REACTION)
+    watch.wait_event("ready", beta, since=mark, timeout=REACTION)
     assert watch.since(mark, name="accepted")
     after = garden.worker_pids()
     assert after[alpha] == running[alpha] and after[beta] != running[beta]

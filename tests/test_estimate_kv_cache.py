@@ -1,4 +1,5 @@
-"""KV-cache bytes per token and per sequence, against vLLM's own numbers (VLLM.md, kv_check)."""
+"""KV-cache bytes per token and per sequence, against vLLM's own numbers (docs/vllm.md
+section 14; kv_check in tests/data/model-configs.json)."""
 
 from __future__ import annotations
 

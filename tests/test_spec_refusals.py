@@ -12,9 +12,10 @@ import json
 
 import pytest
 
+from gardenctl.argv import SHORT_FLAGS, known_flags
 from gardenctl.errors import SpecError, SpecIssue
 from gardenctl.spec import parse_garden
-from gardenctl.spec.checks import ARG_RULES, ENV_RULES, SHORT_FLAGS, known_vllm_flags
+from gardenctl.spec.checks import ARG_RULES, ENV_RULES
 from gardenctl.testing.standin_args import SHORT_ALIASES
 from gardenctl.workers import MARKER_ENVS
 
@@ -178,21 +179,21 @@ def test_validate_refuses_a_gpu_override_with_file_line_path_and_reason(gardenct
 
 
 def test_every_refused_flag_is_a_vllm_serve_flag():
-    assert set(ARG_RULES) <= known_vllm_flags()
+    assert set(ARG_RULES) <= known_flags()
 
 
 def test_every_data_parallel_flag_of_vllm_is_refused():
-    data_parallel = {f for f in known_vllm_flags() if f.startswith("--data-parallel-")}
+    data_parallel = {f for f in known_flags() if f.startswith("--data-parallel-")}
 
     assert data_parallel and data_parallel <= set(ARG_RULES)
 
 
 def test_short_flags_are_vllms_and_the_stand_ins():
-    listed = {f for f in known_vllm_flags() if not f.startswith("--")} - {"-h"}
+    listed = {f for f in known_flags() if not f.startswith("--")} - {"-h"}
 
     assert SHORT_FLAGS == SHORT_ALIASES
     assert set(SHORT_FLAGS) == listed
-    assert set(SHORT_FLAGS.values()) <= known_vllm_flags()
+    assert set(SHORT_FLAGS.values()) <= known_flags()
 
 
 def test_gardenctls_markers_are_refused_in_env():

@@ -309,7 +309,7 @@ def test_parsed_flags_have_vllm_types_defaults_and_spellings():
     ])
 
     assert (defaults.host, defaults.port) == ("0.0.0.0", 8000)
-    assert defaults.gpu_memory_utilization == 0.9
+    assert defaults.gpu_memory_utilization == 0.92  # vLLM 0.32's default
     assert standin_args.served_model_names(defaults) == (MODEL,)
     assert (args.tensor_parallel_size, args.quantization) == (2, "awq")
     assert (args.max_model_len, args.kv_cache_memory_bytes) == (32_000, 8 * GiB)
@@ -352,7 +352,7 @@ def test_bad_environment_value_is_a_usage_error():
     ("kv_cache", "To serve at least one request with the model's max seq len (2048)"),
     ("no_cache_blocks", "No available memory for the cache blocks"),
     ("model_not_found", "is not a local folder and is not a valid model identifier"),
-    ("free_memory", "on startup is less than desired GPU memory utilization (0.9,"),
+    ("free_memory", "on startup is less than desired GPU memory utilization (0.92,"),
 ])
 def test_injected_startup_failure_logs_vllm_message_and_exits_1(start_standin, mode, message):
     standin = start_standin("--max-model-len", "2048", env={"STANDIN_VLLM_FAIL": mode})

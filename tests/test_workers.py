@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from builders import garden_text, plan_for
 
-from gardenctl.spec.checks import flag_name, known_vllm_flags
+from gardenctl.argv import flag_name, known_flags
 
 EVERYTHING = """\
   - name: full
@@ -35,7 +35,7 @@ def test_every_flag_gardenctl_emits_is_accepted_by_vllm_0_32():
     argv = full_worker().argv
     emitted = {flag_name(a) for a in argv} - {None}
     assert emitted, argv
-    assert emitted <= known_vllm_flags(), emitted - known_vllm_flags()
+    assert emitted <= known_flags(), emitted - known_flags()
 
 
 def test_argv_is_the_configured_command_then_serve_model_and_flags():

@@ -63,14 +63,16 @@ def _to_json(found) -> dict:
 
 
 def _to_text(found) -> str:
+    from gardenctl.text import shown
     from gardenctl.units import format_size
 
-    lines = [f"GPUs ({found.source}):"]
+    lines = [f"GPUs ({shown(found.source)}):"]
     for node in found.nodes:
-        lines.append(f"  node {node.name}")
+        lines.append(f"  node {shown(node.name)}")
         for gpu in node.gpus:
             used = "used" if found.used_includes_ours else "used by others"
-            lines.append(f"    GPU {gpu.index}  {gpu.name}  {format_size(gpu.total_bytes)} total, "
+            lines.append(f"    GPU {gpu.index}  {shown(gpu.name)}  "
+                         f"{format_size(gpu.total_bytes)} total, "
                          f"{format_size(gpu.used_bytes)} {used}, "
                          f"{format_size(gpu.total_bytes - gpu.used_bytes)} free"
                          + (f"  {gpu.uuid}" if gpu.uuid else ""))

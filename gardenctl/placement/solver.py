@@ -89,9 +89,11 @@ def place(
                 continue
             # Claims only grow during a pass: a worker shaped like one that found no place
             # finds none either (thousands of identical models cost one search, not each).
-            shape = _shape(request, pool, policy) if strategy == "best_fit" else None
+            shape = _shape(request, pool, policy) if hopeless else None  # none failed: no cost
             choice = None if shape in hopeless else choose(request, pool, policy, strategy, rng)
             if choice is None:
+                if shape is None and strategy == "best_fit":
+                    shape = _shape(request, pool, policy)
                 why = explained.get(shape) if shape is not None else None
                 if why is None:
                     why = tuple(reasons(request, pool, policy))

@@ -1,6 +1,6 @@
 """From a memory estimate to `--gpu-memory-utilization` and the bytes a worker claims on a GPU.
 
-vLLM facts (checked against vLLM 0.32, see shared/VLLM.md): F is a fraction of the GPU's
+vLLM facts (checked against vLLM 0.32, see docs/vllm.md): F is a fraction of the GPU's
 *total* memory, per rank; its budget ceil(total x F) covers weights, activation peak, non-torch
 memory, the KV cache and (since v0.21) the CUDA-graph pool, but not the CUDA context, which
 each worker adds on top. So a worker claims ceil(F x total) + context on every GPU it uses.

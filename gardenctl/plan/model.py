@@ -102,9 +102,13 @@ class Step:
     @property
     def gpu_keys(self) -> frozenset[GpuKey]:
         """Every GPU it touches: where it runs after, and where the version it stops ran."""
-        keys = {(self.node, index) for index in self.gpus}
-        if self.previous is not None and self.kind in (StepKind.REPLACE, StepKind.RESTART):
-            keys |= {(self.previous.node, index) for index in self.previous.gpus}
+        target = self.target
+        node = target.node
+        keys = {(node, index) for index in target.gpus}
+        previous = self.previous
+        if previous is not None and self.kind in (StepKind.REPLACE, StepKind.RESTART):
+            node = previous.node
+            keys.update((node, index) for index in previous.gpus)
         return frozenset(keys)
 
     @property

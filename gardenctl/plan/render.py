@@ -52,6 +52,12 @@ def render_plan(plan: Plan, *, show_idle_gpus: bool = False) -> str:
     return "\n".join(lines)
 
 
+_ALSO_DONE = (("rollback", "to roll back"), ("adopt", "to adopt"))
+_NOT_DONE = (("await", "still loading (apply waits for them)"),
+             ("hold", "held by crash-loop backoff"), ("wait", "waiting (see Warnings)"),
+             ("unplaced", "unplaced"))
+
+
 def summary_line(plan: Plan) -> str:
     s = plan.summary()
     if not plan.has_changes:
@@ -59,19 +65,8 @@ def summary_line(plan: Plan) -> str:
     else:
         text = (f"Plan: {s['start']} to start, {s['replace']} to replace, {s['restart']} to "
                 f"restart, {s['stop'] + s['stop_leftovers']} to stop, {s['keep']} unchanged.")
-        if s["rollback"]:
-            text += f" {s['rollback']} to roll back."
-        if s["adopt"]:
-            text += f" {s['adopt']} to adopt."
-    if s["await"]:
-        text += f" {s['await']} still loading (apply waits for them)."
-    if s["hold"]:
-        text += f" {s['hold']} held by crash-loop backoff."
-    if s["wait"]:
-        text += f" {s['wait']} waiting (see Warnings)."
-    if s["unplaced"]:
-        text += f" {s['unplaced']} unplaced."
-    return text
+        text += "".join(f" {s[key]} {words}." for key, words in _ALSO_DONE if s[key])
+    return text + "".join(f" {s[key]} {words}." for key, words in _NOT_DONE if s[key])
 
 
 def step_lines(step: Step, width: int, numbers: dict[str, int] | None = None) -> list[str]:

@@ -17,15 +17,14 @@ MAX_WARNINGS warnings are built in full, the rest counted into one summarising i
 
 from __future__ import annotations
 
-import bisect
 import difflib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache, partial
-from importlib import resources
+from functools import partial
 from typing import Any
 
+from gardenctl.argv import SHORT_FLAGS, canonical_flag, flag_name, known_flags, long_flags
 from gardenctl.errors import SpecIssue
 from gardenctl.spec.models import (
     LOOPBACK_HOSTS,
@@ -142,33 +141,6 @@ ARG_RULES: dict[str, Refusal] = {
         "blocks than that memory holds: out of memory on a shared GPU)", _KV_INSTEAD),
 }
 
-# vLLM 0.32's short spellings (engine/arg_utils.py); the same table as the stand-in server's
-# SHORT_ALIASES (a test keeps them equal).
-SHORT_FLAGS = {
-    "-ac": "--attention-config",
-    "-asc": "--api-server-count",
-    "-cc": "--compilation-config",
-    "-dc": "--diffusion-config",
-    "-dcp": "--decode-context-parallel-size",
-    "-dp": "--data-parallel-size",
-    "-dpa": "--data-parallel-address",
-    "-dpb": "--data-parallel-backend",
-    "-dpe": "--data-parallel-external-lb",
-    "-dph": "--data-parallel-hybrid-lb",
-    "-dpl": "--data-parallel-size-local",
-    "-dpm": "--data-parallel-multi-port-external-lb",
-    "-dpn": "--data-parallel-rank",
-    "-dpp": "--data-parallel-rpc-port",
-    "-dpr": "--data-parallel-start-rank",
-    "-ep": "--enable-expert-parallel",
-    "-n": "--nnodes",
-    "-pcp": "--prefill-context-parallel-size",
-    "-pp": "--pipeline-parallel-size",
-    "-q": "--quantization",
-    "-r": "--node-rank",
-    "-sc": "--speculative-config",
-    "-tp": "--tensor-parallel-size",
-}
 
 _MARKER = Refusal(
     "is one of gardenctl's markers, which tell its workers apart from other processes; a "
@@ -203,56 +175,6 @@ ENV_RULES: dict[str, Refusal] = {
 RESERVED_ENV_PREFIX = Refusal(
     "starts with GARDENCTL_, a prefix reserved for gardenctl's own markers",
     "rename the variable")
-
-
-@lru_cache(maxsize=1)
-def known_vllm_flags() -> frozenset[str]:
-    text = resources.files("gardenctl.data").joinpath("vllm-serve-flags-0.32.txt").read_text()
-    return frozenset(
-        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
-    )
-
-
-@lru_cache(maxsize=1)
-def _sorted_long_flags() -> tuple[str, ...]:
-    return tuple(sorted(f for f in known_vllm_flags() if f.startswith("--")))
-
-
-def flag_name(arg: str) -> str | None:
-    """`--foo_bar=1` -> `--foo-bar` (vLLM's parser reads '_' as '-' in flag names); values
-    (not starting with '-') -> None."""
-    if not arg.startswith("-") or arg == "-" or is_number(arg):
-        return None
-    name = arg.split("=", 1)[0]
-    return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
-
-
-def is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def canonical_flag(name: str) -> str | None:
-    """The `vllm serve` flag that ``name`` (as `flag_name` gives it) means to vLLM's parser, or
-    None if it names none: a short spelling (`-pp`), a short one with its value attached
-    (`-qawq`, as argparse reads it) or a unique abbreviation of a long flag (`--kv-cache-mem`:
-    argparse accepts those unless told not to, so they must not slip past ARG_RULES)."""
-    known = known_vllm_flags()
-    if name in SHORT_FLAGS:
-        return SHORT_FLAGS[name]
-    if name in known:
-        return name
-    if not name.startswith("--"):
-        return SHORT_FLAGS.get(name[:2])  # -qawq: a two-letter short flag and its value
-    flags = _sorted_long_flags()
-    at = bisect.bisect_left(flags, name)
-    if at < len(flags) and flags[at].startswith(name):
-        unique = at + 1 == len(flags) or not flags[at + 1].startswith(name)
-        return flags[at] if unique else None
-    return None
 
 
 class Findings:
@@ -490,7 +412,7 @@ def _check_env(env: dict[str, str], base: Path, found: Findings) -> None:
 
 def _check_args(args: list[str], base: Path, found: Findings) -> None:
     """One args list as written: refused flags are errors, unknown ones warnings."""
-    known = known_vllm_flags()
+    known = known_flags()
     for j, arg in enumerate(args):
         name = flag_name(arg)
         if name is None:
@@ -518,7 +440,7 @@ def _refused_arg(source: SourceMap, path: Path, name: str, flag: str,
 
 
 def _unknown_arg(found: Findings, path: Path, name: str) -> SpecIssue:
-    close = found.suggest(name, _sorted_long_flags(), cutoff=0.7)
+    close = found.suggest(name, long_flags(), cutoff=0.7)
     return found.source.issue(
         path,
         f"{inline(name)} is not a `vllm serve` flag in vLLM {VLLM_FLAGS_VERSION}",

@@ -17,12 +17,12 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from gardenctl.argv import is_number
 from gardenctl.errors import SpecError, SpecIssue
 from gardenctl.spec.checks import (
     MAX_ERRORS,
     MAX_SUGGESTED_LENGTH,
     check_garden,
-    is_number,
     summarise_hidden,
 )
 from gardenctl.spec.models import Garden, ModelSpec

@@ -26,19 +26,18 @@ listed short flag missing from that table is accepted on its own, taking one val
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import re
 from collections.abc import Sequence
 from typing import Any
 
-FLAGS_PACKAGE = "gardenctl.data"
-FLAGS_FILE = "vllm-serve-flags-0.32.txt"
+from gardenctl.argv import SHORT_FLAGS, serve_flags
+
 VLLM_VERSION = "0.32.0"
 
 # vLLM's default model when neither MODEL nor --model is given (ModelConfig.model).
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
-# vLLM 0.32's default (0.33 raised it to 0.92; shared/VLLM.md).
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+# vLLM 0.32's default: 0.92 since 0.20.0, 0.9 before (docs/vllm.md section 1).
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 
 # Booleans without a --no- twin (action="store_true" in vLLM 0.32).
 STORE_TRUE_FLAGS = frozenset({
@@ -58,32 +57,7 @@ MULTI_VALUE_FLAGS = frozenset({
     "--lora-modules",
 })
 
-# From vLLM's engine/arg_utils.py and entrypoints/cli/serve.py.
-SHORT_ALIASES = {
-    "-ac": "--attention-config",
-    "-asc": "--api-server-count",
-    "-cc": "--compilation-config",
-    "-dc": "--diffusion-config",
-    "-dcp": "--decode-context-parallel-size",
-    "-dp": "--data-parallel-size",
-    "-dpa": "--data-parallel-address",
-    "-dpb": "--data-parallel-backend",
-    "-dpe": "--data-parallel-external-lb",
-    "-dph": "--data-parallel-hybrid-lb",
-    "-dpl": "--data-parallel-size-local",
-    "-dpm": "--data-parallel-multi-port-external-lb",
-    "-dpn": "--data-parallel-rank",
-    "-dpp": "--data-parallel-rpc-port",
-    "-dpr": "--data-parallel-start-rank",
-    "-ep": "--enable-expert-parallel",
-    "-n": "--nnodes",
-    "-pcp": "--prefill-context-parallel-size",
-    "-pp": "--pipeline-parallel-size",
-    "-q": "--quantization",
-    "-r": "--node-rank",
-    "-sc": "--speculative-config",
-    "-tp": "--tensor-parallel-size",
-}
+SHORT_ALIASES = SHORT_FLAGS  # vLLM 0.32's short spellings, kept in gardenctl.argv
 
 # Destinations whose values are secrets: shown as '***' wherever the stand-in prints args.
 SECRET_DESTS = frozenset({"api_key", "hf_token"})
@@ -100,9 +74,7 @@ ignored) and rejects any other, like vLLM's parser.
 
 def load_serve_flags() -> tuple[str, ...]:
     """Every option of vLLM 0.32's `vllm serve`, in file order."""
-    text = importlib.resources.files(FLAGS_PACKAGE).joinpath(FLAGS_FILE).read_text(encoding="utf-8")
-    lines = (line.strip() for line in text.splitlines())
-    return tuple(line for line in lines if line and not line.startswith("#"))
+    return serve_flags()
 
 
 def human_readable_int(value: str) -> int:

@@ -3,12 +3,12 @@
 Pure functions: ``simulate_startup`` turns the engine settings and an optional injected
 failure into the lines vLLM would log and, if start-up fails, the error it would print.
 
-Memory follows vLLM >= 0.21 on one simulated GPU per rank (see shared/VLLM.md):
+Memory follows vLLM >= 0.21 on one simulated GPU per rank (see docs/vllm.md):
 budget = ceil(total x gpu_memory_utilization); KV cache = budget - weights/TP - activation
 peak - non-torch memory - CUDA-graph pool (none with --enforce-eager), or exactly
 --kv-cache-memory-bytes when given. The constants are those vLLM reported for
 CodeLlama-7b on an H100 (tests/data/vllm-startup-memory-calibration.csv, row 2) and the TP>=2
-figures of shared/VLLM.md. Like vLLM, start-up fails on its own when the numbers say so:
+figures of docs/vllm.md. Like vLLM, start-up fails on its own when the numbers say so:
 free memory below the budget, no memory left for the KV cache, or less KV cache than one
 max_model_len sequence needs. Free memory at start-up is the total minus the CUDA context:
 the simulated GPU has no other tenants.

@@ -5,7 +5,7 @@ Run it where gardenctl would run vLLM (``vllm_command: [standin-vllm]`` in a gar
     standin-vllm serve MODEL [flags...]
     python -m gardenctl.testing.standin_vllm serve MODEL [flags...]
 
-It behaves like vLLM 0.32 where an orchestrator can see it (shared/VLLM.md):
+It behaves like vLLM 0.32 where an orchestrator can see it (docs/vllm.md):
 
 - Command line: accepts exactly the flags of the real `vllm serve` (gardenctl/data/
   vllm-serve-flags-0.32.txt) and rejects others with exit 2 and ``vllm serve: error:
