@@ -82,7 +82,7 @@ STAGES = ("place()", "make_plan()", "yaml -> plan", "steady replan")
 def load(text: bytes):
     """The garden of ``text``: gardenctl's own reader (located YAML, pydantic, checks) when the
     text is within a garden file's limits (50,000 values and keys), else the same pydantic
-    models and checks over PyYAML's safe_load (the 10,000-model scenarios exceed those limits:
+    models and checks over PyYAML's safe loader (the 10,000-model scenarios exceed those limits:
     such a file is refused by `gardenctl`; what is timed then is the planner, not the reader)."""
     import hashlib
 
@@ -100,7 +100,8 @@ def load(text: bytes):
     except SpecError as exc:
         if "values and keys" not in str(exc):
             raise
-    garden = Garden.model_validate(yaml.safe_load(text))
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, as gardenctl's reader
+    garden = Garden.model_validate(yaml.load(text, Loader=loader))
     source = SourceMap(file="garden.yaml")
     return LoadedGarden(garden=garden, source=source, path="garden.yaml",
                         content_hash=hashlib.sha256(text).hexdigest(),
