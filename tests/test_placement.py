@@ -166,3 +166,26 @@ def test_spread_replicas_gives_each_replica_a_gpu_of_its_own():
     assert {gpus_of(result, "g/m/0"), gpus_of(result, "g/m/1")} == {("n", (0,)), ("n", (1,))}
     crowded = place(reqs, inventory(("n", 1, 24)), policy())
     assert crowded.unplaced[0].reasons[0].code == "replicas_apart"
+
+
+def test_admit_limit_is_exactly_the_admission_rule():
+    """The saturated-GPU index answers `admits` without asking it: over many random ledgers
+    the two agree for every claim around the limit."""
+    import random
+
+    from gardenctl.inventory.model import Gpu
+    from gardenctl.placement.ledger import Pool
+
+    rng = random.Random(7)
+    total = 1000
+    for trial in range(300):
+        gpu = Gpu(node="n", index=0, name="GPU", total_bytes=total, used_bytes=0)
+        others = rng.randrange(0, 500)
+        pool = Pool([gpu], {("n", 0): others}, 0, rng.choice([0.0, 0.1, 0.3, 0.55]))
+        for number in range(rng.randrange(0, 5)):
+            pool.add_claim(("n", 0), f"g/m/{number}", "m", rng.randrange(1, 200),
+                           new=rng.random() < 0.7)
+        limit = pool.admit_limit(("n", 0))
+        for claim in range(1, 400):
+            expected = pool.admits(("n", 0), claim)
+            assert expected == (limit is None or claim <= limit), (trial, claim, limit)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from functools import lru_cache
 from importlib import resources
 from typing import Any
 
@@ -21,17 +22,36 @@ from gardenctl.estimate.types import ModelMetadata
 CATALOG_RESOURCE = "model-catalog.json"
 
 
+@lru_cache(maxsize=1)
 def load_catalog() -> dict[str, Any]:
-    """The catalog shipped with gardenctl (package data)."""
+    """The catalog shipped with gardenctl (package data), read once; callers must not change
+    it."""
     text = resources.files("gardenctl.data").joinpath(CATALOG_RESOURCE).read_text(encoding="utf-8")
     catalog: dict[str, Any] = json.loads(text)
     return catalog
 
 
+def _lowercase_names(catalog: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """{lowercase name: name} of the catalog's models and of its aliases; built once for the
+    shipped catalog (a garden of thousands of models looks it up once per model)."""
+    if catalog is load_catalog():
+        return _shipped_names()
+    return _names_of(catalog)
+
+
+def _names_of(catalog: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    return ({key.lower(): key for key in catalog["models"]},
+            {key.lower(): key for key in catalog["aliases"]})
+
+
+@lru_cache(maxsize=1)
+def _shipped_names() -> tuple[dict[str, str], dict[str, str]]:
+    return _names_of(load_catalog())
+
+
 def catalog_metadata(model_id: str, catalog: Mapping[str, Any]) -> ModelMetadata | None:
     """Metadata for ``model_id`` (case-insensitive, model or alias) from ``catalog``, or None."""
-    models = {key.lower(): key for key in catalog["models"]}
-    aliases = {key.lower(): key for key in catalog["aliases"]}
+    models, aliases = _lowercase_names(catalog)
     wanted = model_id.strip().lower()
     alias = catalog["aliases"][aliases[wanted]] if wanted in aliases else None
     canonical = alias["of"] if alias else models.get(wanted)

@@ -91,10 +91,8 @@ def _fill_first(request: m.WorkerRequest, pool: Pool,
     best: _Slot | None = None  # (leftover, node, index, total)
     shared: _Slot | None = None
     for total, (_, claim) in claims.items():
-        entries = pool.used[total]
+        entries = pool.open[total]  # they admit any claim (Pool.admit_limit)
         for free, node, index in entries[bisect.bisect_left(entries, (claim, "", -1)):]:
-            if not pool.admits((node, index), claim):
-                continue
             candidate = (free - claim, node, index, total)
             if pool.accounts[(node, index)].models.get(request.model, 0):
                 if not request.spread and (shared is None or candidate < shared):
@@ -102,7 +100,18 @@ def _fill_first(request: m.WorkerRequest, pool: Pool,
                 continue
             if best is None or candidate < best:
                 best = candidate
-            break  # sorted by free memory: the first one that admits fills best
+            break  # sorted by free memory: the first one fills best
+        for negative_limit, free, node, index in pool.saturated[total]:
+            if -negative_limit < claim:
+                break  # the rest admit even less
+            if free < claim:
+                continue
+            candidate = (free - claim, node, index, total)
+            if pool.accounts[(node, index)].models.get(request.model, 0):
+                if not request.spread and (shared is None or candidate < shared):
+                    shared = candidate
+            elif best is None or candidate < best:
+                best = candidate
     if best is None:
         best = shared
     if best is None:

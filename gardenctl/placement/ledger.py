@@ -10,6 +10,7 @@ over 8,192 GPUs stays interactive.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -56,6 +57,12 @@ class Pool:
         self.accounts: dict[GpuKey, GpuAccount] = {}
         self.free: dict[GpuKey, int] = {}
         self.used: dict[int, list[tuple[int, str, int]]] = {}  # total -> [(free, node, index)]
+        # The used GPUs split by what `admits` allows (see `admit_limit`): `open` ones take any
+        # claim; a `saturated` one only claims up to its limit, kept as -limit first so that the
+        # few that take a given claim come first (a fleet filled to the threshold is not walked
+        # GPU by GPU for every worker).
+        self.open: dict[int, list[tuple[int, str, int]]] = {}  # total -> [(free, node, index)]
+        self.saturated: dict[int, list[tuple[int, int, str, int]]] = {}  # [(-limit, free, ..)]
         self.empty: dict[int, list[tuple[int, str, int]]] = {}
         self.by_node_size: dict[tuple[str, int], list[tuple[int, int]]] = {}  # -> [(free, idx)]
         for gpu in gpus:
@@ -64,6 +71,8 @@ class Pool:
             free = gpu.total_bytes - self.accounts[key].others - reserve
             self.free[key] = free
             self.used.setdefault(gpu.total_bytes, [])
+            self.open.setdefault(gpu.total_bytes, [])
+            self.saturated.setdefault(gpu.total_bytes, [])
             self.empty.setdefault(gpu.total_bytes, []).append((free, gpu.node, gpu.index))
             self.by_node_size.setdefault((gpu.node, gpu.total_bytes), []).append((free, gpu.index))
         for entries in self.empty.values():
@@ -98,6 +107,19 @@ class Pool:
         return accepts_new_worker(account.gpu.total_bytes, account.others, before_largest,
                                   self.threshold)
 
+    def admit_limit(self, key: GpuKey) -> int | None:
+        """The largest claim `admits` accepts on this GPU; None: any claim. Exactly `admits`:
+        a claim at least as large as the plan's largest new one here is admitted iff the
+        unclaimed share already meets the threshold; a smaller one c iff
+        unclaimed + new_max - c >= threshold x total."""
+        account = self.accounts[key]
+        total = account.gpu.total_bytes
+        unclaimed = total - account.others - account.claimed
+        floor = self.threshold * total
+        if unclaimed >= floor:
+            return None
+        return min(account.new_max - 1, unclaimed + account.new_max - math.ceil(floor))
+
     def fits(self, key: GpuKey, claim: int) -> bool:
         return self.free[key] >= claim
 
@@ -113,6 +135,7 @@ class Pool:
         node, index = key
         if account.claims:
             _replace(self.used[total], (old, node, index), (new_free, node, index))
+            self._unindex_used(key, old)
         else:
             self.empty[total].pop(bisect.bisect_left(self.empty[total], (old, node, index)))
             bisect.insort(self.used[total], (new_free, node, index))
@@ -130,6 +153,27 @@ class Pool:
             account.new_max = max(account.new_max, amount)
         else:
             account.kept += amount
+        self._index_used(key, new_free)
+
+    def _index_used(self, key: GpuKey, free: int) -> None:
+        node, index = key
+        total = self.accounts[key].gpu.total_bytes
+        limit = self.admit_limit(key)
+        if limit is None:
+            bisect.insort(self.open[total], (free, node, index))
+        else:
+            bisect.insort(self.saturated[total], (-limit, free, node, index))
+
+    def _unindex_used(self, key: GpuKey, free: int) -> None:
+        node, index = key
+        total = self.accounts[key].gpu.total_bytes
+        limit = self.admit_limit(key)
+        if limit is None:
+            entries = self.open[total]
+            entries.pop(bisect.bisect_left(entries, (free, node, index)))
+        else:
+            saturated = self.saturated[total]
+            saturated.pop(bisect.bisect_left(saturated, (-limit, free, node, index)))
 
     def most_free(self, count: int) -> list[GpuKey]:
         """The ``count`` GPUs with the most free memory (ties: lowest node, index)."""
