@@ -197,6 +197,14 @@ def _from_version_1(data: dict[str, Any]) -> WorkerRecord:
     )
 
 
+def _one_part(garden: str) -> str:
+    """A garden name as a folder name: never a path out of the state directory (the spec's
+    name pattern is checked before; this is the last line)."""
+    if not garden or garden in (".", "..") or "/" in garden or "\0" in garden:
+        raise ValueError(f"not a garden name: {garden!r}")
+    return garden
+
+
 def _split(worker_id: str) -> tuple[str, str]:
     garden, model, replica = worker_id.split("/")
     return garden, f"{model}.{replica}"
@@ -227,11 +235,11 @@ class StateDir:
         return path
 
     def _garden_dir(self, garden: str, kind: str) -> Path:
-        return self._private_dir("gardens", garden, kind)
+        return self._private_dir("gardens", _one_part(garden), kind)
 
     def garden_file(self, garden: str, name: str) -> Path:
         """A file of the garden's own, e.g. watch.json (its folder is created 0700)."""
-        return self._private_dir("gardens", garden) / name
+        return self._private_dir("gardens", _one_part(garden)) / name
 
     def gardens(self) -> list[str]:
         base = self.root / "gardens"

@@ -129,3 +129,10 @@ def test_state_directories_never_see_each_others_workers(tmp_path):
         assert "1 to start" in plan.out and "adopting" not in plan.out, plan.out
         assert down.code == 0 and "no workers to stop" in down.out, str(down)
         assert alive(pid) and one.pids() == {worker_id: pid}
+
+
+def test_down_refuses_a_garden_name_that_is_a_path(garden):
+    run = garden.run("down", "--garden", "../outside", "--yes")
+    assert run.code != 0 and "is not a garden name" in run.err, str(run)
+    assert not (garden.state.parent / "outside").exists()
+    assert not garden.state.exists() or "outside" not in {p.name for p in garden.state.rglob("*")}

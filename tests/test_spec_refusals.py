@@ -198,3 +198,10 @@ def test_short_flags_are_vllms_and_the_stand_ins():
 
 def test_gardenctls_markers_are_refused_in_env():
     assert set(MARKER_ENVS) <= set(ENV_RULES)
+
+
+@pytest.mark.parametrize("field", ["revision", "quantization", "served_model_name"])
+def test_a_flag_value_that_starts_with_a_dash_is_refused(field):
+    issue = refusal(MODEL + f"    {field}: '--trust-remote-code'\n", 5)
+    assert issue.line == 5 and issue.path == f"models[0].{field}"
+    assert "starts with '-', so vLLM would read it as a flag" in issue.message

@@ -27,7 +27,7 @@ def down(garden_path: str, state_path: str | None, garden_name: str | None, outp
     from gardenctl.session import open_session
     from gardenctl.text import shown
 
-    name = garden_name or _garden_name(garden_path)
+    name = _checked_name(garden_name) if garden_name else _garden_name(garden_path)
     with open_session(state_path, "gardenctl down") as session:
         session.lock(name)
         targets = workers_of(session.state, name)
@@ -56,6 +56,19 @@ def down(garden_path: str, state_path: str | None, garden_name: str | None, outp
                        f"{shown(result.message)}")
     if not all(r.ok for r in results):
         raise click.exceptions.Exit(EXIT_ERROR)
+
+
+def _checked_name(name: str) -> str:
+    import re
+
+    from gardenctl.spec.models import NAME_PATTERN
+    from gardenctl.text import quoted
+
+    if not re.match(NAME_PATTERN, name):
+        raise click.BadParameter(f"{quoted(name)} is not a garden name (valid: letters, digits, "
+                                 "'.', '_' and '-', starting with a letter or digit, at most 63 "
+                                 "characters)", param_hint="--garden")
+    return name
 
 
 def _garden_name(garden_path: str) -> str:

@@ -348,6 +348,10 @@ def _report_clash(garden: Garden, found: Findings, i: int, host: str, port: int,
         hint="each worker needs its own host:port; replica i of a model uses port + i"))
 
 
+_FLAG_VALUES = {"revision": "branch, tag or commit", "quantization": "quantization method",
+                "served_model_name": "name clients send as `model`"}
+
+
 def _check_model(garden: Garden, settings: _Settings, i: int, found: Findings) -> None:
     source = found.source
     model = garden.models[i]
@@ -356,6 +360,13 @@ def _check_model(garden: Garden, settings: _Settings, i: int, found: Findings) -
             source.issue, ("models", i, "model"),
             f"model {quoted(model.model)} starts with '-', so vLLM would read it as a flag",
             hint="write ./NAME for a local folder"))
+    for field in ("revision", "quantization", "served_model_name"):  # each the value of a flag
+        value = settings.get(i, field)
+        if isinstance(value, str) and value.startswith("-"):
+            found.add("error", partial(
+                source.issue, _where(garden, i, field),
+                f"{field} {quoted(value)} starts with '-', so vLLM would read it as a flag",
+                hint=f"{field} names a {_FLAG_VALUES[field]}; none starts with '-'"))
     host = settings.get(i, "host")
     if host not in LOOPBACK_HOSTS:
         ref = model.env.get(API_KEY_ENV, garden.defaults.env.get(API_KEY_ENV))
