@@ -42,6 +42,9 @@ class Circumstances:
     now: float = 0.0  # wall-clock time
     env_names: frozenset[str] | None = None  # variables set where apply runs; None: unchecked
     busy_ports: Mapping[int, str] = field(default_factory=dict)  # port -> the other program
+    # GPUs where another garden's worker loads or stops: (node, index) -> which worker, doing
+    # what. Nothing of this garden starts or stops there meanwhile (docs/vllm.md).
+    busy_gpus: Mapping[tuple[str, int], str] = field(default_factory=dict)
     history: History = field(default_factory=History)
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
 
@@ -63,13 +66,15 @@ def reconcile(desired: Sequence[DesiredWorker], observed: Observed,
     stopped = decide.stopped_rollouts(desired)
     steps: list[Step] = []
     for worker in sorted(desired, key=lambda w: (w.model, w.replica)):
-        steps += decide.wanted(worker, observed.get(worker.worker_id), stopped)
+        current = observed.get(worker.worker_id)
+        steps += decide.unless_gpu_busy(decide.wanted(worker, current, stopped), current)
     wanted = {w.worker_id for w in desired}
     held_back = {u.worker_id for u in unplaced if u.kept_previous}
     models = {w.model for w in desired} | {u.model for u in unplaced}
     for current in observed.workers:
         if current.worker_id not in wanted:
-            steps += decide.unwanted(current, current.worker_id in held_back, models)
+            steps += decide.unless_gpu_busy(
+                decide.unwanted(current, current.worker_id in held_back, models), current)
     steps = _pace_rollouts(steps, desired, observed, rollouts)
     return sequence(steps)
 
@@ -80,6 +85,25 @@ class _Decider:
         self.world = world
         self.running_models = {w.model for w in observed.workers if w.running}
         self.wanted_models = wanted_models
+
+    def unless_gpu_busy(self, steps: list[Step], current: ObservedWorker | None) -> list[Step]:
+        """The worker's steps, or one wait while a GPU they would start or stop something on
+        is busy with another garden's load or stop."""
+        busy = self.world.busy_gpus
+        if not busy:
+            return steps
+        for step in steps:
+            if not step.kind.acts or step.kind == StepKind.ADOPT:  # adopting moves no memory
+                continue
+            hit = sorted(key for key in step.gpu_keys if key in busy)
+            if hit:
+                node, index = hit[0]
+                first = next(s for s in steps if s.kind.acts)
+                return [dataclasses.replace(
+                    _step(StepKind.WAIT, first.worker, current,
+                          f"GPU {index} of {node} is busy ({busy[hit[0]]}); once it is free: "
+                          f"{first.kind.value}, {first.cause}"), rechecks=True)]
+        return steps
 
     # -- workers the garden wants ------------------------------------------------------------
 
@@ -103,6 +127,9 @@ class _Decider:
                                  "record, in another version: " + describe_change(current, worker))
         if phase == Phase.STARTING:
             if self._timed_out(current, worker):
+                reason = f"not ready within its start timeout of {worker.start_timeout:g}s"
+                if self._failed_replacement(current, worker):
+                    return self._rollback(worker, current, reason)
                 return self._restart(keeps or worker, current, f"not ready within its start "
                                      f"timeout of {worker.start_timeout:g}s", then=Phase.FAILED)
             if same or keeps is not None:
@@ -126,14 +153,25 @@ class _Decider:
 
     def _after_exit(self, worker: DesiredWorker, current: ObservedWorker,
                     keeps: DesiredWorker | None) -> list[Step]:
-        same = current.spec_hash == worker.spec_hash
-        if current.previous is not None and not current.ever_ready and same:
-            reason = _exit_detail(current)
-            rejection = Rejection(worker.spec_hash, reason, self.world.now)
-            return self._spawn(StepKind.ROLLBACK, current.previous, current,
-                               f"its new version did not become ready ({reason}); starting the "
-                               "previous version again", Launch(rejected=rejection))
+        if self._failed_replacement(current, worker):
+            return self._rollback(worker, current, _exit_detail(current))
         return self._restart(keeps or worker, current, _death(current))
+
+    @staticmethod
+    def _failed_replacement(current: ObservedWorker, worker: DesiredWorker) -> bool:
+        """``current`` is the wanted version, started to replace a version that was ready, and
+        it has not been ready: it is given up for that version."""
+        return (current.previous is not None and not current.ever_ready
+                and current.spec_hash == worker.spec_hash)
+
+    def _rollback(self, worker: DesiredWorker, current: ObservedWorker,
+                  reason: str) -> list[Step]:
+        assert current.previous is not None
+        rejection = Rejection(worker.spec_hash, reason, UNSTAMPED)
+        return self._spawn(StepKind.ROLLBACK, current.previous, current,
+                           f"its new version did not become ready ({reason}); starting the "
+                           "previous version again", Launch(rejected=rejection),
+                           ends=reason if current.running else "")
 
     def _restart(self, target: DesiredWorker, current: ObservedWorker, reason: str, *,
                  then: Phase | None = None) -> list[Step]:
@@ -143,11 +181,12 @@ class _Decider:
         now = self.world.now
         policy = self.world.backoff
         if not same:  # a new version starts with no failures behind it
-            launch = Launch(rejected=None)
+            launch = Launch(rejected=None, replaces=_rollback_target(current, target))
             return self._spawn(StepKind.RESTART, target, current, f"{reason}; starting its new "
                                f"version ({describe_change(current, target)})", launch)
         failures = failures_in_a_row(current, policy, now)
-        launch = Launch(restarts=current.restarts + 1, streak=failures, rejected=current.rejected)
+        launch = Launch(restarts=current.restarts + 1, streak=failures, rejected=current.rejected,
+                        replaces=_rollback_target(current, target))
         until = next_start_at(current, policy, now)
         ends = reason if current.running else ""
         if until is None:
@@ -168,13 +207,14 @@ class _Decider:
         """Replace the running version; a ready one is started again if the new version does
         not become ready (the conditional rollback step)."""
         if current.phase != Phase.READY:
-            return self._spawn(StepKind.REPLACE, worker, current, cause, Launch())
+            return self._spawn(StepKind.REPLACE, worker, current, cause,
+                               Launch(replaces=_rollback_target(current, worker)))
         steps = self._spawn(StepKind.REPLACE, worker, current, cause,
                             Launch(replaces=current.spec))
         if steps[0].kind != StepKind.REPLACE:
             return steps
         rejection = Rejection(worker.spec_hash, "its replacement did not become ready",
-                              self.world.now)
+                              UNSTAMPED)
         rollback = _step(StepKind.ROLLBACK, current.spec, current,
                          "only if the new version does not become ready: start the running "
                          "version again", launch=Launch(rejected=rejection))
@@ -185,32 +225,37 @@ class _Decider:
                ends: str = "") -> list[Step]:
         """A step that starts ``worker``, or what stands in its way: an unset secret or a port
         another program holds (nothing is changed for the worker then)."""
-        blocked = self._blocked(worker)
+        blocked, rechecks = self._blocked(worker)
         if blocked is None:
             return [_step(kind, worker, current, cause, launch=launch, then=then, ends=ends)]
         if current is None or kind == StepKind.REPLACE:
             keeps = " (the running version stays)" if current is not None else ""
-            return [_step(StepKind.WAIT, worker, current, f"{blocked}; not started{keeps}")]
+            return [dataclasses.replace(
+                _step(StepKind.WAIT, worker, current, f"{blocked}; not started{keeps}"),
+                rechecks=rechecks)]
         steps = []
         if current.running:
             steps.append(_step(StepKind.STOP, worker, current, cause, then=then or Phase.CRASHED,
                                ends=ends))
         elif current.pids:
             steps.append(_leftovers(worker, current))
-        return [*steps, _step(StepKind.WAIT, worker, current, f"{blocked}; not started again")]
+        wait = _step(StepKind.WAIT, worker, current, f"{blocked}; not started again")
+        return [*steps, dataclasses.replace(wait, rechecks=rechecks)]
 
-    def _blocked(self, worker: DesiredWorker) -> str | None:
+    def _blocked(self, worker: DesiredWorker) -> tuple[str | None, bool]:
+        """What keeps ``worker`` from starting, if anything, and whether it may end without
+        any event gardenctl hears (a port that another program frees)."""
         names = self.world.env_names
         if names is not None:
             missing = sorted({ref for _, value in worker.env
                               if (ref := env_reference(value)) is not None and ref not in names})
             if missing:
                 return (f"environment variable{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(missing)} not set where gardenctl runs")
+                        f"{', '.join(missing)} not set where gardenctl runs"), False
         owner = self.world.busy_ports.get(worker.port)
         if owner is not None:
-            return f"port {worker.port} is in use by {owner}"
-        return None
+            return f"port {worker.port} is in use by {owner}", True
+        return None, False
 
     def _timed_out(self, current: ObservedWorker, worker: DesiredWorker) -> bool:
         started = current.started_at
@@ -298,6 +343,19 @@ def _pace_rollouts(steps: list[Step], desired: Sequence[DesiredWorker], observed
 
 
 # -- small pure helpers ---------------------------------------------------------------------
+
+UNSTAMPED = 0.0  # a rollback's rejection is stamped with the time the rollback runs
+
+
+def _rollback_target(current: ObservedWorker, target: DesiredWorker) -> DesiredWorker | None:
+    """The last version of this replica that was ready, to start again if ``target`` does not
+    become ready: the current run's own version once it has been ready, else the version the
+    current run was itself replacing (carried until a run is ready). None when that is
+    ``target`` itself (nothing to roll back to)."""
+    last_ready = current.spec if current.ever_ready else current.previous
+    if last_ready is None or last_ready.spec_hash == target.spec_hash:
+        return None
+    return last_ready
 
 def _step(kind: StepKind, worker: DesiredWorker | None, current: ObservedWorker | None,
           cause: str, *, launch: Launch | None = None, then: Phase | None = None,

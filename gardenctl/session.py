@@ -60,7 +60,7 @@ class Session:
             close = getattr(self.probe, "close", None)
             if close:
                 close()
-            self.runtime = open_runtime(garden, inventory, self.state)
+            self.runtime = open_runtime(garden, inventory, self.state, gardens=self.locked)
             self.probe = open_probe(inventory)
         return self.runtime
 

@@ -93,7 +93,7 @@ class Outcome(_Text):
     @property
     def ok(self) -> bool:
         return self in (Outcome.READY, Outcome.SPAWNED, Outcome.OK, Outcome.NOT_NEEDED,
-                        Outcome.INTERRUPTED, Outcome.DEFERRED)
+                        Outcome.INTERRUPTED)
 
 
 class Cause(_Text):

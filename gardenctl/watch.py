@@ -37,15 +37,16 @@ from gardenctl.execute import Executor, StepResult
 from gardenctl.files import write_json_atomic
 from gardenctl.observe import Observed
 from gardenctl.plan.model import Plan
+from gardenctl.runtime.base import Runtime
 from gardenctl.session import Session
 from gardenctl.spec.loader import LoadedGarden, parse_garden
-from gardenctl.vocab import Phase, StepKind
+from gardenctl.vocab import Outcome, Phase, StepKind
 from gardenctl.workflow import PlanResult
 
 WATCH_FORMAT_VERSION = 2
 POLL_INTERVAL = 0.25  # seconds, --poll
 READY_POLL = 0.5  # seconds between readiness checks of a loading worker
-RETRY_DEFERRED = 1.0  # seconds before a step deferred by a busy GPU is tried again
+RETRY_DEFERRED = 1.0  # seconds before a wait on a busy GPU or port (or a deferred step) looks again
 
 
 def _digest_of(path: str) -> str:
@@ -101,7 +102,9 @@ class Watcher:
         self.rng = rng or random.Random()
         self.stop = threading.Event()
         self.triggers: queue.Queue[str] = queue.Queue()
-        self.executor: Executor | None = None
+        # the executor of the runtime now; one left by a runtime replaced (the inventory's node
+        # renamed) is kept until its steps in flight end
+        self.executors: list[Executor] = []
         self.last_good: LoadedGarden | None = None
         self.last_plan: Plan | None = None
         self.last_attempted: tuple[str, float, bool, str | None] | None = None
@@ -140,9 +143,9 @@ class Watcher:
             self.stop.set()
             if self.stop_reason:
                 self.log.emit("signal", f"received {self.stop_reason}; stopping")
-            if self.executor is not None:
-                self.executor.stop_event.set()
-                self.executor.join()
+            for executor in self.executors:
+                executor.stop_event.set()
+                executor.join()
             self._write_status(stopped=True)
             self.log.emit("stopped", "watch stopped; workers keep running (`gardenctl down` "
                           "stops them)")
@@ -248,7 +251,7 @@ class Watcher:
         self._write_status()
 
     def _plan(self, loaded: LoadedGarden, observed: Observed | None = None) -> PlanResult:
-        in_flight = self.executor.in_flight() if self.executor else frozenset()
+        in_flight = self.in_flight()
         return self.session.plan_loaded(loaded, self.options.inventory_path, observed,
                                         confirm_health=False, in_flight=in_flight)
 
@@ -368,13 +371,12 @@ class Watcher:
     def _execute(self, result: PlanResult, reason: str) -> None:
         plan = result.plan
         self.last_plan = plan
-        if self.executor is None:
-            self.executor = self.session.executor(result, _Progress(self.log))
+        executor = self._executor(result)
         self._report_steady_state(plan, result.observed)
         self._arm_timers(plan, result.observed)
         if plan.has_changes:
             self.session.record_applied(result, "watch")
-        issued = self.executor.issue(plan, on_result=self._result)
+        issued = executor.issue(plan, on_result=self._result)
         self._reported.loading |= {s.worker_id for s in issued if s.kind.spawns}
         if issued:
             kinds = sorted({s.kind.value for s in issued})
@@ -383,17 +385,33 @@ class Watcher:
         if self.last_good is not None:
             self.last_applied = (self.last_good.content_hash, self.wall())
 
+    def _executor(self, result: PlanResult) -> Executor:
+        """The executor of the session's runtime (a new one when the runtime was replaced)."""
+        current = self.executors[-1] if self.executors else None
+        if current is None or current.runtime is not self.session.runtime:
+            current = self.session.executor(result, _Progress(self.log))
+            self.executors.append(current)
+        self.executors = [e for e in self.executors[:-1] if e.in_flight()] + [current]
+        return current
+
+    def in_flight(self) -> frozenset[str]:
+        """Workers a step issued by this watch is still acting on."""
+        return frozenset().union(*(e.in_flight() for e in self.executors))
+
     def _result(self, r: StepResult) -> None:
         """One event line per step, as soon as its outcome is known; its end triggers a pass
         (the next step on that GPU may begin)."""
+        if r.outcome == Outcome.DEFERRED:  # another garden's worker took the GPU first
+            if self._reported.waits.get(r.worker_id) != r.message:
+                self._reported.waits[r.worker_id] = r.message
+                self.log.emit("waiting", r.message, worker=r.worker_id, step=r.kind.value)
+            self.timers.append((self.wall() + RETRY_DEFERRED, "GPU free again?"))
+            return
         status = "ok" if r.ok else "failed"
         self.log.emit(r.kind.value, f"{status}: {r.message}", worker=r.worker_id, ok=r.ok,
                       outcome=r.outcome.value, cause=r.cause.value if r.cause else None,
                       elapsed_s=round(r.elapsed, 3))
-        if r.outcome.value == "deferred":
-            self.timers.append((self.wall() + RETRY_DEFERRED, "GPU free again?"))
-        else:
-            self.triggers.put(f"{r.kind.value} {status}")
+        self.triggers.put(f"{r.kind.value} {status}")
 
     def _report_steady_state(self, plan: Plan, observed: Observed) -> None:
         """Holds, waits and loads, each said once (again when it changes)."""
@@ -433,6 +451,8 @@ class Watcher:
         and which loading workers to check for readiness."""
         timers = [(s.until, "backoff expired") for s in plan.steps
                   if s.kind == StepKind.HOLD and s.until is not None]
+        if any(s.rechecks for s in plan.steps):
+            timers.append((self.wall() + RETRY_DEFERRED, "GPU or port free again?"))
         loading: dict[str, float] = {}
         for step in plan.steps:
             current = step.previous
@@ -489,14 +509,13 @@ class _Prober:
         self.next_probe: dict[str, float] = {}
 
     def watch(self, plan: Plan, observed: Observed) -> None:
-        """Probe the ready workers of this plan (with their liveness settings)."""
+        """Probe every ready worker of the garden, with the liveness settings of the version
+        it runs (kept, about to be replaced, or kept by a stopped rollout alike)."""
         targets = {}
-        for step in plan.steps:
-            current, worker = step.previous, step.worker
-            if step.kind == StepKind.KEEP and current is not None and worker is not None \
-                    and current.phase == Phase.READY:
-                targets[step.worker_id] = (worker.liveness.period,
-                                           worker.liveness.failure_threshold)
+        for current in observed.of_garden(plan.garden).workers:
+            if current.phase == Phase.READY and not current.in_flight:
+                liveness = current.spec.liveness
+                targets[current.worker_id] = (liveness.period, liveness.failure_threshold)
         with self.lock:
             self.targets = targets
             self.failures = {w: n for w, n in self.failures.items() if w in targets}
@@ -505,19 +524,26 @@ class _Prober:
         watcher = self.watcher
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe") as pool:
             while not watcher.stop.wait(watcher.options.tick):
-                runtime = watcher.session.runtime
-                if runtime is None:
-                    continue
-                now = time.monotonic()
-                with self.lock:
-                    due = [w for w in self.targets if self.next_probe.get(w, 0.0) <= now]
-                    for worker_id in due:
-                        self.next_probe[worker_id] = now + self.targets[worker_id][0]
-                busy = watcher.executor.in_flight() if watcher.executor else frozenset()
-                due = [w for w in due if w not in busy]
-                for worker_id, problem in zip(due, pool.map(runtime.probe_health, due),
-                                              strict=True):
-                    self._count(worker_id, problem)
+                try:
+                    self._probe_due(pool)
+                except Exception as exc:  # noqa: BLE001 - liveness must outlive a bad probe
+                    watcher.log.emit("error", f"liveness probing failed (a bug in gardenctl, "
+                                     f"please report it): {type(exc).__name__}: {exc}")
+
+    def _probe_due(self, pool: ThreadPoolExecutor) -> None:
+        watcher = self.watcher
+        runtime = watcher.session.runtime
+        if runtime is None:
+            return
+        now = time.monotonic()
+        with self.lock:
+            due = [w for w in self.targets if self.next_probe.get(w, 0.0) <= now]
+            for worker_id in due:
+                self.next_probe[worker_id] = now + self.targets[worker_id][0]
+        busy = watcher.in_flight()
+        due = [w for w in due if w not in busy]
+        for worker_id, problem in zip(due, pool.map(_probe(runtime), due), strict=True):
+            self._count(worker_id, problem)
 
     def _count(self, worker_id: str, problem: str | None) -> None:
         with self.lock:
@@ -543,6 +569,16 @@ class _Prober:
             self.targets.pop(worker_id, None)
         watcher.log.emit("unhealthy", detail, worker=worker_id)
         watcher.triggers.put("worker unhealthy")
+
+
+def _probe(runtime: Runtime) -> Callable[[str], str | None]:
+    """One worker's liveness probe; a probe that raises counts as a failed probe."""
+    def probe(worker_id: str) -> str | None:
+        try:
+            return runtime.probe_health(worker_id)
+        except Exception as exc:  # noqa: BLE001 - reported as the probe's failure
+            return f"the probe failed: {type(exc).__name__}: {exc}"
+    return probe
 
 
 __all__ = ["WatchOptions", "Watcher"]

@@ -158,9 +158,10 @@ def build_requests(garden: Garden, models: Sequence[ModelSpec],
 def assign_ports(garden: Garden, models: Sequence[ModelSpec], placed_ids: set[str],
                  current_ports: Mapping[str, int],
                  busy_ports: Collection[int] = ()) -> dict[str, int]:
-    """Ports for placed workers: explicit ones (port + replica), else the port a running
-    worker already has, else the lowest port from placement.base_port up that no other worker
-    and no other program (``busy_ports``) uses."""
+    """Ports for placed workers: explicit ones (port + replica), else the port the worker
+    already has (unless another program took it while the worker was down), else the lowest
+    port from placement.base_port up that no other worker and no other program
+    (``busy_ports``: never the garden's own running workers) uses."""
     ports: dict[str, int] = {}
     auto: list[str] = []
     for model in models:
@@ -172,13 +173,12 @@ def assign_ports(garden: Garden, models: Sequence[ModelSpec], placed_ids: set[st
                 ports[worker_id] = model.port + replica
             else:
                 auto.append(worker_id)
-    taken = set(ports.values())
+    taken = set(ports.values()) | set(busy_ports)
     for worker_id in sorted(auto):
         port = current_ports.get(worker_id)
-        if port is not None and port not in taken:  # a running worker keeps the port it holds
+        if port is not None and port not in taken:  # a worker keeps its port while it can
             ports[worker_id] = port
             taken.add(port)
-    taken |= set(busy_ports)
     candidate = garden.placement.base_port
     for worker_id in sorted(auto):
         if worker_id in ports:

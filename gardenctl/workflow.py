@@ -17,6 +17,7 @@ from gardenctl.plan.model import Plan
 from gardenctl.reconcile import Circumstances
 from gardenctl.spec.loader import LoadedGarden
 from gardenctl.state import StateDir
+from gardenctl.vocab import Phase
 
 
 @dataclass(frozen=True)
@@ -47,19 +48,39 @@ def circumstances(loaded: LoadedGarden, inventory: Inventory, observed: Observed
         now=time.time() if now is None else now,
         env_names=frozenset(environ),
         busy_ports=busy_ports(loaded, inventory, observed),
+        busy_gpus=busy_gpus(loaded.garden.name, observed),
         history=state.read_history(loaded.garden.name) if state.exists else History(),
     )
 
 
 def busy_ports(loaded: LoadedGarden, inventory: Inventory, observed: Observed) -> dict[int, str]:
-    """Ports other programs listen on here (port -> who), when the garden runs here (the local
-    runtime on a one-node inventory); the garden's own workers' ports are not counted."""
+    """Ports in use here by anything but this garden's live workers (port -> who), when the
+    garden runs here (the local runtime on a one-node inventory): the ports other programs
+    listen on, and those of other gardens' workers (a loading worker may not listen yet). A
+    dead worker of the garden owns no port: whoever listens on it now is another program."""
     if loaded.garden.runtime.kind != "local" or len(inventory.nodes) != 1:
         return {}
     from gardenctl.runtime.processes import listening_ports
 
-    ours = set(observed.of_garden(loaded.garden.name).ports().values())
-    return {port: who for port, who in listening_ports().items() if port not in ours}
+    garden = loaded.garden.name
+    ours = {w.port for w in observed.of_garden(garden).workers if w.running or w.pids}
+    busy = {port: who for port, who in listening_ports().items() if port not in ours}
+    busy.update((w.port, f"worker {w.worker_id}") for w in observed.workers
+                if w.garden != garden and (w.running or w.pids))
+    return dict(sorted(busy.items()))
+
+
+def busy_gpus(garden: str, observed: Observed) -> dict[tuple[str, int], str]:
+    """GPUs where another garden's worker is loading or being stopped ((node, index) -> who,
+    doing what): this garden starts and stops nothing there meanwhile."""
+    busy: dict[tuple[str, int], str] = {}
+    for worker in observed.workers:
+        if worker.garden == garden or worker.phase not in (Phase.STARTING, Phase.STOPPING):
+            continue
+        doing = "loading" if worker.phase == Phase.STARTING else "stopping"
+        for index in worker.gpus:
+            busy.setdefault((worker.node, index), f"{worker.worker_id} is {doing} there")
+    return busy
 
 
 def observe_without_lock(loaded: LoadedGarden, inventory: Inventory,
@@ -87,5 +108,5 @@ def plan_read_only(loaded: LoadedGarden, inventory: Inventory, state: StateDir) 
                         circumstances(loaded, inventory, observed, state))
 
 
-__all__ = ["PlanResult", "busy_ports", "circumstances", "compute_plan", "observe_without_lock",
-           "plan_read_only"]
+__all__ = ["PlanResult", "busy_gpus", "busy_ports", "circumstances", "compute_plan",
+           "observe_without_lock", "plan_read_only"]

@@ -16,8 +16,9 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
-from e2e_helpers import alive, garden_at, http_get, served_names
+from e2e_helpers import alive, garden_at, http_get, served_names, wait_until
 from e2e_helpers import model as apply_model
 from watch_helpers import WatchedGarden, model
 
@@ -222,6 +223,25 @@ def test_watch_rolls_back_a_bad_edit_and_keeps_serving(watched):
     assert watch.stop() == 0
 
 
+def test_watch_rolls_back_a_replacement_that_never_finishes_loading(watched):
+    m0 = watched.worker_id("m")
+    good = model("m", start_timeout="6s")
+    watched.save([good])
+    watch = watched.watch()
+    ready(watch, m0)
+    mark = watch.mark()
+    watched.save([{**good, "env": {"STANDIN_VLLM_FAIL": "hang"}}])
+    rollback = watch.wait_for("the rollback", lambda e: e.name == "rollback" and
+                              e.worker == m0 and e.data.get("ok"), since=mark, timeout=REACTION)
+    ready(watch, m0, since=watch.index(rollback))
+    (row,) = watched.status()["workers"]
+    serving = psutil.Process(watched.worker_pids()[m0]).environ()
+    assert row["phase"] == "ready" and "STANDIN_VLLM_FAIL" not in serving  # the good version
+    assert row["next_cause"].startswith("rollout stopped")
+    assert "not ready within its start timeout of 6s" in row["next_cause"]
+    assert watch.stop() == 0
+
+
 # -- 4. a saved plan runs only as it was made ------------------------------------------------
 
 def test_a_saved_plan_whose_argv_was_edited_is_refused_and_nothing_runs(garden):
@@ -313,6 +333,53 @@ def test_gardens_sharing_a_gpu_never_start_two_workers_on_it_at_once(tmp_path):
         b = two.record(two.worker_id("b"))
         runs = sorted([(a["started_at"], a["ready_at"]), (b["started_at"], b["ready_at"])])
         assert runs[1][0] >= runs[0][1]  # the second started once the first was ready
+
+
+def test_nothing_is_stopped_or_started_on_a_gpu_where_another_garden_loads(tmp_path):
+    state = tmp_path / "state"
+    roomy = {"STANDIN_VLLM_GPU_MEMORY": "48GiB"}
+    with garden_at(tmp_path / "one", state=state, gpus=1) as one, \
+            garden_at(tmp_path / "two", state=state, gpus=1) as two:
+        two.write([apply_model("b", env=roomy)])
+        big_gpus(two)
+        assert two.apply().code == 0
+        running = two.pids()[two.worker_id("b")]
+        one.write([apply_model("slow", env={**roomy, "STANDIN_VLLM_FAIL": "hang"})])
+        big_gpus(one)
+        loading = one.start("apply", "--yes")
+        wait_until(one.pids, timeout=STARTUP)
+
+        two.write([apply_model("b", env=roomy, max_model_len=1024)])
+        big_gpus(two)
+        plan = two.run("plan", "-o", "json")
+        (step,) = [s for s in plan.json()["steps"] if s["worker"] == two.worker_id("b")]
+        assert step["kind"] == "wait", step
+        assert f"is busy ({one.worker_id('slow')} is loading there)" in step["cause"]
+        held = two.apply()
+        assert held.code == 1 and "is busy" in held.out, str(held)
+        assert two.pids() == {two.worker_id("b"): running}  # the running version is untouched
+
+        loading.send_signal(signal.SIGINT)
+        assert loading.wait(timeout=30) == 130
+        assert one.run("down", "--yes").code == 0
+        assert two.apply().code == 0  # the GPU is free: the edit goes through
+        assert two.pids()[two.worker_id("b")] != running
+
+
+def test_a_saved_plan_with_a_replacement_or_a_restart_is_applied_as_shown(garden):
+    garden.applied([apply_model("a"), apply_model("b")])
+    garden.write([apply_model("a", max_model_len=1024), apply_model("b")])
+    os.kill(garden.pids()[garden.worker_id("b")], signal.SIGKILL)
+    wait_until(lambda: garden.worker_id("b") not in garden.pids())
+    saved = garden.run("plan", "--out", "p.json")  # a replace with its rollback; a restart
+    assert saved.code == 0, str(saved)
+    actions = {s["kind"] for s in json.loads((garden.root / "p.json").read_text())["steps"]}
+    assert {"replace", "rollback", "restart"} <= actions
+
+    run = garden.run("apply", "--yes", "p.json")
+
+    assert run.code == 0, str(run)
+    assert garden.status()["in_sync"] is True
 
 
 # -- 7. what plan says, and how it says it ---------------------------------------------------

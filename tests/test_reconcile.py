@@ -292,6 +292,55 @@ def test_a_replacement_that_failed_is_rolled_back_and_the_rollout_stops():
         assert step.kind == StepKind.WAIT and step.cause.startswith("rollout stopped")
 
 
+def test_a_replacement_stuck_loading_past_its_timeout_is_rolled_back():
+    first = plan_for(garden_text(THREE))
+    edited = THREE.replace("4096", "2048")
+    old_spec = observed_from(first).get("lab/m/0").spec
+    new_spec = step_of(plan_for(garden_text(edited), observed_from(first)), "lab/m/0").worker
+    stuck = changed(observed_from(first), "lab/m/0", spec=new_spec, phase=Phase.STARTING,
+                    previous=old_spec, ready_at=None, started_at=NOW - 3600)
+    plan = plan_at(edited, stuck)
+    rollback = step_of(plan, "lab/m/0")
+    assert rollback.kind == StepKind.ROLLBACK and rollback.worker == old_spec
+    assert "not ready within its start timeout" in rollback.cause
+    assert rollback.launch.rejected.spec_hash == new_spec.spec_hash
+    assert rollback.launch.rejected.at == 0.0  # stamped when it runs: a saved plan matches
+
+
+def test_the_last_ready_version_is_carried_through_every_start_until_one_is_ready():
+    """v1 ready; v2 replaces it and crashes before ready... whatever the next edit is, v1 stays
+    what a failure rolls back to until some version has been ready."""
+    first = plan_for(garden_text(THREE))
+    v1 = observed_from(first).get("lab/m/0").spec
+    v2_text, v3_text = THREE.replace("4096", "2048"), THREE.replace("4096", "3072")
+    v2 = step_of(plan_for(garden_text(v2_text), observed_from(first)), "lab/m/0").worker
+    loading_v2 = changed(observed_from(first), "lab/m/0", spec=v2, phase=Phase.STARTING,
+                         previous=v1, ready_at=None, started_at=NOW - 1)
+    replace = step_of(plan_at(v3_text, loading_v2), "lab/m/0")  # edited again while v2 loads
+    assert replace.kind == StepKind.REPLACE and replace.launch.replaces == v1
+    stopping_v2 = changed(loading_v2, "lab/m/0", phase=Phase.STOPPING)
+    restart = step_of(plan_at(v3_text, stopping_v2), "lab/m/0")
+    assert restart.kind == StepKind.RESTART and restart.launch.replaces == v1
+    crashed_v1 = changed(observed_from(first), "lab/m/0", phase=Phase.CRASHED,
+                         exited_at=NOW - 1)  # v1 had been ready: it is the version to go back to
+    restart = step_of(plan_at(v2_text, crashed_v1), "lab/m/0")
+    assert restart.kind == StepKind.RESTART and restart.launch.replaces == v1
+
+
+def test_nothing_starts_or_stops_on_a_gpu_where_another_garden_loads():
+    first = plan_for(garden_text(TWO))
+    qwen = observed_from(first).get("lab/qwen/0")
+    busy = {(qwen.node, qwen.gpus[0]): "other/big/0 is loading there"}
+    plan = plan_at(TWO.replace("8192", "4096"), observed_from(first), busy_gpus=busy)
+    wait = step_of(plan, "lab/qwen/0")
+    assert wait.kind == StepKind.WAIT and wait.rechecks  # the running version is not stopped
+    assert wait.cause.startswith(f"GPU {qwen.gpus[0]} of {qwen.node} is busy (other/big/0 is "
+                                 "loading there); once it is free: replace,")
+    assert not any(s.kind == StepKind.ROLLBACK for s in plan.steps)
+    removed = plan_at(TWO.splitlines(keepends=True)[1], observed_from(first), busy_gpus=busy)
+    assert step_of(removed, "lab/qwen/0").kind == StepKind.WAIT  # nor is a removed one
+
+
 def test_after_a_rollback_the_rejected_version_is_not_tried_again_until_the_file_changes():
     first = plan_for(garden_text(THREE))
     edited = THREE.replace("4096", "2048")

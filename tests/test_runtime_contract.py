@@ -293,3 +293,26 @@ def test_a_worker_gets_only_allowed_variables_of_the_controller_environment(tmp_
         assert name not in env, name
     assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, worker.gpus))  # the plan's GPUs
     runtime.stop(worker.worker_id, grace=2)
+
+
+@pytest.mark.e2e
+def test_a_runtime_updates_and_watches_only_the_gardens_it_holds(tmp_path):
+    state = StateDir(tmp_path / "state")
+    owner = LocalRuntime(state, node="node-a", gardens={"lab"})
+    neighbour = LocalRuntime(state, node="node-a", gardens={"other"})
+    worker = make_worker()  # of garden lab
+    spawn(owner, worker, STANDIN_VLLM_FAIL="crash_after_ready", STANDIN_VLLM_CRASH_AFTER="0.2")
+    try:
+        assert wait_for(owner, worker.worker_id, phases=(Phase.READY,)).phase == Phase.READY
+        deadline = time.monotonic() + 5
+        while not owner.dead_workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert {w for w, _ in owner.dead_workers()} == {worker.worker_id}
+        assert neighbour.dead_workers() == set()  # not its garden: not its deaths to act on
+        (seen,) = neighbour.observe().workers
+        assert seen.phase == Phase.CRASHED  # it sees the death...
+        assert state.read_record(worker.worker_id).phase == Phase.READY  # ...writes nothing
+        (seen,) = owner.observe().workers
+        assert state.read_record(worker.worker_id).phase == Phase.CRASHED
+    finally:
+        owner.stop(worker.worker_id, grace=2)

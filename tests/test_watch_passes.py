@@ -41,9 +41,10 @@ def settle(watcher: Watcher, reason: str, passes: int = 8) -> None:
     trigger the next pass)."""
     for _ in range(passes):
         watcher.pass_once(reason)
-        if watcher.executor is None:
+        if not watcher.executors:
             return
-        watcher.executor.join(10)
+        for executor in watcher.executors:
+            executor.join(10)
         plan = watcher.last_plan
         if plan is None or not any(s.changes or s.loading for s in plan.steps):
             return
@@ -239,6 +240,8 @@ def test_a_bad_edit_is_rolled_back_and_the_model_keeps_serving(setup):
     spawned = len(runtime.spawned)
     settle(watcher, "resync")
     assert len(runtime.spawned) == spawned  # the rejected version is not tried again
+    # both replicas wait (a stopped rollout), and both are still probed for liveness
+    assert set(watcher.prober.targets) == {"lab/a/0", "lab/a/1"}
 
 
 def test_an_unhealthy_worker_is_restarted_by_the_next_pass(setup):
@@ -263,3 +266,20 @@ def test_a_bug_in_a_pass_does_not_stop_the_watcher(setup, monkeypatch):
     monkeypatch.setattr(watcher.session, "plan_loaded", broken)
     watcher.pass_once("start")  # must not raise
     assert any("internal error" in e["message"] for e in events() if e["event"] == "error")
+
+
+def test_a_probe_that_raises_counts_as_a_failed_probe_and_probing_goes_on(setup, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _garden, runtime, watcher, events, _clock = setup
+    settle(watcher, "start")
+
+    def broken(worker_id):
+        raise OSError("too many open files")
+
+    monkeypatch.setattr(runtime, "probe_health", broken)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        watcher.prober._probe_due(pool)
+    probes = [e for e in events() if e["event"] == "probe"]
+    assert {e["worker"] for e in probes} == {"lab/a/0", "lab/b/0"}
+    assert all("the probe failed: OSError: too many open files" in e["message"] for e in probes)

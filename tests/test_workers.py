@@ -99,8 +99,14 @@ def test_assigned_ports_skip_ports_other_programs_listen_on():
     inv = inventory_from_spec(loaded.garden.inventory, "declared")
     estimates = {m.name: estimate(4) for m in loaded.garden.resolved_models()}
     running = observed_from(plan_for(text.replace(b"name: b", b"name: zz")))  # a on 8001
-    busy = {8001: "pid 1", 8002: "pid 2", 8003: "pid 3"}
+    busy = {8002: "pid 2", 8003: "pid 3"}  # never the garden's own live workers' ports
     plan = make_plan(loaded, inv, running, estimates, Circumstances(busy_ports=busy))
     ports = {a.worker_id: a.port for a in plan.steps}
     assert ports["lab/a/0"] == 8001  # a running worker keeps the port it listens on
     assert ports["lab/b/0"] == 8004  # a new one skips ports other programs use
+
+    crashed = observed_from(plan_for(text.replace(b"name: b", b"name: zz")), phase="crashed")
+    taken = {8001: "pid 9 (nginx)"}  # taken by another program while a was down
+    plan = make_plan(loaded, inv, crashed, estimates, Circumstances(busy_ports=taken))
+    ports = {a.worker_id: a.port for a in plan.steps}
+    assert ports["lab/a/0"] == 8002  # it moves rather than crash-loop on a port it lost

@@ -81,7 +81,10 @@ class Executor:
             emit(result)
             with done:
                 results[step.id] = result
-                schedule.finished(step, result.outcome in _SUCCEEDED)
+                if result.outcome == Outcome.DEFERRED:
+                    schedule.deferred(step)
+                else:
+                    schedule.finished(step, result.outcome in _SUCCEEDED)
                 done.notify_all()
 
         try:
@@ -195,7 +198,9 @@ def _skipped(dropped: Dropped, results: Mapping[str, StepResult]) -> StepResult:
     step = dropped.step
     failed = results.get(dropped.needed.step_id)
     why = f"{dropped.needed.step_id} failed" + (f" ({failed.message})" if failed else "")
-    if failed is None:
+    if failed is not None and failed.outcome == Outcome.DEFERRED:
+        why = f"{dropped.needed.step_id} was deferred ({failed.message})"
+    elif failed is None:
         why = f"{dropped.needed.step_id} did not happen"
     verb = "not started" if step.kind.spawns else "not done"
     return StepResult(step.worker_id, step.kind, Outcome.SKIPPED, f"{verb}: {why}",

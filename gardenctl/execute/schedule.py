@@ -63,6 +63,12 @@ class Schedule:
         self.running.discard(step.id)
         (self.succeeded if ok else self.failed).add(step.id)
 
+    def deferred(self, step: Step) -> None:
+        """It did not happen, and nothing went wrong (its GPU was busy with another garden):
+        what needs it done does not run, and neither does a rollback that needs it failed."""
+        self.running.discard(step.id)
+        self.dropped.add(step.id)
+
     def drop_unreachable(self) -> list[Dropped]:
         """Steps whose needs can never be met, removed: what needs them done (or failed) is
         dropped too; what only needs them finished may go on."""

@@ -73,6 +73,10 @@ def _result(step: Step, outcome: Outcome, message: str, elapsed: float = 0.0,
 def stop_step(ctx: Context, step: Step) -> StepResult:
     """STOP (removal, or an unhealthy / stuck run kept as ended) and STOP_LEFTOVERS."""
     started = ctx.clock()
+    busy = _wait_gpus_free(ctx, step)
+    if busy is not None:
+        return _result(step, Outcome.DEFERRED, f"not stopped: {busy}; it is stopped once the "
+                       "GPU is free", ctx.clock() - started)
     ctx.progress.update(step.worker_id, "stopping", "", 0.0)
     stopped = _stop(ctx, step, keep=step.then, reason=step.ends_because or step.cause,
                     cause=_end_cause(step))
@@ -102,6 +106,26 @@ def _stop(ctx: Context, step: Step, *, keep: Phase | None, reason: str,
                        hint="a process of the worker still holds GPU memory; check "
                        "`gardenctl inventory`")
     return result
+
+
+def _wait_gpus_free(ctx: Context, step: Step) -> str | None:
+    """Before anything starts or stops on the step's GPUs: while another garden's worker
+    loads or stops on one of them, wait (apply, up to the start timeout) or give up at once
+    (watch tries again later). Why it is still busy, or None. (Spawning checks again, under
+    the GPU lock.)"""
+    target = step.worker or (step.previous.spec if step.previous is not None else None)
+    if target is None:
+        return None
+    deadline = ctx.clock() + target.start_timeout
+    while True:
+        busy = None
+        for node in sorted({node for node, _ in step.gpu_keys}):
+            gpus = sorted(index for key_node, index in step.gpu_keys if key_node == node)
+            busy = busy or ctx.runtime.gpus_busy(step.worker_id, node, gpus)
+        if busy is None or not ctx.wait or ctx.clock() >= deadline or ctx.stop_event.is_set():
+            return busy
+        ctx.progress.update(step.worker_id, "waiting", busy, 0.0)
+        ctx.sleep(ctx.poll_interval)
 
 
 def _end_cause(step: Step) -> Cause:
@@ -139,10 +163,15 @@ def spawn_step(ctx: Context, step: Step, env: dict[str, str], because: str = "")
     worker = step.worker
     assert worker is not None and step.launch is not None
     launch = step.launch
-    if step.kind == StepKind.ROLLBACK and because and launch.rejected is not None:
-        launch = replace(launch, rejected=Rejection(launch.rejected.spec_hash, because,
+    if step.kind == StepKind.ROLLBACK and launch.rejected is not None:
+        rejected = launch.rejected  # the plan leaves its time (and a conditional one's reason)
+        launch = replace(launch, rejected=Rejection(rejected.spec_hash, because or rejected.reason,
                                                     ctx.wall()))
     started = ctx.clock()
+    busy = _wait_gpus_free(ctx, step)
+    if busy is not None:
+        return _result(step, Outcome.DEFERRED, f"not started: {busy}; it starts once the GPU "
+                       "is free (nothing was changed)", ctx.clock() - started)
     if step.previous is not None and (step.previous.running or step.previous.pids):
         ctx.progress.update(worker.worker_id, "stopping", "", 0.0)
         keep = Phase.CRASHED if step.previous.ever_ready else Phase.FAILED

@@ -66,6 +66,9 @@ class Step:
     then: Phase | None = None  # stops: keep the record in this phase (None: remove it)
     ends_because: str = ""  # a run it ends (to start it again): why, as its record will say
     until: float | None = None  # hold: not before this wall-clock time
+    # a wait on what can end with no event gardenctl hears (another garden's load on the GPU,
+    # a port another program holds): watch looks again shortly
+    rechecks: bool = False
     notes: tuple[str, ...] = ()  # what else a reader should know (availability, rollback)
 
     @property
@@ -106,7 +109,8 @@ class Step:
         node = target.node
         keys = {(node, index) for index in target.gpus}
         previous = self.previous
-        if previous is not None and self.kind in (StepKind.REPLACE, StepKind.RESTART):
+        if previous is not None and self.kind in (StepKind.REPLACE, StepKind.RESTART,
+                                                   StepKind.ROLLBACK):
             node = previous.node
             keys.update((node, index) for index in previous.gpus)
         return frozenset(keys)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from gardenctl.errors import GardenError
 from gardenctl.inventory.model import Inventory
 from gardenctl.runtime.base import GpuProbe, Runtime
@@ -10,9 +12,10 @@ from gardenctl.state import StateDir
 
 
 def open_runtime(garden: Garden | None, inventory: Inventory, state: StateDir, *,
-                 writable: bool = True) -> Runtime:
+                 writable: bool = True, gardens: Container[str] | None = None) -> Runtime:
     """The runtime a garden asks for, bound to the node it runs on. ``writable``: the caller
-    holds the garden's lock (read-only commands pass False and change no record)."""
+    holds the lock of ``gardens`` (None: every garden's), whose records alone it updates
+    (read-only commands pass False and change no record)."""
     kind = garden.runtime.kind if garden is not None else "local"
     if kind == "ray":
         raise GardenError(
@@ -28,7 +31,7 @@ def open_runtime(garden: Garden | None, inventory: Inventory, state: StateDir, *
             f"({inventory.source}) has {len(inventory.nodes)} nodes ({names}); declare this "
             "machine alone, or plan the fleet without applying it here"
         )
-    return LocalRuntime(state, node=inventory.nodes[0].name, writable=writable)
+    return LocalRuntime(state, node=inventory.nodes[0].name, writable=writable, gardens=gardens)
 
 
 def open_probe(inventory: Inventory) -> GpuProbe | None:

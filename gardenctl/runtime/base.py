@@ -9,7 +9,7 @@ runtime.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -101,6 +101,11 @@ class Runtime(Protocol):
 
     def adopt(self, worker: ObservedWorker, desired: DesiredWorker) -> None:
         """Record a worker found running by its marker (no record) as the garden wants it."""
+        ...
+
+    def gpus_busy(self, worker_id: str, node: str, gpus: Iterable[int]) -> str | None:
+        """Why nothing may start or stop on these GPUs now (another worker than ``worker_id``,
+        of any garden, loads or stops there), or None."""
         ...
 
     def probe_health(self, worker_id: str) -> str | None:

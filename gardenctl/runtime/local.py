@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -86,10 +86,12 @@ class LocalRuntime(RecordedRuntime):
 
     def __init__(self, state: StateDir, node: str, *, environ: Mapping[str, str] | None = None,
                  probe: Callable[..., bool] = probe_ready, probe_timeout: float = 1.0,
-                 writable: bool = True, clock: Callable[[], float] = time.time) -> None:
-        """``writable``: this runtime's owner holds its garden's lock and may update records
-        (phases seen while observing); read-only commands (plan, status) pass False."""
-        super().__init__(state, writable=writable, clock=clock)
+                 writable: bool = True, clock: Callable[[], float] = time.time,
+                 gardens: Container[str] | None = None) -> None:
+        """``writable``: this runtime's owner holds the lock of ``gardens`` (None: of every
+        garden) and may update their records (phases seen while observing); read-only
+        commands (plan, status) pass False."""
+        super().__init__(state, writable=writable, clock=clock, gardens=gardens)
         self.state = state
         self.node = node
         self.environ = environ if environ is not None else os.environ
@@ -106,9 +108,11 @@ class LocalRuntime(RecordedRuntime):
     # -- spawn -----------------------------------------------------------------------------
 
     def spawn(self, worker: DesiredWorker, env: Mapping[str, str], launch: Launch) -> None:
-        if worker.node != self.node:
-            raise base.SpawnError(Cause.SPAWN_FAILED, f"{worker.worker_id} is planned on node "
-                                  f"{worker.node}, but the local runtime runs on {self.node}")
+        if worker.node != self.node:  # recorded as a failed start: counted by the backoff
+            error = base.SpawnError(Cause.SPAWN_FAILED, f"{worker.worker_id} is planned on node "
+                                    f"{worker.node}, but the local runtime runs on {self.node}")
+            self.fail(worker, launch, str(error), error.cause, error.hint)
+            raise error
         with self.state.gpu_lock():
             self._check_gpus_free(worker)
             try:
@@ -189,6 +193,16 @@ class LocalRuntime(RecordedRuntime):
 
     def _milestone(self, record: WorkerRecord) -> str:
         return latest_milestone(read_tail(record.log_path))
+
+    def _exit_time(self, record: WorkerRecord) -> float:
+        """The last write to its log: a process that is gone wrote its last line (vLLM logs
+        its shutdown) when it ended, however long ago that was observed."""
+        now = self.clock()
+        try:
+            written = os.stat(record.log_path).st_mtime if record.log_path else now
+        except OSError:
+            written = now
+        return max(record.started_at or 0.0, min(written, now))
 
     def _members(self, record: WorkerRecord, alive: bool) -> tuple[int, ...]:
         if not record.pgid:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Protocol
 
 from gardenctl.observe import ObservedWorker
@@ -67,9 +67,13 @@ class RecordedRuntime:
     still the same run in the phase it was read in, so an observation that read a dead run
     never overwrites the record of the run a concurrent restart has just begun."""
 
-    def __init__(self, store: RecordStore, *, writable: bool, clock: Callable[[], float]) -> None:
+    def __init__(self, store: RecordStore, *, writable: bool, clock: Callable[[], float],
+                 gardens: Container[str] | None = None) -> None:
         self.store = store
         self.writable = writable
+        # the gardens whose records it may update and whose deaths it watches: those whose
+        # lock its owner holds (a live view, as the owner locks them); None: every garden
+        self.gardens = gardens
         self.clock = clock
         self._records_lock = threading.RLock()
 
@@ -98,11 +102,16 @@ class RecordedRuntime:
         """The live processes of the worker (its process group)."""
         raise NotImplementedError
 
+    def _exit_time(self, record: WorkerRecord) -> float:
+        """When a run found gone ended, as well as the runtime can tell (the same answer to
+        every observer, so that a plan made read-only matches the apply that follows it)."""
+        return self.clock()
+
     # -- shared ----------------------------------------------------------------------------
 
     def _save(self, record: WorkerRecord) -> bool:
         """Write an update of ``record`` if it is still the run and phase it was read as."""
-        if not self.writable:
+        if not self.writable or not self._owns(record):
             return False
         with self._records_lock:
             stored = self.store.read_record(record.worker_id)
@@ -113,6 +122,9 @@ class RecordedRuntime:
             self.store.write_record(record)
             record.loaded_as = record.phase
             return True
+
+    def _owns(self, record: WorkerRecord) -> bool:
+        return self.gardens is None or record.garden in self.gardens
 
     def _record_new_run(self, record: WorkerRecord) -> None:
         with self._records_lock:
@@ -166,7 +178,7 @@ class RecordedRuntime:
             error, cause = f"exited with code {exit_code}", Cause.EXITED
         if record.phase == Phase.STOPPING:  # a stop that was interrupted: it is over anyway
             error = f"{error} (while being stopped)"
-        record.mark_ended(self.clock(), exit_code=exit_code, error=error, cause=cause,
+        record.mark_ended(self._exit_time(record), exit_code=exit_code, error=error, cause=cause,
                           hint=diagnosis.hint)
         self._save(record)
         return base.WorkerStatus(record.phase, error, exit_code=None if signal_number
@@ -209,23 +221,29 @@ class RecordedRuntime:
 
     def dead_workers(self) -> set[tuple[str, int | None]]:
         return {(r.worker_id, r.pid) for r in self.store.records(damaged=[])
-                if r.phase in (Phase.STARTING, Phase.READY, Phase.UNHEALTHY)
+                if self._owns(r) and r.phase in (Phase.STARTING, Phase.READY, Phase.UNHEALTHY)
                 and self._exit_code(r) is not ALIVE}
 
-    def _check_gpus_free(self, worker: DesiredWorker) -> None:
-        """vLLM's rule, across every garden of the state directory: nothing starts on a GPU
-        while another worker loads or stops there."""
-        mine = set(worker.gpus)
+    def gpus_busy(self, worker_id: str, node: str, gpus: Iterable[int]) -> str | None:
+        """vLLM's rule, across every garden of the state directory: nothing starts or stops
+        on a GPU while another worker loads or stops there. Why not now, or None."""
+        mine = set(gpus)
         for record in self.store.records(damaged=[]):
             spec = record.spec
-            if (record.worker_id == worker.worker_id or spec.node != worker.node
+            if (record.worker_id == worker_id or spec.node != node
                     or not mine & set(spec.gpus)
                     or record.phase not in (Phase.STARTING, Phase.STOPPING)):
                 continue
             if self._exit_code(record) is ALIVE:
                 doing = "loading" if record.phase == Phase.STARTING else "stopping"
                 shared = ",".join(str(g) for g in sorted(mine & set(spec.gpus)))
-                raise base.GpuBusy(f"GPU {shared} is busy: {record.worker_id} is {doing} there")
+                return f"GPU {shared} is busy: {record.worker_id} is {doing} there"
+        return None
+
+    def _check_gpus_free(self, worker: DesiredWorker) -> None:
+        busy = self.gpus_busy(worker.worker_id, worker.node, worker.gpus)
+        if busy is not None:
+            raise base.GpuBusy(busy)
 
     def _begin_stop(self, record: WorkerRecord | None, alive: bool) -> None:
         if record is not None and alive and record.phase.running \
