@@ -9,6 +9,7 @@ plan would do next and why, with the restarts, the backoff and the last error.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,17 +190,31 @@ def _row(current: ObservedWorker | None, step: Step | None, now: float,
         failures, until)
 
 
-def _watch_info(state: StateDir, garden: str) -> WatchInfo | None:
-    """What a `gardenctl watch` of this garden last reported (watch.json), if one ever ran."""
+def _same_process(pid: int, started_at: object) -> bool:
+    """The watch that wrote watch.json still runs: its pid is alive and was not reused (the
+    process began before the watch said it started)."""
+    import calendar
+
     import psutil
 
+    try:
+        began = psutil.Process(pid).create_time()
+        whole_seconds = str(started_at).split(".")[0].rstrip("Z")
+        said = calendar.timegm(time.strptime(whole_seconds, "%Y-%m-%dT%H:%M:%S"))
+    except (psutil.Error, ValueError, OverflowError):
+        return False
+    return began <= said + 1.0
+
+
+def _watch_info(state: StateDir, garden: str) -> WatchInfo | None:
+    """What a `gardenctl watch` of this garden last reported (watch.json), if one ever ran."""
     path = state.root / "gardens" / garden / "watch.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     pid = data.get("pid")
-    running = bool(pid) and not data.get("stopped") and psutil.pid_exists(pid)
+    running = bool(pid) and not data.get("stopped") and _same_process(pid, data.get("started_at"))
     return WatchInfo(running, pid, data.get("last_applied"), data.get("last_attempted"))
 
 

@@ -201,7 +201,7 @@ def test_broken_saves_change_nothing_and_a_fix_converges(garden):
     assert after[alpha] == running[alpha] and after[beta] != running[beta]
     assert garden.flag(beta, "--max-model-len") == "3072"
     status = garden.status()
-    assert status["in_sync"] is True
+    assert status["in_sync"] is True and status["watch"]["running"] is True
     fixed = version_of(garden.file.read_text())
     assert status["watch"]["last_applied"]["version"] == fixed
     attempted = status["watch"]["last_attempted"]
