@@ -7,6 +7,8 @@ import threading
 import time
 from typing import TextIO
 
+from gardenctl.text import shown
+
 BAR = 20
 
 
@@ -26,7 +28,7 @@ class LineProgress:
             text = f"{elapsed:7.1f}s  {worker_id}  {phase}"
             if detail:
                 text += f": {detail}"
-            print(text, file=self.stream, flush=True)
+            print(shown(text), file=self.stream, flush=True)  # details quote worker logs
 
     def close(self) -> None:
         pass
@@ -71,7 +73,7 @@ class TerminalProgress:
             text = f"  {worker_id:<{width}}  {bar}{phase:<9} {elapsed:6.1f}s"
             if detail:
                 text += f"  {detail}"
-            lines.append(text[:160])
+            lines.append(shown(text)[:160])
         if self.drawn:
             self.stream.write(f"\x1b[{self.drawn}F")
         for line in lines:
