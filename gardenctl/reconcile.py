@@ -31,7 +31,7 @@ from gardenctl.placement.model import Unplaced
 from gardenctl.plan.model import Launch, Needs, Step, When
 from gardenctl.sequence import chain_rollout, sequence
 from gardenctl.spec.models import env_reference
-from gardenctl.vocab import Phase, StepKind
+from gardenctl.vocab import Blocker, Phase, StepKind
 from gardenctl.workers import DesiredWorker
 
 
@@ -102,7 +102,7 @@ class _Decider:
                 return [dataclasses.replace(
                     _step(StepKind.WAIT, first.worker, current,
                           f"GPU {index} of {node} is busy ({busy[hit[0]]}); once it is free: "
-                          f"{first.kind.value}, {first.cause}"), rechecks=True)]
+                          f"{first.kind.value}, {first.cause}"), blocked_by=Blocker.GPU)]
         return steps
 
     # -- workers the garden wants ------------------------------------------------------------
@@ -140,8 +140,9 @@ class _Decider:
             if same:
                 return [_step(StepKind.KEEP, worker, current, "up to date")]
             if keeps is not None:
-                return [_step(StepKind.WAIT, keeps, current, stopped.get(
-                    worker.model, "rollout stopped: this version was rolled back"))]
+                return [dataclasses.replace(_step(StepKind.WAIT, keeps, current, stopped.get(
+                    worker.model, "rollout stopped: this version was rolled back")),
+                    blocked_by=Blocker.ROLLOUT)]
             return self._replace(worker, current, describe_change(current, worker))
         if phase in (Phase.UNHEALTHY, Phase.STOPPING):
             recorded = current.last_error or ""
@@ -225,14 +226,14 @@ class _Decider:
                ends: str = "") -> list[Step]:
         """A step that starts ``worker``, or what stands in its way: an unset secret or a port
         another program holds (nothing is changed for the worker then)."""
-        blocked, rechecks = self._blocked(worker)
+        blocked, blocker = self._blocked(worker)
         if blocked is None:
             return [_step(kind, worker, current, cause, launch=launch, then=then, ends=ends)]
         if current is None or kind == StepKind.REPLACE:
             keeps = " (the running version stays)" if current is not None else ""
             return [dataclasses.replace(
                 _step(StepKind.WAIT, worker, current, f"{blocked}; not started{keeps}"),
-                rechecks=rechecks)]
+                blocked_by=blocker)]
         steps = []
         if current.running:
             steps.append(_step(StepKind.STOP, worker, current, cause, then=then or Phase.CRASHED,
@@ -240,22 +241,21 @@ class _Decider:
         elif current.pids:
             steps.append(_leftovers(worker, current))
         wait = _step(StepKind.WAIT, worker, current, f"{blocked}; not started again")
-        return [*steps, dataclasses.replace(wait, rechecks=rechecks)]
+        return [*steps, dataclasses.replace(wait, blocked_by=blocker)]
 
-    def _blocked(self, worker: DesiredWorker) -> tuple[str | None, bool]:
-        """What keeps ``worker`` from starting, if anything, and whether it may end without
-        any event gardenctl hears (a port that another program frees)."""
+    def _blocked(self, worker: DesiredWorker) -> tuple[str | None, Blocker | None]:
+        """What keeps ``worker`` from starting, if anything, in words and in kind."""
         names = self.world.env_names
         if names is not None:
             missing = sorted({ref for _, value in worker.env
                               if (ref := env_reference(value)) is not None and ref not in names})
             if missing:
                 return (f"environment variable{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(missing)} not set where gardenctl runs"), False
+                        f"{', '.join(missing)} not set where gardenctl runs"), Blocker.SECRET
         owner = self.world.busy_ports.get(worker.port)
         if owner is not None:
-            return f"port {worker.port} is in use by {owner}", True
-        return None, False
+            return f"port {worker.port} is in use by {owner}", Blocker.PORT
+        return None, None
 
     def _timed_out(self, current: ObservedWorker, worker: DesiredWorker) -> bool:
         started = current.started_at

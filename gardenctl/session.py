@@ -20,10 +20,12 @@ from gardenctl.errors import GardenError, StalePlanError
 from gardenctl.execute import ApplyReport, Executor, Progress, StepResult
 from gardenctl.inventory.model import Inventory
 from gardenctl.observe import History, Observed
+from gardenctl.plan.model import Plan, Step
 from gardenctl.runtime import base
 from gardenctl.spec.loader import LoadedGarden
 from gardenctl.spec.models import Garden
 from gardenctl.state import StateDir
+from gardenctl.vocab import Blocker
 from gardenctl.workflow import PlanResult, circumstances, compute_plan
 
 
@@ -87,6 +89,25 @@ class Session:
         world = circumstances(loaded, inventory, observed, self.state, now=self.clock())
         return compute_plan(loaded, inventory, observed, world)
 
+    def plan_when_gpus_free(self, result: PlanResult, inventory_path: str | None,
+                            on_wait: Callable[[str], None], poll: float = 0.5) -> PlanResult:
+        """For apply: while the plan waits for a GPU where another garden's worker loads or
+        stops, wait (saying why, once per change) and plan again; up to the longest start
+        timeout of the waiting workers, after which the plan says they still wait."""
+        waits = _gpu_waits(result.plan)
+        if not waits:
+            return result
+        deadline = time.monotonic() + max(_start_timeout(step) for step in waits)
+        said = ""
+        while waits and time.monotonic() < deadline:
+            if waits[0].cause != said:
+                said = waits[0].cause
+                on_wait(f"{waits[0].worker_id}: {said}")
+            time.sleep(poll)
+            result = self.plan_loaded(result.loaded, inventory_path)
+            waits = _gpu_waits(result.plan)
+        return result
+
     def check_saved(self, plan_file: str, result: PlanResult) -> None:
         """Refuse a saved plan unless it is exactly the plan made now (StalePlanError)."""
         from gardenctl.plan.document import check_saved_plan, plan_to_json, saved_plan_difference
@@ -129,6 +150,15 @@ class Session:
         """Run every step of the plan (remembering what the garden wanted, for later plans)."""
         self.record_applied(result, "apply")
         return self.executor(result, progress, stop_event).run(result.plan, on_result)
+
+
+def _gpu_waits(plan: Plan) -> list[Step]:
+    return [s for s in plan.steps if s.blocked_by == Blocker.GPU]
+
+
+def _start_timeout(step: Step) -> float:
+    target = step.worker or (step.previous.spec if step.previous is not None else None)
+    return target.start_timeout if target is not None else 0.0
 
 
 @contextmanager

@@ -70,6 +70,20 @@ class StepKind(_Text):
         return self in (StepKind.START, StepKind.REPLACE, StepKind.RESTART, StepKind.ROLLBACK)
 
 
+class Blocker(_Text):
+    """What a wait step waits for, when it is outside this garden."""
+
+    SECRET = "secret"  # an environment variable not set where gardenctl runs
+    PORT = "port"  # a port another program (or another garden's worker) holds
+    GPU = "gpu"  # another garden's worker loads or stops on one of its GPUs
+    ROLLOUT = "rollout"  # the model's rollout was stopped by a failed replacement
+
+    @property
+    def passes(self) -> bool:
+        """It may end with no event gardenctl hears: watch looks again shortly."""
+        return self in (Blocker.PORT, Blocker.GPU)
+
+
 class Outcome(_Text):
     """How an executed step ended."""
 

@@ -451,7 +451,7 @@ class Watcher:
         and which loading workers to check for readiness."""
         timers = [(s.until, "backoff expired") for s in plan.steps
                   if s.kind == StepKind.HOLD and s.until is not None]
-        if any(s.rechecks for s in plan.steps):
+        if any(s.blocked_by is not None and s.blocked_by.passes for s in plan.steps):
             timers.append((self.wall() + RETRY_DEFERRED, "GPU or port free again?"))
         loading: dict[str, float] = {}
         for step in plan.steps:

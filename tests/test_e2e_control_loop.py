@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -351,19 +353,37 @@ def test_nothing_is_stopped_or_started_on_a_gpu_where_another_garden_loads(tmp_p
 
         two.write([apply_model("b", env=roomy, max_model_len=1024)])
         big_gpus(two)
-        plan = two.run("plan", "-o", "json")
+        plan = two.run("plan", "-o", "json", "--out", "p.json")
         (step,) = [s for s in plan.json()["steps"] if s["worker"] == two.worker_id("b")]
-        assert step["kind"] == "wait", step
+        assert (step["kind"], step["blocked_by"]) == ("wait", "gpu"), step
         assert f"is busy ({one.worker_id('slow')} is loading there)" in step["cause"]
-        held = two.apply()
-        assert held.code == 1 and "is busy" in held.out, str(held)
+        saved = two.run("apply", "--yes", "p.json")  # a saved plan runs as made: it waits
+        assert saved.code == 1 and "is busy" in saved.out, str(saved)
+
+        waiting = two.start("apply", "--yes")  # apply waits for the GPU, saying so
+        said = lines_of(waiting.stderr)
+        assert "is busy" in next(line for line in said if line.startswith("waiting: "))
         assert two.pids() == {two.worker_id("b"): running}  # the running version is untouched
 
         loading.send_signal(signal.SIGINT)
         assert loading.wait(timeout=30) == 130
         assert one.run("down", "--yes").code == 0
-        assert two.apply().code == 0  # the GPU is free: the edit goes through
+        assert waiting.wait(timeout=60) == 0  # the GPU is free: the edit goes through
         assert two.pids()[two.worker_id("b")] != running
+
+
+def lines_of(stream) -> Iterator[str]:
+    """The lines of a child's output as they come (a reader thread; ends with the stream)."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    while (line := lines.get(timeout=STARTUP)) is not None:
+        yield line
 
 
 def test_a_saved_plan_with_a_replacement_or_a_restart_is_applied_as_shown(garden):

@@ -10,7 +10,7 @@ from builders import garden_text, observed_from, plan_for
 from gardenctl.observe import History, Observed, ObservedWorker, Rejection
 from gardenctl.plan.model import Needs, When
 from gardenctl.reconcile import Circumstances
-from gardenctl.vocab import Cause, Phase, StepKind
+from gardenctl.vocab import Blocker, Cause, Phase, StepKind
 
 TWO = """\
   - {name: qwen, model: Qwen/Qwen2.5-7B-Instruct, max_model_len: 8192}
@@ -333,7 +333,7 @@ def test_nothing_starts_or_stops_on_a_gpu_where_another_garden_loads():
     busy = {(qwen.node, qwen.gpus[0]): "other/big/0 is loading there"}
     plan = plan_at(TWO.replace("8192", "4096"), observed_from(first), busy_gpus=busy)
     wait = step_of(plan, "lab/qwen/0")
-    assert wait.kind == StepKind.WAIT and wait.rechecks  # the running version is not stopped
+    assert (wait.kind, wait.blocked_by) == (StepKind.WAIT, Blocker.GPU)  # the running one stays
     assert wait.cause.startswith(f"GPU {qwen.gpus[0]} of {qwen.node} is busy (other/big/0 is "
                                  "loading there); once it is free: replace,")
     assert not any(s.kind == StepKind.ROLLBACK for s in plan.steps)

@@ -31,12 +31,16 @@ def apply(plan_file: str | None, garden_path: str, inventory_path: str | None,
     running workers still give exactly that plan; otherwise nothing is changed.
     """
     from gardenctl.cli.session import apply_plan, open_session
+    from gardenctl.text import shown
 
     with open_session(state_path, "gardenctl apply") as session:
         path = _garden_of(plan_file) if plan_file else garden_path
         result = session.plan(path, inventory_path)
-        if plan_file:
+        if plan_file:  # a saved plan runs as it was made, waits included
             session.check_saved(plan_file, result)
+        else:
+            result = session.plan_when_gpus_free(
+                result, inventory_path, lambda why: click.echo(f"waiting: {shown(why)}", err=True))
         plan = result.plan
         if output == "text":
             from gardenctl.plan.render import render_plan

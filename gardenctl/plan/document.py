@@ -60,6 +60,7 @@ def step_json(step: Step) -> dict[str, Any]:
         "after": [n.to_json() for n in step.after],
         "conditional": step.conditional,
         "until": _iso(step.until),
+        "blocked_by": step.blocked_by.value if step.blocked_by else None,
         "then": step.then.value if step.then else None,
         "ends_because": step.ends_because,
         "launch": _launch_json(step.launch),

@@ -15,7 +15,7 @@ from enum import Enum
 
 from gardenctl.observe import ObservedWorker, Rejection
 from gardenctl.placement.model import LedgerRow, Unplaced
-from gardenctl.vocab import Phase, StepKind
+from gardenctl.vocab import Blocker, Phase, StepKind
 from gardenctl.workers import DesiredWorker
 
 PLAN_FORMAT_VERSION = 2
@@ -66,9 +66,7 @@ class Step:
     then: Phase | None = None  # stops: keep the record in this phase (None: remove it)
     ends_because: str = ""  # a run it ends (to start it again): why, as its record will say
     until: float | None = None  # hold: not before this wall-clock time
-    # a wait on what can end with no event gardenctl hears (another garden's load on the GPU,
-    # a port another program holds): watch looks again shortly
-    rechecks: bool = False
+    blocked_by: Blocker | None = None  # a wait: on what
     notes: tuple[str, ...] = ()  # what else a reader should know (availability, rollback)
 
     @property
