@@ -438,6 +438,20 @@ def test_validate_exit_status_and_streams_as_the_shell_sees_them(gardenctl_proce
     assert good.out.startswith("garden.yaml: valid")
 
 
+def test_the_alias_bomb_that_took_100_s_is_refused_at_its_alias_by_the_cli(gardenctl_process,
+                                                                          workdir):
+    """The issue's file: 0.9 MB, 990 aliases to one long flag (how fast: benchmarks)."""
+    text = ("name: lab\nmodels:\n  - name: a\n    model: org/a\n"
+            "    args: [&a '--" + "x" * 900_000 + "'" + ", *a" * 990 + "]\n")
+    write(workdir, "garden.yaml", text)
+
+    run = gardenctl_process("validate", "-o", "json")
+
+    assert run.code == 1, run.err
+    (issue,) = json.loads(run.out)["issues"]
+    assert issue["line"] == 5 and "alias *a" in issue["message"]
+
+
 # -- bugs found while writing these tests ------------------------------------------------------
 
 

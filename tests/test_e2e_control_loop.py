@@ -415,9 +415,7 @@ def test_plan_after_an_interrupted_apply_says_the_worker_was_not_started(garden)
     garden.write([slow, apply_model("next", **on_gpu0)])  # next waits for first's GPU
     big_gpus(garden)
     apply = garden.start("apply", "--yes")
-    deadline = time.monotonic() + STARTUP
-    while not garden.pids() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(garden.pids, timeout=STARTUP)
     apply.send_signal(signal.SIGINT)
     assert apply.wait(timeout=30) == 130  # interrupted: the loading worker keeps loading
 
@@ -426,6 +424,19 @@ def test_plan_after_an_interrupted_apply_says_the_worker_was_not_started(garden)
     assert "still loading" in plan.out
     assert "an earlier apply was interrupted before starting it" in plan.out
     assert "model next added" not in plan.out
+
+
+def test_plan_and_status_after_down_say_the_workers_were_stopped_by_down(garden):
+    garden.applied([apply_model("a")])
+    assert garden.run("down", "--yes").code == 0
+
+    plan = garden.run("plan")
+
+    assert "not running: stopped by `gardenctl down` at " in plan.out, str(plan)
+    assert "added to the garden" not in plan.out
+    (row,) = garden.status()["workers"]
+    assert (row["phase"], row["next_step"]) == ("pending", "start")
+    assert row["next_cause"].startswith("not running: stopped by `gardenctl down`")
 
 
 def test_a_model_id_with_a_newline_cannot_forge_lines_of_the_output(garden):
@@ -457,9 +468,7 @@ def test_every_json_command_prints_a_json_error_document_when_it_fails(garden, a
 def test_sigint_during_apply_exits_130_and_leaves_the_loading_worker(garden):
     garden.write([apply_model("slow", env={"STANDIN_VLLM_READY_DELAY": "30"})])
     apply = garden.start("apply", "--yes")
-    deadline = time.monotonic() + STARTUP
-    while not garden.pids() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(garden.pids, timeout=STARTUP)
     pid = garden.pids()[garden.worker_id("slow")]
     apply.send_signal(signal.SIGINT)
     assert apply.wait(timeout=30) == 130
