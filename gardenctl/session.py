@@ -97,7 +97,7 @@ class Session:
         waits = _gpu_waits(result.plan)
         if not waits:
             return result
-        deadline = time.monotonic() + max(_start_timeout(step) for step in waits)
+        deadline = time.monotonic() + max(step.spec.start_timeout for step in waits)
         said = ""
         while waits and time.monotonic() < deadline:
             if waits[0].cause != said:
@@ -154,11 +154,6 @@ class Session:
 
 def _gpu_waits(plan: Plan) -> list[Step]:
     return [s for s in plan.steps if s.blocked_by == Blocker.GPU]
-
-
-def _start_timeout(step: Step) -> float:
-    target = step.worker or (step.previous.spec if step.previous is not None else None)
-    return target.start_timeout if target is not None else 0.0
 
 
 @contextmanager

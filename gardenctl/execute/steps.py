@@ -113,10 +113,7 @@ def _wait_gpus_free(ctx: Context, step: Step) -> str | None:
     loads or stops on one of them, wait (apply, up to the start timeout) or give up at once
     (watch tries again later). Why it is still busy, or None. (Spawning checks again, under
     the GPU lock.)"""
-    target = step.worker or (step.previous.spec if step.previous is not None else None)
-    if target is None:
-        return None
-    deadline = ctx.clock() + target.start_timeout
+    deadline = ctx.clock() + step.spec.start_timeout
     while True:
         busy = None
         for node in sorted({node for node, _ in step.gpu_keys}):
@@ -217,8 +214,8 @@ def _spawn_when_gpu_free(ctx: Context, worker: DesiredWorker, env: dict[str, str
 
 def await_step(ctx: Context, step: Step) -> StepResult:
     """Wait for a worker spawned by an earlier run, timing it from when it really started."""
-    worker = step.worker or (step.previous.spec if step.previous else None)
-    assert worker is not None and step.previous is not None
+    worker = step.spec
+    assert step.previous is not None
     began = step.previous.started_at if step.previous.started_at is not None else ctx.wall()
     return _wait_ready(ctx, step, worker, began, ctx.wall)
 

@@ -81,6 +81,12 @@ class Step:
         return self.previous
 
     @property
+    def spec(self) -> DesiredWorker:
+        """The worker's spec: the version it starts or keeps, else the one it stops."""
+        target = self.target
+        return target if isinstance(target, DesiredWorker) else target.spec
+
+    @property
     def node(self) -> str:
         return self.target.node
 
