@@ -105,6 +105,8 @@ def _check_env_value(value: str) -> str:
 
 EnvValue = Annotated[str, AfterValidator(_check_env_value)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+VLLM_VERSION_PATTERN = r"^\d+\.\d+(\.\d+)?([.+-]?[A-Za-z0-9.+-]*)?$"
+VllmVersion = Annotated[str, Field(pattern=VLLM_VERSION_PATTERN, max_length=64)]
 
 Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 KvCacheDtype = Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_ds_mla", "fp8_inc"]
@@ -231,6 +233,22 @@ class ModelSettings(_Strict):
         default_factory=lambda: list(DEFAULT_VLLM_COMMAND),
         min_length=1,
         description="argv prefix that runs vLLM, e.g. [/opt/vllm/bin/vllm].",
+    )
+    vllm_version: VllmVersion | None = Field(
+        None,
+        description=(
+            "The vLLM release vllm_command runs, e.g. 0.19.1. Unset: asked of vllm_command "
+            "(`--version`, cached by executable path and mtime); the estimate's overheads "
+            "depend on it."
+        ),
+    )
+    memory_cap: bool = Field(
+        False,
+        description=(
+            "Make the worker's claim a hard limit: PyTorch's per-process memory fraction is set "
+            "in every process of the worker that allocates GPU memory, so an overrun fails this "
+            "worker alone. Allocations outside PyTorch's allocator are not capped."
+        ),
     )
     start_timeout: Seconds = Field(
         900.0, gt=0, description="How long a worker may take to become ready."
