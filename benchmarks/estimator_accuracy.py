@@ -56,6 +56,7 @@ MODEL_IDS = {"84": "Qwen/Qwen2.5-7B-Instruct-AWQ"}
 BASELINES = ("model-garden", "ndif")
 ITEMS = ("weights", "activation", "non_torch", "cuda_graph", "kv_sequence", "cuda_context")
 _NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?)")
+_VERSION = re.compile(r"\d+\.\d+(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,13 @@ def load_rows(path: Path = CALIBRATION_CSV) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def request_for(row: dict[str, str]) -> EstimateRequest:
+def row_version(row: dict[str, str]) -> str | None:
+    """The vLLM release of a row ('0.11.0 (per doc; V1)' -> '0.11.0', '~0.7.x' -> '0.7')."""
+    match = _VERSION.search(row["vllm_version"] or "")
+    return match.group(0) if match else None
+
+
+def request_for(row: dict[str, str], with_version: bool = True) -> EstimateRequest:
     max_len = number(row["max_model_len"])
     batched = number(row["max_num_batched_tokens"])
     quantization = (row["quantization"] or "none").split()[-1]
@@ -134,11 +141,14 @@ def request_for(row: dict[str, str]) -> EstimateRequest:
         kv_cache_dtype=row["kv_cache_dtype"] or "auto",
         enforce_eager=row["enforce_eager"] == "True",
         max_num_batched_tokens=int(batched) if batched else None,
+        vllm_version=row_version(row) if with_version else None,
     )
 
 
-def compare_row(row: dict[str, str], catalog: dict) -> RowComparison:
-    request = request_for(row)
+def compare_row(row: dict[str, str], catalog: dict, with_version: bool = True) -> RowComparison:
+    """Measured vs estimated for one row; ``with_version=False`` ignores the row's vLLM
+    release (the estimate then assumes the newest modelled one, as before issue 8)."""
+    request = request_for(row, with_version)
     metadata = catalog_metadata(request.model, catalog)
     if metadata is None:
         raise LookupError(f"row {row['row_id']}: {request.model} is not in the built-in catalog")
@@ -192,11 +202,66 @@ def compare_row(row: dict[str, str], catalog: dict) -> RowComparison:
     )
 
 
-def compare_all(path: Path = CALIBRATION_CSV) -> list[RowComparison]:
+def compare_all(path: Path = CALIBRATION_CSV, with_version: bool = True) -> list[RowComparison]:
     """One comparison per successful start-up whose max_model_len is known."""
     catalog = load_catalog()
     rows = [r for r in load_rows(path) if r["status"] == "ok" and number(r["max_model_len"])]
-    return [compare_row(row, catalog) for row in rows]
+    return [compare_row(row, catalog, with_version) for row in rows]
+
+
+def by_release(
+    comparisons: list[RowComparison], ignoring: list[RowComparison] | None = None
+) -> list[dict[str, object]]:
+    """Error per vLLM release of the rows (in release order): rows, median |error|, worst
+    under- and over-estimate, and, given ``ignoring`` (the same rows estimated without their
+    release), the median |error| when the release is not taken into account."""
+    ignored = {c.row_id: c for c in ignoring or []}
+    groups: dict[str, list[RowComparison]] = {}
+    for c in comparisons:
+        groups.setdefault(f"{c.version} {c.engine}", []).append(c)
+    result: list[dict[str, object]] = []
+    for key in sorted(groups, key=_release_order):
+        rows = groups[key]
+        errors = [c.error for c in rows]
+        entry: dict[str, object] = {
+            "release": key,
+            "vllm_range": rows[0].estimate.vllm_range,
+            "rows": len(rows),
+            "median_abs_error": statistics.median(abs(e) for e in errors),
+            "worst_under": min(errors),
+            "worst_over": max(errors),
+        }
+        if ignored:
+            before = [ignored[c.row_id].error for c in rows if c.row_id in ignored]
+            entry["ignoring_release_median_abs_error"] = statistics.median(abs(e) for e in before)
+            entry["ignoring_release_worst_under"] = min(before)
+        result.append(entry)
+    return result
+
+
+def _release_order(key: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in _VERSION.findall(key)[0].split("."))
+
+
+def render_releases(table: list[dict[str, object]]) -> str:
+    head = (
+        f"{'vLLM (engine)':<16} {'modelled as':<32} {'rows':>4} {'median |err|':>12}"
+        f" {'worst under':>11} {'worst over':>10} {'release ignored: median':>24} {'worst':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for e in table:
+        ignored = e.get("ignoring_release_median_abs_error")
+        lines.append(
+            f"{e['release']:<16} {e['vllm_range']!s:<32} {e['rows']:>4}"
+            f" {e['median_abs_error']:>12.1%} {e['worst_under']:>+11.1%} {e['worst_over']:>+10.1%}"
+            + (
+                f" {ignored:>24.1%} {e['ignoring_release_worst_under']:>+7.1%}"
+                if isinstance(ignored, float)
+                else ""
+            )
+        )
+    lines.append("(release ignored = estimated as the newest modelled release, as before issue 8)")
+    return "\n".join(lines)
 
 
 def summarize(comparisons: list[RowComparison]) -> dict[str, float]:
@@ -264,6 +329,8 @@ def _gib(value: float | None) -> int | None:
 def main() -> int:
     comparisons = compare_all()
     print(render_table(comparisons))
+    print()
+    print(render_releases(by_release(comparisons, compare_all(with_version=False))))
     s = summarize(comparisons)
     print()
     print(

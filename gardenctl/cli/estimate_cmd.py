@@ -80,6 +80,13 @@ ITEMS = (  # (MemoryEstimate attribute, JSON key, label in the text table)
     default=None,
     help="GPU size (e.g. 80GiB, 24GB): also compute --gpu-memory-utilization.",
 )
+@click.option(
+    "--vllm-version",
+    default=None,
+    metavar="X.Y.Z",
+    help="The vLLM release that will run (its overheads differ); default: assume the newest "
+    "modelled release, with a warning.",
+)
 @click.option("--estimator", type=click.Choice(ESTIMATORS), default="gardenctl", show_default=True)
 @click.option(
     "--policy",
@@ -113,6 +120,7 @@ def estimate(
     max_num_seqs: int | None,
     enforce_eager: bool,
     gpu_memory: str | None,
+    vllm_version: str | None,
     estimator: str,
     policy: str | None,
     safety_margin: float,
@@ -126,6 +134,13 @@ def estimate(
     if not model.strip():
         raise GardenError("MODEL is empty: give a local folder or a Hugging Face id")
     gpu_total = _parse_gpu_memory(gpu_memory)
+    if vllm_version is not None:
+        from gardenctl.estimate.releases import parse_version
+
+        try:
+            parse_version(vllm_version)
+        except GardenError as exc:
+            raise GardenError(f"--vllm-version: {exc}") from None
     if safety_margin < 0:
         raise GardenError(f"--safety-margin must be >= 0, got {safety_margin}")
     if looks_like_path(model) and not Path(model).expanduser().is_dir():
@@ -145,6 +160,7 @@ def estimate(
         enforce_eager=enforce_eager,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        vllm_version=vllm_version,
     )
     metadata = read_model_metadata(model, revision, allow_network=allow_network)
     result = estimate_memory(request, metadata, estimator)
@@ -169,6 +185,7 @@ def estimate_document(result: Any, notes: tuple[str, ...], sizing: dict | None) 
         sources[key] = item.source
     per_gpu["overhead_bytes"] = result.overhead_bytes
     per_gpu["budget_bytes"] = result.budget_bytes
+    per_gpu["outside_budget_bytes"] = result.outside_budget_bytes
     per_gpu["total_bytes"] = result.total_bytes
     per_gpu["sources"] = sources
     document: dict[str, Any] = {
@@ -179,6 +196,9 @@ def estimate_document(result: Any, notes: tuple[str, ...], sizing: dict | None) 
         "max_model_len": result.max_model_len,
         "max_model_len_source": result.max_model_len_source,
         "min_concurrency": result.min_concurrency,
+        "vllm_version": result.vllm_version,
+        "vllm_range": result.vllm_range,
+        "cuda_graphs_in_budget": result.graphs_in_budget,
         "kv_bytes_per_token": result.kv_bytes_per_token,
         "kv_bytes_per_token_source": result.kv_bytes_per_token_source,
         "per_gpu": per_gpu,
@@ -199,12 +219,19 @@ def render_text(doc: dict[str, Any]) -> str:
         f"  max_model_len  {doc['max_model_len']:,} ({doc['max_model_len_source']})",
         f"  KV per token   {doc['kv_bytes_per_token']:,} B ({doc['kv_bytes_per_token_source']})",
         f"  sequences      {doc['min_concurrency']} (min_concurrency)",
+        f"  vLLM           {doc['vllm_version']} (modelled as {doc['vllm_range']}; CUDA graphs "
+        + ("inside" if doc["cuda_graphs_in_budget"] else "OUTSIDE")
+        + " the --gpu-memory-utilization budget)",
         "",
         f"  {'item':<14} {'size':>10}  source",
     ]
+    inside = doc["cuda_graphs_in_budget"]
     for _, key, label in ITEMS:
-        lines.append(_row(label, gpu[f"{key}_bytes"], sources[key]))
+        if key != "cuda_graph" or inside:
+            lines.append(_row(label, gpu[f"{key}_bytes"], sources[key]))
     lines.append(_row("= budget", gpu["budget_bytes"], "what --gpu-memory-utilization must cover"))
+    if not inside:
+        lines.append(_row("CUDA graphs", gpu["cuda_graph_bytes"], sources["cuda_graph"]))
     lines.append(_row("CUDA context", gpu["cuda_context_bytes"], sources["cuda_context"]))
     lines.append(_row("= total", gpu["total_bytes"], "footprint on each GPU"))
     if doc["warnings"]:
@@ -219,9 +246,11 @@ def render_text(doc: dict[str, Any]) -> str:
         )
         lines += ["", f"on a {_size(total)} GPU (policy {how}):"]
         lines.append(f"  --gpu-memory-utilization {utilization:g}")
+        outside = f"{_size(gpu['cuda_context_bytes'])} CUDA context"
+        if not inside:
+            outside += f" + {_size(gpu['cuda_graph_bytes'])} CUDA graphs"
         lines.append(
-            f"  claim {_size(doc['claim_bytes'])} = {utilization:g} x {_size(total)} + "
-            f"{_size(gpu['cuda_context_bytes'])} CUDA context"
+            f"  claim {_size(doc['claim_bytes'])} = {utilization:g} x {_size(total)} + {outside}"
         )
         if not doc["fits"]:
             lines.append(f"  ! does NOT fit: the worker needs more than the GPU's {_size(total)}")
@@ -235,7 +264,7 @@ def _size_for_gpu(result: Any, gpu_total: int, policy: str, margin: float) -> di
         utilization = tiered_utilization(result, gpu_total)
     else:
         utilization = fit_utilization(result, gpu_total, margin)
-    claim = claim_bytes(utilization, gpu_total, result.cuda_context.bytes)
+    claim = claim_bytes(utilization, gpu_total, result.outside_budget_bytes)
     sizing: dict[str, Any] = {
         "gpu_total_bytes": gpu_total,
         "policy": policy,

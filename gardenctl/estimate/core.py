@@ -8,6 +8,7 @@ a "typical" model) also lands in `warnings`, so that a person sees it before tru
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from gardenctl.errors import GardenError
 from gardenctl.estimate.architecture import FULL, Architecture, read_architecture
@@ -21,13 +22,13 @@ from gardenctl.estimate.kv_cache import (
 )
 from gardenctl.estimate.overheads import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
-    DEFAULT_MAX_NUM_SEQS,
     estimate_activation,
     estimate_cuda_context,
     estimate_cuda_graphs,
     estimate_non_torch,
 )
 from gardenctl.estimate.quantization import weight_format
+from gardenctl.estimate.releases import NEWEST, ReleaseTraits, traits_for
 from gardenctl.estimate.types import EstimateRequest, Item, MemoryEstimate, ModelMetadata
 from gardenctl.estimate.weights import (
     DEFAULT_PARAMS,
@@ -47,6 +48,8 @@ DTYPE_BYTES = {
     "float": 4,
     "float32": 4,
 }
+V0_DEFAULT_BATCHED = 2048  # V0 SchedulerConfig's _DEFAULT_MAX_NUM_BATCHED_TOKENS
+V0_LONG_CONTEXT = 32768  # V0 enables chunked prefill for longer max_model_len
 GUESSED_VOCAB = 152064  # a large modern vocabulary (Qwen2.5): the sampler term errs high
 
 
@@ -55,8 +58,19 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Memory one worker needs on each of its GPUs; see `MemoryEstimate` for the items."""
     _check_request(request, estimator)
+    traits, _, release_note = traits_for(request.vllm_version)
+    version = request.vllm_version or NEWEST.newest_label
+
+    def stamped(result: MemoryEstimate) -> MemoryEstimate:
+        return replace(
+            result,
+            vllm_version=version,
+            vllm_range=traits.label,
+            graphs_in_budget=traits.graphs_in_budget,
+        )
+
     if estimator == "model-garden":
-        return model_garden_estimate(request, metadata)
+        return stamped(model_garden_estimate(request, metadata))
     tp = request.tensor_parallel_size
     arch = read_architecture(metadata.config) if metadata.config else None
     width_note = ""
@@ -66,9 +80,11 @@ def estimate_memory(
     fmt = weight_format(arch.quantization if arch else None, request.quantization, dtype_bytes)
     weights = estimate_weights(request.model, metadata, arch, fmt, tp, width_note)
     if estimator == "ndif":
-        return ndif_estimate(request, weights.total_bytes, weights.source)
+        return stamped(ndif_estimate(request, weights.total_bytes, weights.source))
 
     warnings = list(weights.warnings)
+    if release_note:
+        warnings.append(release_note)
     usable = arch if arch is not None and _is_complete(arch) else None
     if usable is None:
         params = _params_for_guess(request.model, metadata)
@@ -91,8 +107,7 @@ def estimate_memory(
         warnings.append(
             f"{usable.heads} attention heads are not divisible by TP {tp}: vLLM refuses"
         )
-    batched = request.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
-    assumed = "" if request.max_num_batched_tokens else " (assumed: vLLM's H100 default)"
+    batched, assumed = _batched_tokens(request, traits, max_model_len)
     per_sequence = kv_sequence_bytes(layout, max_model_len, batched)
     concurrency = request.min_concurrency
     kv_source = (
@@ -100,13 +115,13 @@ def estimate_memory(
         f"sequence{'s' if concurrency != 1 else ''}{sliding_saving(layout, max_model_len, batched)}"
     )
 
-    seqs = request.max_num_seqs or DEFAULT_MAX_NUM_SEQS
-    activation = estimate_activation(usable, tp, dtype_bytes, batched, seqs, assumed)
-    graphs = estimate_cuda_graphs(usable, request.enforce_eager)
-    non_torch = estimate_non_torch(tp)
-    context = estimate_cuda_context(tp)
+    seqs = request.max_num_seqs or traits.default_max_num_seqs
+    activation = estimate_activation(usable, tp, dtype_bytes, batched, seqs, assumed, traits)
+    graphs = estimate_cuda_graphs(usable, request.enforce_eager, traits)
+    non_torch = estimate_non_torch(tp, traits)
+    context = estimate_cuda_context(tp, traits)
     tp_note = f" / TP {tp}" if tp > 1 else ""
-    return MemoryEstimate(
+    estimate = MemoryEstimate(
         estimator=estimator,
         model=request.model,
         tensor_parallel_size=tp,
@@ -123,6 +138,24 @@ def estimate_memory(
         cuda_context=Item(context.bytes, context.source),
         warnings=tuple(warnings),
     )
+    return stamped(estimate)
+
+
+def _batched_tokens(
+    request: EstimateRequest, traits: ReleaseTraits, max_model_len: int
+) -> tuple[int, str]:
+    """Tokens of the profile run and, when not requested, what default was assumed."""
+    if request.max_num_batched_tokens:
+        return request.max_num_batched_tokens, ""
+    if traits.default_max_num_batched_tokens is not None:
+        if traits.default_max_num_batched_tokens == DEFAULT_MAX_NUM_BATCHED_TOKENS:
+            return DEFAULT_MAX_NUM_BATCHED_TOKENS, " (assumed: vLLM's H100 default)"
+        return traits.default_max_num_batched_tokens, f" (assumed: vLLM {traits.label} default)"
+    # V0 without chunked prefill profiles a whole max_model_len prompt (at least 2048 tokens);
+    # above 32K tokens V0 turns chunked prefill on, with 2048-token chunks.
+    if max_model_len > V0_LONG_CONTEXT:
+        return V0_DEFAULT_BATCHED, " (assumed: V0 chunked prefill above 32K tokens)"
+    return max(max_model_len, V0_DEFAULT_BATCHED), " (assumed: V0 max(max_model_len, 2048))"
 
 
 def guessed_architecture(params: float) -> Architecture:

@@ -15,6 +15,13 @@ and then samples `min(max_num_seqs, T)` (S) sequences; the torch peak above the 
   T x hidden x 2 B;
 - plus a small base (attention metadata, rotary caches, allocator slack).
 So it grows with T, the vocabulary and the MoE top-k, not with max_model_len.
+
+Per vLLM release (gardenctl.estimate.releases.ReleaseTraits): the profile run has the same
+shape in V0 and V1 (T tokens over S sequences, then S x vocab fp32 logits through the sampler),
+but the defaults of T and S differ (core.py picks them from the traits); the graph pool scales
+with the number of graphs captured per layer (capture sizes relative to 0.19's 51); NCCL's
+buffers are non-torch memory inside the budget up to 0.10 and part of the context outside it
+from 0.11.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import math
 from dataclasses import dataclass
 
 from gardenctl.estimate.architecture import Architecture
+from gardenctl.estimate.releases import ReleaseTraits
 from gardenctl.units import GiB, MiB
 
 # --- defaults for what the request leaves unset -------------------------------------------
@@ -75,6 +83,7 @@ def estimate_activation(
     max_num_batched_tokens: int,
     max_num_seqs: int,
     assumed: str,
+    traits: ReleaseTraits,
 ) -> Overhead:
     """Peak torch memory of vLLM's profile run beyond the weights, on one GPU."""
     tokens = max_num_batched_tokens
@@ -99,29 +108,44 @@ def estimate_activation(
     if encoder:
         parts.append(f"encoder cache {_gib(encoder)}")
     total = ACTIVATION_BASE + max(forward, sampler) + moe + encoder
-    return Overhead(total, "profile-run model: " + ", ".join(parts) + " (vLLM 0.19, H100 fit)")
+    return Overhead(
+        total,
+        "profile-run model: " + ", ".join(parts)
+        + f" ({traits.engine} profile run of vLLM {traits.label}; constants: vLLM 0.19 H100 fit)",
+    )
 
 
-def estimate_cuda_graphs(arch: Architecture, enforce_eager: bool) -> Overhead:
+def estimate_cuda_graphs(
+    arch: Architecture, enforce_eager: bool, traits: ReleaseTraits
+) -> Overhead:
     if enforce_eager:
         return Overhead(0, "enforce_eager: no CUDA graphs are captured")
     layers = arch.layers or 0
-    total = CUDA_GRAPH_BASE + CUDA_GRAPH_PER_LAYER * layers
-    parts = [f"{_gib(CUDA_GRAPH_BASE)} + {layers} layers x {CUDA_GRAPH_PER_LAYER / MiB:.1f} MiB"]
+    per_layer = round(CUDA_GRAPH_PER_LAYER * traits.graph_factor)
+    total = CUDA_GRAPH_BASE + per_layer * layers
+    parts = [f"{_gib(CUDA_GRAPH_BASE)} + {layers} layers x {per_layer / MiB:.1f} MiB"]
     if arch.is_moe:
         total += CUDA_GRAPH_MOE_EXTRA
         parts.append(f"MoE {_gib(CUDA_GRAPH_MOE_EXTRA)}")
     if arch.is_mla:
         total += CUDA_GRAPH_MLA_EXTRA
         parts.append(f"MLA {_gib(CUDA_GRAPH_MLA_EXTRA)}")
+    where = "inside" if traits.graphs_in_budget else "OUTSIDE"
     return Overhead(
         total,
-        "graph pool: " + " + ".join(parts) + " (vLLM 0.19 H100 fit; inside the "
-        "budget since vLLM 0.21)",
+        "graph pool: " + " + ".join(parts) + f" ({traits.graph_mode.replace('_', ' ')}, "
+        f"{traits.capture_sizes} sizes, vLLM {traits.label}; 0.19 H100 fit; {where} the budget)",
     )
 
 
-def estimate_non_torch(tp: int) -> Overhead:
+def estimate_non_torch(tp: int, traits: ReleaseTraits) -> Overhead:
+    if tp > 1 and not traits.nccl_outside_budget:
+        nccl = CUDA_CONTEXT_MULTI_GPU - CUDA_CONTEXT_TP1
+        return Overhead(
+            NON_TORCH_MULTI_GPU + nccl,
+            f"measured at TP>=2 (NCCL, custom all-reduce; vLLM 0.19) + NCCL init "
+            f"{_gib(nccl)}, inside the budget up to vLLM 0.10 (snapshot before NCCL)",
+        )
     if tp > 1:
         return Overhead(
             NON_TORCH_MULTI_GPU, "measured at TP>=2 (NCCL, custom all-reduce; vLLM 0.19)"
@@ -129,11 +153,17 @@ def estimate_non_torch(tp: int) -> Overhead:
     return Overhead(NON_TORCH_TP1, "measured at TP 1 (cuBLAS workspaces; vLLM 0.19)")
 
 
-def estimate_cuda_context(tp: int) -> Overhead:
-    if tp > 1:
+def estimate_cuda_context(tp: int, traits: ReleaseTraits) -> Overhead:
+    if tp > 1 and traits.nccl_outside_budget:
         return Overhead(
             CUDA_CONTEXT_MULTI_GPU,
             "CUDA context + NCCL at TP>=2, outside the budget (measured on H100)",
+        )
+    if tp > 1:
+        return Overhead(
+            CUDA_CONTEXT_TP1,
+            f"CUDA context, outside the budget (measured on H100); NCCL is inside it in "
+            f"vLLM {traits.label}",
         )
     return Overhead(CUDA_CONTEXT_TP1, "CUDA context at TP 1, outside the budget (measured on H100)")
 

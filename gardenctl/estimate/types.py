@@ -29,6 +29,7 @@ class EstimateRequest:
     enforce_eager: bool = False
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    vllm_version: str | None = None  # the release that will run; None: assume the newest modelled
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,12 @@ class Item:
 class MemoryEstimate:
     """Memory one worker needs on each of its GPUs to start and hold its sequences.
 
-    `budget_bytes` is what `--gpu-memory-utilization` x total must cover (vLLM >= 0.21 counts the
-    CUDA-graph pool inside it); `cuda_context` stays outside that budget; `total_bytes` is the
-    whole footprint on each GPU.
+    `budget_bytes` is what `--gpu-memory-utilization` x total must cover; `outside_budget_bytes`
+    is what the worker adds on top of it: the CUDA context always, and the CUDA-graph pool for
+    releases that allocate it after sizing the KV cache (before vLLM 0.18; from 0.18 gardenctl's
+    VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1 puts it inside). `total_bytes` is the whole
+    footprint on each GPU. `vllm_version` is the release the estimate assumed and `vllm_range`
+    the modelled release range it used (gardenctl.estimate.releases).
     """
 
     estimator: str  # "gardenctl" | "model-garden" | "ndif"
@@ -80,16 +84,27 @@ class MemoryEstimate:
     non_torch: Item
     cuda_context: Item
     warnings: tuple[str, ...] = ()
+    vllm_version: str = "0.32.0"
+    vllm_range: str = "0.28-0.32"
+    graphs_in_budget: bool = True
 
     @property
     def budget_bytes(self) -> int:
+        graphs = self.cuda_graph.bytes if self.graphs_in_budget else 0
         return (
             self.weights.bytes
             + self.kv_cache.bytes
             + self.activation.bytes
-            + self.cuda_graph.bytes
+            + graphs
             + self.non_torch.bytes
         )
+
+    @property
+    def outside_budget_bytes(self) -> int:
+        """Bytes on each GPU beyond ceil(total x F): the CUDA context, and the graph pool when
+        the release allocates it outside the budget."""
+        graphs = 0 if self.graphs_in_budget else self.cuda_graph.bytes
+        return self.cuda_context.bytes + graphs
 
     @property
     def overhead_bytes(self) -> int:
@@ -97,4 +112,4 @@ class MemoryEstimate:
 
     @property
     def total_bytes(self) -> int:
-        return self.budget_bytes + self.cuda_context.bytes
+        return self.budget_bytes + self.outside_budget_bytes

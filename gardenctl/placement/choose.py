@@ -60,7 +60,7 @@ def claims_by_size(request: m.WorkerRequest, pool: Pool,
         utilization = utilization_for(request, total, policy)
         if utilization <= 1.0:
             claims[total] = (utilization, claim_bytes(utilization, total,
-                                                      request.estimate.cuda_context.bytes))
+                                                      request.estimate.outside_budget_bytes))
     return claims
 
 

@@ -74,7 +74,7 @@ def _gpu_reason(request: m.WorkerRequest, pool: Pool, policy: PlacementPolicy,
                         f"{label}: needs {format_size(need)} per GPU, more than its "
                         f"{format_size(total)} in all", node=key[0], gpu=key[1],
                         requested_bytes=need, free_bytes=free, total_bytes=total)
-    claim = claim_bytes(utilization, total, request.estimate.cuda_context.bytes)
+    claim = claim_bytes(utilization, total, request.estimate.outside_budget_bytes)
     if request.spread and account.models.get(request.model, 0):
         return m.Reason(m.REPLICAS_APART,
                         f"{label}: holds a replica of {request.model} (spread_replicas)",

@@ -183,7 +183,7 @@ def _fill(placed: list[m.Assignment], pool: Pool, requests: dict[str, m.WorkerRe
         total = pool.accounts[keys[0]].gpu.total_bytes
         grow = floor_to(max(extra, 0) / total, UTILIZATION_STEP)
         utilization = min(1.0, round(a.utilization + grow, 3))
-        context = requests[a.worker_id].estimate.cuda_context.bytes
+        context = requests[a.worker_id].estimate.outside_budget_bytes
         new_claim = claim_bytes(utilization, total, context)
         result.append(m.Assignment(a.worker_id, a.model, a.node, a.gpus, utilization, new_claim,
                                    kept=False))
