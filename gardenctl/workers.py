@@ -18,19 +18,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from gardenctl.estimate.types import MemoryEstimate
 from gardenctl.placement.model import Placement, WorkerRequest
-from gardenctl.spec.models import Garden, ModelSpec, PlacementPolicy
+from gardenctl.spec.models import Garden, ModelSpec, PlacementPolicy, env_reference
 
 WORKER_ID_ENV = "GARDENCTL_WORKER_ID"
 SPEC_HASH_ENV = "GARDENCTL_SPEC_HASH"
 STATE_ENV = "GARDENCTL_STATE"  # the state directory that owns the worker
 MARKER_ENVS = (WORKER_ID_ENV, SPEC_HASH_ENV, STATE_ENV)
+
+# `memory_cap: true` (docs/memory-cap.md): the hook directory goes first on the worker's
+# PYTHONPATH and its sitecustomize caps PyTorch's allocator at MEMORY_CAP_ENV bytes per GPU in
+# every Python process of the worker. The directory is found by path, not imported: the planning
+# core does not import the runtime package, and the hook itself imports nothing from gardenctl.
+MEMORY_CAP_ENV = "GARDENCTL_MEMORY_CAP_BYTES"
+MEMORY_CAP_PATH_ENV = "GARDENCTL_MEMORY_CAP_PYTHONPATH"  # the garden's own ${NAME} PYTHONPATH
+MEMORY_CAP_HOOK_DIR = str(Path(__file__).resolve().parent / "runtime" / "memcap")
 
 # Fields that decide a worker's memory footprint (and so its place and F).
 SIZING_FIELDS = (
@@ -219,13 +229,48 @@ def vllm_argv(model: ModelSpec, *, port: int, utilization: float, max_model_len:
     return argv + list(model.args)
 
 
-def worker_env(model: ModelSpec, gpus: Sequence[int]) -> list[tuple[str, str]]:
+def memory_cap_bytes(claim_bytes: int, estimate: MemoryEstimate) -> int:
+    """The hard limit of a capped worker's PyTorch allocator on each GPU: its claim less the
+    CUDA context (driver memory, never PyTorch's).
+
+    The claim is ceil(total x F) + what the estimate puts outside F (the CUDA context; the
+    graph pool too for releases that allocate it after the KV cache, and that pool *is* PyTorch
+    memory). Inside ceil(total x F), vLLM sizes the KV cache from the memory it *measured*
+    (weights, activation peak, graph pool, non-torch), so PyTorch can hold up to the whole budget
+    less the non-torch memory actually used. The estimate's non_torch is not subtracted: when
+    the real non-torch memory is smaller than estimated, vLLM gives the difference to the KV
+    cache, and a cap below the budget would fail a healthy worker. So a healthy vLLM stays under
+    this cap by its own construction, and one that grows past its claim through PyTorch fails.
+    What it cannot stop: non-torch memory past the estimate (docs/memory-cap.md).
+    """
+    return max(1, claim_bytes - estimate.cuda_context.bytes)
+
+
+def memory_cap_of(worker: DesiredWorker | None) -> int | None:
+    """The hard limit a planned worker runs under (bytes per GPU), None when it has none."""
+    value = dict(worker.env).get(MEMORY_CAP_ENV) if worker is not None else None
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def worker_env(model: ModelSpec, gpus: Sequence[int],
+               cap_bytes: int | None = None) -> list[tuple[str, str]]:
+    """The worker's own variables: gardenctl's GPU settings, the model's `env`, and with
+    ``cap_bytes`` (memory_cap: true) the cap hook's PYTHONPATH and limit."""
     env = {
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus),
         "VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS": "1",
     }
     env.update(model.env)
+    if cap_bytes is not None:
+        env[MEMORY_CAP_ENV] = str(cap_bytes)
+        theirs = model.env.get("PYTHONPATH", "")
+        if theirs and env_reference(theirs) is not None:
+            # resolved only when the worker starts: the hook appends it to sys.path after itself
+            env[MEMORY_CAP_PATH_ENV] = theirs
+            env["PYTHONPATH"] = MEMORY_CAP_HOOK_DIR
+        else:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (MEMORY_CAP_HOOK_DIR, theirs) if p)
     return sorted(env.items())
 
 
@@ -245,7 +290,9 @@ def desired_workers(garden: Garden, models: Sequence[ModelSpec], placement: Plac
         replica = int(worker_id.rsplit("/", 1)[1])
         argv = vllm_argv(model, port=ports[worker_id], utilization=assignment.utilization,
                          max_model_len=estimate.max_model_len)
-        env = worker_env(model, assignment.gpus)
+        cap = (memory_cap_bytes(assignment.claim_bytes, estimate) if model.memory_cap
+               else None)
+        env = worker_env(model, assignment.gpus, cap)
         workers.append(DesiredWorker(
             worker_id=worker_id,
             garden=garden.name,

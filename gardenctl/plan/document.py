@@ -20,6 +20,7 @@ from typing import Any
 from gardenctl.errors import GardenError
 from gardenctl.placement.model import LedgerRow, Unplaced
 from gardenctl.plan.model import PLAN_FORMAT_VERSION, Launch, Plan, Step
+from gardenctl.workers import memory_cap_of
 
 KIND = "gardenctl-plan"
 
@@ -53,6 +54,7 @@ def step_json(step: Step) -> dict[str, Any]:
         "node": step.node,
         "gpus": list(step.gpus),
         "claim_bytes": step.claim_bytes,
+        "memory_cap_bytes": memory_cap_of(step.worker),  # memory_cap: true; else null
         "gpu_memory_utilization": step.utilization,
         "port": step.port,
         "cause": step.cause,
@@ -77,6 +79,7 @@ def _action_json(step: Step) -> dict[str, Any]:
         "node": step.node,
         "gpus": list(step.gpus),
         "claim_bytes": step.claim_bytes,  # on each of its GPUs
+        "memory_cap_bytes": memory_cap_of(step.worker),  # PyTorch's hard limit, on each GPU
         "gpu_memory_utilization": step.utilization,
         "port": step.port,
         "cause": step.cause,

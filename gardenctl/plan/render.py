@@ -13,6 +13,7 @@ from gardenctl.plan.model import Plan, Step, When
 from gardenctl.text import shown
 from gardenctl.units import format_size
 from gardenctl.vocab import StepKind
+from gardenctl.workers import memory_cap_of
 
 BAR_WIDTH = 40
 SYMBOLS = {
@@ -77,8 +78,10 @@ def step_lines(step: Step, width: int, numbers: dict[str, int] | None = None) ->
     head = f"  {number}{SYMBOLS[step.kind]} {label:<14} {shown(step.worker_id):<{width}}  "
     where = f"{shown(step.node)} GPU {','.join(map(str, step.gpus))}"
     if step.kind in _SPAWNED_HERE and step.worker is not None:
+        cap = memory_cap_of(step.worker)
         head += (f"{where}  util {step.utilization:.3f}  claims {format_size(step.claim_bytes)}"
-                 f"  port {step.port}")
+                 + (f"  cap {format_size(cap)}" if cap is not None else "")
+                 + f"  port {step.port}")
     else:
         head += where
     lines = [head.rstrip(), f"      {shown(step.cause)}"]

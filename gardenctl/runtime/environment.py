@@ -17,7 +17,11 @@ Never passed through (gardenctl sets them, or they would break what it controls)
 CUDA_VISIBLE_DEVICES (the plan's GPUs), VLLM_PORT (two instances must never share it),
 VLLM_API_KEY (a worker's key comes only from the garden's `env`, where gardenctl sees it and
 uses it for health checks), and gardenctl's own GARDENCTL_* markers. Anything else a worker
-needs goes in the model's `env:`.
+needs goes in the model's `env:`. PYTHONPATH is not inherited either: a worker gets the one its
+model's `env` sets, and with `memory_cap: true` the planned env puts the cap hook's directory in
+front of it and sets GARDENCTL_MEMORY_CAP_BYTES (and GARDENCTL_MEMORY_CAP_PYTHONPATH for a
+PYTHONPATH given as a ${NAME} reference); they reach the worker as part of its planned `env`, which
+the GARDENCTL_ prefix rule does not filter (it applies only to the controller's own variables).
 """
 
 from __future__ import annotations

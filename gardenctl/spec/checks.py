@@ -171,6 +171,10 @@ ENV_RULES: dict[str, Refusal] = {
     "GARDENCTL_WORKER_ID": _MARKER,
     "GARDENCTL_SPEC_HASH": _MARKER,
     "GARDENCTL_STATE": _MARKER,
+    "GARDENCTL_MEMORY_CAP_BYTES": Refusal(
+        "is the hard memory limit gardenctl derives from the worker's claim when the model "
+        "has `memory_cap: true`; set by hand it would cap the worker at a size the plan never "
+        "booked", "remove it and set `memory_cap: true` on the model"),
 }
 RESERVED_ENV_PREFIX = Refusal(
     "starts with GARDENCTL_, a prefix reserved for gardenctl's own markers",
