@@ -12,6 +12,7 @@ plan, byte for byte. Only `gather_estimates` touches the disk (config.json, safe
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from gardenctl.estimate.types import EstimateRequest, MemoryEstimate, ModelMetadata
 from gardenctl.inventory.model import Inventory
@@ -28,7 +29,12 @@ from gardenctl.workers import build_requests, desired_workers
 MetadataReader = Callable[[str, "str | None"], ModelMetadata]
 
 
-def estimate_request(model: ModelSpec) -> EstimateRequest:
+VersionOf = Callable[[ModelSpec], "tuple[str | None, str]"]
+
+
+def estimate_request(model: ModelSpec, vllm_version: str | None = None) -> EstimateRequest:
+    """What the estimator is asked for ``model``; ``vllm_version``: the release its
+    vllm_command runs (None: the estimate assumes one and warns)."""
     return EstimateRequest(
         model=model.model,
         revision=model.revision,
@@ -41,26 +47,36 @@ def estimate_request(model: ModelSpec) -> EstimateRequest:
         enforce_eager=model.enforce_eager,
         max_num_seqs=model.max_num_seqs,
         max_num_batched_tokens=model.max_num_batched_tokens,
+        vllm_version=vllm_version,
     )
 
 
 def gather_estimates(models: Sequence[ModelSpec], estimator: str,
-                     read_metadata: MetadataReader | None = None) -> dict[str, MemoryEstimate]:
-    """Read each model's metadata once (I/O) and estimate its memory (pure)."""
+                     read_metadata: MetadataReader | None = None,
+                     version_of: VersionOf | None = None) -> dict[str, MemoryEstimate]:
+    """Read each model's metadata once (I/O) and estimate its memory (pure).
+
+    ``version_of(model)`` gives the vLLM release the model's vllm_command runs and a note
+    (e.g. why it could not be detected; added to the estimate's warnings when not empty);
+    without it the declared `vllm_version` is used, else the estimate assumes a release."""
     from gardenctl.estimate import estimate_memory, read_model_metadata
 
     reader = read_metadata or read_model_metadata
     cache: dict[tuple[str, str | None], ModelMetadata] = {}
-    known: dict[EstimateRequest, MemoryEstimate] = {}  # models asking the same thing
+    known: dict[tuple[EstimateRequest, str], MemoryEstimate] = {}  # models asking the same
     estimates = {}
     for model in models:
         key = (model.model, model.revision)
         if key not in cache:
             cache[key] = reader(model.model, model.revision)
-        request = estimate_request(model)
-        if request not in known:
-            known[request] = estimate_memory(request, cache[key], estimator)
-        estimates[model.name] = known[request]
+        version, note = version_of(model) if version_of else (model.vllm_version, "")
+        request = estimate_request(model, version)
+        if (request, note) not in known:
+            estimate = estimate_memory(request, cache[key], estimator)
+            if note:
+                estimate = replace(estimate, warnings=(note, *estimate.warnings))
+            known[(request, note)] = estimate
+        estimates[model.name] = known[(request, note)]
     return estimates
 
 

@@ -87,7 +87,7 @@ class Session:
             observed = runtime.observe(confirm_health=confirm_health)
         observed = observed.with_in_flight(in_flight)
         world = circumstances(loaded, inventory, observed, self.state, now=self.clock())
-        return compute_plan(loaded, inventory, observed, world)
+        return compute_plan(loaded, inventory, observed, world, self.state)
 
     def plan_when_gpus_free(self, result: PlanResult, inventory_path: str | None,
                             on_wait: Callable[[str], None], poll: float = 0.5) -> PlanResult:

@@ -30,11 +30,16 @@ class PlanResult:
 
 
 def compute_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
-                 world: Circumstances | None = None) -> PlanResult:
-    """Read the models' metadata (the only I/O left), then plan: a pure function of the rest."""
+                 world: Circumstances | None = None,
+                 state: StateDir | None = None) -> PlanResult:
+    """Read the models' metadata and the vLLM release of each vllm_command (the only I/O
+    left; the release is cached in ``state``), then plan: a pure function of the rest."""
     from gardenctl.planner import gather_estimates, make_plan
+    from gardenctl.vllm_version import declared_or_detected
 
-    estimates = gather_estimates(loaded.models(), loaded.garden.placement.estimator)
+    cache = state.root if state is not None and state.root.is_dir() else None
+    estimates = gather_estimates(loaded.models(), loaded.garden.placement.estimator,
+                                 version_of=declared_or_detected(cache))
     plan = make_plan(loaded, inventory, observed, estimates, world)
     return PlanResult(loaded, inventory, observed, estimates, plan)
 
@@ -105,7 +110,7 @@ def plan_read_only(loaded: LoadedGarden, inventory: Inventory, state: StateDir) 
     """The plan as `plan` and `status` show it: observed without the lock, changing nothing."""
     observed = observe_without_lock(loaded, inventory, state)
     return compute_plan(loaded, inventory, observed,
-                        circumstances(loaded, inventory, observed, state))
+                        circumstances(loaded, inventory, observed, state), state)
 
 
 __all__ = ["PlanResult", "busy_gpus", "busy_ports", "circumstances", "compute_plan",

@@ -72,7 +72,13 @@ def _fit_issues(loaded, garden_path: str, inventory_path: str | None, summary: d
         inventory = resolve_inventory(garden, garden_path, inventory_path)
     except SpecError as exc:  # a broken --inventory file: its own located issues
         return list(exc.issues)
-    estimates = gather_estimates(models, garden.placement.estimator)
+    from gardenctl.state import StateDir
+    from gardenctl.vllm_version import declared_or_detected
+
+    state = StateDir()  # the release cache is read, and written only where it already exists
+    cache = state.root if state.root.is_dir() else None
+    estimates = gather_estimates(models, garden.placement.estimator,
+                                 version_of=declared_or_detected(cache))
     issues = estimate_warnings(loaded, models, estimates)
     report = check_against_inventory(loaded, inventory, estimates)
     issues += report.issues
