@@ -123,3 +123,26 @@ def test_estimates_for_calibration_rows_use_catalog_config_values():
     sources = {c.estimate.kv_bytes_per_token_source.split(":")[0] for c in COMPARISONS}
 
     assert all(source.startswith("built-in catalog") for source in sources)
+
+
+def test_every_row_is_estimated_for_its_own_vllm_release():
+    ranges = {c.row_id: c.estimate.vllm_range for c in COMPARISONS}
+
+    assert ranges["2"] == "0.18-0.19"
+    assert ranges["68"] == ranges["74"] == "0.11-0.17"
+    assert ranges["86"] == "0.6-0.7"
+    assert all(not any("assumed vLLM" in w for w in c.estimate.warnings) for c in COMPARISONS)
+
+
+def test_the_error_per_release_table_covers_every_release_of_the_data():
+    table = bench.by_release(COMPARISONS, bench.compare_all(with_version=False))
+    releases = {entry["release"]: entry for entry in table}
+
+    assert {"0.19.0 V1", "0.11.0 V1", "0.7.2 V0"} <= set(releases)
+    assert sum(entry["rows"] for entry in table) == len(COMPARISONS)
+    v019 = releases["0.19.0 V1"]
+    # 0.19 is what the constants were fitted on: knowing the release changes nothing there.
+    assert v019["median_abs_error"] == v019["ignoring_release_median_abs_error"]
+    # V0 (row 86): its own profile-run defaults bring the estimate closer to the log.
+    v0 = releases["0.7.2 V0"]
+    assert v0["median_abs_error"] < v0["ignoring_release_median_abs_error"]
