@@ -60,6 +60,32 @@ def _parse_size(raw: str) -> int:
     return int(float(match.group(1)) * factor)
 
 
+def _parse_size_or_zero(raw: str) -> int:
+    """Like ``_parse_size`` but 0 is allowed (no activation peak, no graph pool)."""
+    if raw.strip() in ("0", "0.0"):
+        return 0
+    return _parse_size(raw)
+
+
+OLDEST_VERSION = (0, 8)
+
+
+def _parse_version(raw: str) -> tuple[int, ...]:
+    """``0.32.0``, ``0.10.1.1`` or ``v0.8.5``: the numeric parts; 0.8 or later."""
+    match = re.fullmatch(r"v?(\d+(?:\.\d+){1,3})(?:[.+-]?[A-Za-z][\w.+-]*)?", raw)
+    if match is None:
+        raise ValueError(raw)
+    version = tuple(int(part) for part in match.group(1).split("."))
+    if version < OLDEST_VERSION:
+        raise ValueError(raw)
+    return version
+
+
+def _parse_level(raw: str) -> bool:
+    """VLLM_LOGGING_LEVEL: True for DEBUG (any case); other levels are accepted."""
+    return raw.upper() == "DEBUG"
+
+
 def _parse_exit_code(raw: str) -> int:
     code = int(raw)
     if not 1 <= code <= 255:
@@ -88,6 +114,14 @@ class StandinEnv:
     kv_bytes_per_token: int = 131_072
     request_delay: float = 0.0
     dry_run: bool = False
+    vllm_version: tuple[int, ...] = (0, 32, 0)
+    activation_bytes: int = int(0.77 * 1024**3)
+    cuda_graph_bytes: int = int(0.84 * 1024**3)
+    allocate: bool = False
+    overrun_bytes: int = 0
+    debug_logging: bool = False  # VLLM_LOGGING_LEVEL=DEBUG
+    use_v1: bool = True  # VLLM_USE_V1
+    estimate_cudagraphs: bool | None = None  # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS
     api_key: str | None = None  # VLLM_API_KEY
     server_dev_mode: bool = False  # VLLM_SERVER_DEV_MODE
     keep_alive_on_engine_death: bool = False  # VLLM_KEEP_ALIVE_ON_ENGINE_DEATH
@@ -120,6 +154,15 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("kv_bytes_per_token", "STANDIN_VLLM_KV_BYTES_PER_TOKEN", _parse_size, _SIZE),
     ("request_delay", "STANDIN_VLLM_REQUEST_DELAY", _parse_seconds, _SECONDS),
     ("dry_run", "STANDIN_VLLM_DRY_RUN", _parse_bool, _BOOLEAN),
+    ("vllm_version", "STANDIN_VLLM_VERSION", _parse_version,
+     "a vLLM release from 0.8 on, like 0.32.0 or 0.10.2"),
+    ("activation_bytes", "STANDIN_VLLM_ACTIVATION", _parse_size_or_zero, _SIZE + " (or 0)"),
+    ("cuda_graph_bytes", "STANDIN_VLLM_CUDA_GRAPH", _parse_size_or_zero, _SIZE + " (or 0)"),
+    ("allocate", "STANDIN_VLLM_ALLOCATE", _parse_bool, _BOOLEAN),
+    ("overrun_bytes", "STANDIN_VLLM_OVERRUN", _parse_size_or_zero, _SIZE + " (or 0)"),
+    ("debug_logging", "VLLM_LOGGING_LEVEL", _parse_level, "a logging level such as DEBUG"),
+    ("use_v1", "VLLM_USE_V1", _parse_bool, _BOOLEAN),
+    ("estimate_cudagraphs", "VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS", _parse_bool, _BOOLEAN),
     ("server_dev_mode", "VLLM_SERVER_DEV_MODE", _parse_bool, _BOOLEAN),
     ("keep_alive_on_engine_death", "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH", _parse_bool, _BOOLEAN),
 )

@@ -4,8 +4,10 @@ Run it where gardenctl would run vLLM (``vllm_command: [standin-vllm]`` in a gar
 
     standin-vllm serve MODEL [flags...]
     python -m gardenctl.testing.standin_vllm serve MODEL [flags...]
+    standin-vllm --version            (prints the release it stands for, like `vllm --version`)
 
-It behaves like vLLM 0.32 where an orchestrator can see it (docs/vllm.md):
+It behaves like vLLM 0.32 where an orchestrator can see it (docs/vllm.md), and logs the
+start-up lines of the release named by STANDIN_VLLM_VERSION (0.8 to 0.33):
 
 - Command line: accepts exactly the flags of the real `vllm serve` (gardenctl/data/
   vllm-serve-flags-0.32.txt) and rejects others with exit 2 and ``vllm serve: error:
@@ -51,10 +53,31 @@ Environment (set them through a model's ``env:`` in a garden file):
   STANDIN_VLLM_KV_BYTES_PER_TOKEN=131072
                                     KV cache bytes per token at TP=1 (Llama-3.1-8B's); split
                                     over -tp, halved by --kv-cache-dtype fp8*
+  STANDIN_VLLM_ACTIVATION=0.77GiB   activation peak of the profile run, per rank (or 0)
+  STANDIN_VLLM_CUDA_GRAPH=0.84GiB   CUDA-graph pool, per rank (or 0; none with --enforce-eager);
+                                    inside the budget from 0.18 when vLLM estimates it
+                                    (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS, default on from
+                                    0.20), else captured outside it
+  STANDIN_VLLM_VERSION=0.32.0       the vLLM release whose start-up lines are printed (banner,
+                                    `non-default args`, weights line, V0 profile and blocks with
+                                    VLLM_USE_V1=0 up to 0.10.2, KV lines, graph lines, `init
+                                    engine ... took`; docs/vllm.md section 9); also what
+                                    --version and /version say
+  STANDIN_VLLM_ALLOCATE=1           really allocate, with PyTorch on cuda:0, the weights + KV
+                                    cache + graph bytes reported, before ready, held until exit:
+                                    in the EngineCore child with STANDIN_VLLM_SPAWN_CHILD=1 (a
+                                    Python child that imports torch), else in this process.
+                                    Without PyTorch or CUDA: error at start, exit 2
+  STANDIN_VLLM_OVERRUN=SIZE         with ALLOCATE: once ready, allocate SIZE more (a worker that
+                                    takes more than it claimed); if torch runs out of memory the
+                                    engine dies like vLLM's (OutOfMemoryError logged, /health
+                                    503, exit STANDIN_VLLM_EXIT_CODE)
   STANDIN_VLLM_REQUEST_DELAY=0      seconds each completion takes (to test draining)
   STANDIN_VLLM_DRY_RUN=1            parse the arguments, print them as JSON, exit 0
   vLLM's own: VLLM_API_KEY, VLLM_SERVER_DEV_MODE (sleep routes need it with
-  --enable-sleep-mode), VLLM_KEEP_ALIVE_ON_ENGINE_DEATH.
+  --enable-sleep-mode), VLLM_KEEP_ALIVE_ON_ENGINE_DEATH, VLLM_LOGGING_LEVEL=DEBUG (adds the
+  DEBUG profile and free-memory lines), VLLM_USE_V1=0 (the V0 engine, releases <= 0.10.2),
+  VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS.
 
 Booleans accept 1/0, true/false, yes/no. Exit codes: 0 after a signal, 2 for a usage error
 (unknown flag, bad STANDIN_VLLM_* value), 1 for a taken port, STANDIN_VLLM_EXIT_CODE for
@@ -73,7 +96,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from gardenctl.testing import standin_args
+from gardenctl.testing import standin_args, standin_gpu
 from gardenctl.testing.standin_engine import (
     CUDA_CONTEXT_BYTES,
     DEFAULT_MAX_MODEL_LEN,
@@ -81,7 +104,9 @@ from gardenctl.testing.standin_engine import (
     EngineFailure,
     EngineSettings,
     LogLine,
+    StartupResult,
     engine_crashed,
+    engine_out_of_memory,
     profile_memory,
     simulate_startup,
 )
@@ -100,6 +125,15 @@ SERVE_POLL_INTERVAL_S = 0.1  # how quickly serve_forever notices a shutdown requ
 USAGE = "usage: standin-vllm serve [MODEL] [flags...]   (try: standin-vllm serve --help)"
 
 
+# vLLM's start-up logo (0.19+): art, then the text beside it.
+LOGO = (
+    ("       █     █     █▄   ▄█", ""),
+    (" ▄▄ ▄█ █     █     █ ▀▄▀ █", "version {version}"),
+    ("  █▄█▀ █     █     █     █", "model   {model}"),
+    ("   ▀▀  ▀▀▀▀▀ ▀▀▀▀▀ ▀     ▀", ""),
+)
+
+
 def engine_settings(args: argparse.Namespace, env: StandinEnv) -> EngineSettings:
     return EngineSettings(
         model=args.model,
@@ -116,7 +150,17 @@ def engine_settings(args: argparse.Namespace, env: StandinEnv) -> EngineSettings
                        else DEFAULT_MAX_MODEL_LEN),
         enforce_eager=args.enforce_eager,
         load_seconds=env.ready_delay,
+        vllm_version=env.vllm_version,
+        use_v1=env.use_v1,
+        debug=env.debug_logging,
+        activation_bytes=env.activation_bytes,
+        cuda_graph_bytes=env.cuda_graph_bytes,
+        estimate_cudagraphs=env.estimate_cudagraphs,
     )
+
+
+def version_text(env: StandinEnv) -> str:
+    return ".".join(str(part) for part in env.vllm_version)
 
 
 def api_settings(
@@ -133,7 +177,7 @@ def api_settings(
         request_delay=env.request_delay,
         access_log=not args.disable_uvicorn_access_log,
         log_requests=args.enable_log_requests,
-        version=standin_args.VLLM_VERSION,
+        version=version_text(env),
         sleep_freed_bytes=profile.weights + max(0, profile.kv_cache),
         sleep_kept_bytes=CUDA_CONTEXT_BYTES[tp_key] + NON_TORCH_BYTES[tp_key],
     )
@@ -166,12 +210,39 @@ class ShutdownRequest:
         """True once a shutdown was asked for; False if ``timeout`` passed first."""
         return self._requested.wait(timeout)
 
+    def requested(self) -> bool:
+        return self._requested.is_set()
+
 
 def spawn_engine_core() -> subprocess.Popen:
     """A child that stands for vLLM's EngineCore: same process group, default signals."""
     code = f"import time; time.sleep({ENGINE_CORE_MAX_LIFETIME_S})"
     return subprocess.Popen([sys.executable, "-c", code, ENGINE_CORE_TITLE],
                             stdin=subprocess.DEVNULL)
+
+
+def allocation_sizes(result: StartupResult) -> tuple[int, ...]:
+    """What a successful start reported (weights, KV cache, graph pool), to really allocate."""
+    profile = result.profile
+    if result.failure is not None or profile is None:
+        return ()
+    return tuple(n for n in (profile.weights, profile.kv_cache, profile.cuda_graphs) if n > 0)
+
+
+def real_out_of_memory(error: str) -> EngineFailure:
+    """A start that failed because torch really ran out of memory (STANDIN_VLLM_ALLOCATE=1)."""
+    return EngineFailure(
+        reason="oom",
+        engine_traceback=(
+            "EngineCore failed to start.",
+            "Traceback (most recent call last):",
+            f"torch.OutOfMemoryError: {error}",
+        ),
+        server_traceback=(
+            "RuntimeError: Engine core initialization failed. See root cause above. "
+            "Failed core proc(s): {'EngineCore_DP0': 1}",
+        ),
+    )
 
 
 def stop_child(child: subprocess.Popen | None) -> None:
@@ -199,6 +270,13 @@ class StandinServer:
     def run(self) -> int:
         self.stop_request.install()
         self._log_banner()
+        self.startup = simulate_startup(self.settings, self.env.fail)
+        self.local_gpu: standin_gpu.LocalGpu | None = None
+        if self.env.allocate and not self.env.spawn_child:
+            try:
+                self.local_gpu = standin_gpu.LocalGpu()  # imports torch: only on request
+            except standin_gpu.GpuUnavailable as error:
+                return self._gpu_unavailable(str(error))
         api = api_settings(self.args, self.env, self.settings)
         try:
             server = create_http_server(self.args.host, self.args.port, api, self.engine, self.log)
@@ -210,7 +288,14 @@ class StandinServer:
         thread = threading.Thread(target=server.serve_forever, args=(SERVE_POLL_INTERVAL_S,),
                                   name="http", daemon=True)
         thread.start()
-        child = spawn_engine_core() if self.env.spawn_child else None
+        self.child_gpu: standin_gpu.ChildGpu | None = None
+        child: subprocess.Popen | None = None
+        if self.env.spawn_child and self.env.allocate:
+            self.child_gpu = standin_gpu.ChildGpu(allocation_sizes(self.startup),
+                                                  self.env.overrun_bytes)
+            child = self.child_gpu.process
+        elif self.env.spawn_child:
+            child = spawn_engine_core()
         if child is not None:
             self.log.engine_pid = child.pid
         try:
@@ -225,27 +310,90 @@ class StandinServer:
 
     def _run_engine(self) -> int:
         """Start the simulated engine, serve until asked to stop; return the exit code."""
+        if self.child_gpu is not None:
+            kind, detail = self.child_gpu.wait_for("torch-ok", self.stop_request.requested)
+            if kind == "stopped":
+                return 0
+            if kind != "torch-ok":
+                return self._gpu_unavailable(detail)
         if self.stop_request.wait(self.env.ready_delay):
             return 0
-        result = simulate_startup(self.settings, self.env.fail)
+        result = self.startup
         self._log_lines(result.lines)
         if result.failure is not None:
             return self._fail(result.failure)
         if self.env.fail == "hang":
             self.stop_request.wait()
             return 0
+        if self.env.allocate:
+            failed = self._allocate(allocation_sizes(result))
+            if failed is not None:
+                return failed
         self.engine.mark_ready()
         self._log_ready()
+        if self.env.allocate and self.env.overrun_bytes:
+            error = self._overrun()
+            if error == "stopped":
+                return 0
+            if error is not None:
+                return self._engine_died(engine_out_of_memory(error))
         crashes = self.env.fail == "crash_after_ready"
         if crashes and not self.stop_request.wait(self.env.crash_after):
-            self.engine.mark_dead()
-            self.log.api("ERROR", "core_client.py",
-                         "Engine core proc EngineCore_DP0 died unexpectedly, shutting down client.")
-            exit_code = self._fail(engine_crashed())
-            if not self.env.keep_alive_on_engine_death:
-                return exit_code
+            return self._engine_died(engine_crashed())
         self.stop_request.wait()
         return 0
+
+    def _engine_died(self, failure: EngineFailure) -> int:
+        """EngineCore died after ready: /health 503, the error logged, exit (unless kept alive)."""
+        self.engine.mark_dead()
+        self.log.api("ERROR", "core_client.py",
+                     "Engine core proc EngineCore_DP0 died unexpectedly, shutting down client.")
+        exit_code = self._fail(failure)
+        if not self.env.keep_alive_on_engine_death:
+            return exit_code
+        self.stop_request.wait()
+        return 0
+
+    def _allocate(self, sizes: Sequence[int]) -> int | None:
+        """Really allocate what the log reported; an exit code if that failed, else None."""
+        error: str | None = None
+        if self.local_gpu is not None:
+            try:
+                for n_bytes in sizes:
+                    self.local_gpu.allocate(n_bytes)
+            except standin_gpu.GpuOutOfMemory as oom:
+                error = str(oom)
+        elif self.child_gpu is not None:
+            kind, detail = self.child_gpu.wait_for("allocated", self.stop_request.requested)
+            if kind == "stopped":
+                return 0
+            if kind == "error":
+                return self._gpu_unavailable(detail)
+            if kind != "allocated":
+                error = detail
+        if error is None:
+            return None
+        return self._fail(real_out_of_memory(error))
+
+    def _overrun(self) -> str | None:
+        """Allocate STANDIN_VLLM_OVERRUN more: None if it fit, torch's error, or "stopped"."""
+        if self.local_gpu is not None:
+            try:
+                self.local_gpu.allocate(self.env.overrun_bytes)
+            except standin_gpu.GpuOutOfMemory as oom:
+                return str(oom)
+            return None
+        assert self.child_gpu is not None
+        self.child_gpu.request_overrun()
+        kind, detail = self.child_gpu.wait_for("overrun-ok", self.stop_request.requested)
+        if kind in ("overrun-ok", "stopped"):
+            return None if kind == "overrun-ok" else "stopped"
+        return detail
+
+    def _gpu_unavailable(self, why: str) -> int:
+        print(f"standin-vllm: error: STANDIN_VLLM_ALLOCATE=1 needs PyTorch with a CUDA device: "
+              f"{why}", file=sys.stderr, flush=True)
+        return 2
 
     def _fail(self, failure: EngineFailure) -> int:
         for line in failure.engine_traceback:
@@ -274,13 +422,21 @@ class StandinServer:
         self.log.uvicorn("INFO", f"Finished server process [{self.log.api_server_pid}]")
 
     def _log_banner(self) -> None:
-        version = standin_args.VLLM_VERSION
-        self.log.api("INFO", "api_server.py", f"vLLM API server version {version}")
+        """The release's banner: the logo (0.19+, docs/vllm.md section 9) or one line before."""
+        version = version_text(self.env)
+        if self.env.vllm_version >= (0, 19):
+            for art, beside in LOGO:
+                text = beside.format(version=version, model=self.args.model)
+                self.log.api("INFO", "api_utils.py", f"{art}  {text}".rstrip())
+        else:
+            self.log.api("INFO", "api_server.py", f"vLLM API server version {version}")
         self.log.api("WARNING", "standin_vllm.py",
                      "This is gardenctl's test stand-in for `vllm serve`: it loads no model and "
-                     "uses no GPU.")
-        shown = standin_args.non_default_args(self.args)  # secrets masked
-        self.log.api("INFO", "utils.py", f"non-default args: {shown}")
+                     + ("allocates real GPU memory with PyTorch." if self.env.allocate
+                        else "uses no GPU."))
+        if self.env.vllm_version >= (0, 9, 1):  # 0.8.x printed the whole Namespace instead
+            shown = standin_args.non_default_args(self.args)  # secrets masked
+            self.log.api("INFO", "utils.py", f"non-default args: {shown}")
 
     def _log_lines(self, lines: Sequence[LogLine]) -> None:
         for line in lines:
@@ -309,6 +465,14 @@ class StandinServer:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-v", "--version"):  # like `vllm --version`: the version alone
+        try:
+            env = StandinEnv.from_environ(os.environ)
+        except EnvError as error:
+            print(f"standin-vllm: error: {error}", file=sys.stderr)
+            return 2
+        print(version_text(env))
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         stream = sys.stdout if argv else sys.stderr
         print(USAGE, __doc__ or "", sep="\n", file=stream)
@@ -328,7 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "served_model_names": list(standin_args.served_model_names(args)),
                           "non_default_args": standin_args.non_default_args(args)}, sort_keys=True))
         return 0
-    return StandinServer(args, env, VllmLog()).run()
+    log = VllmLog(version=env.vllm_version, v0=engine_settings(args, env).v0)
+    return StandinServer(args, env, log).run()
 
 
 if __name__ == "__main__":
