@@ -270,3 +270,21 @@ def test_block_size_from_the_arguments_scales_v0_blocks():
     text = ("INFO 09-20 [utils.py:328] non-default args: {'model': 'm', 'block_size': 32}\n"
             "INFO 09-20 [executor_base.py:114] # cuda blocks: 100, # CPU blocks: 0\n")
     assert read_startup(text).kv_cache_tokens == 3200
+
+
+def test_non_default_args_are_kept_as_a_dict():
+    report = read_startup_file(LOGS / "v0.9.1-v1-dotsocr.log")
+
+    assert report.args == {"chat_template_content_format": "string",
+                           "model": "/workspace/weights/DotsOCR", "trust_remote_code": True,
+                           "served_model_name": ["dotsocr-model"], "gpu_memory_utilization": 0.8}
+
+
+def test_non_default_args_with_a_non_literal_keep_the_literal_entries():
+    text = ("INFO [utils.py:1] non-default args: {'model': 'm', 'revision': 'abc', "
+            "'compilation_config': {'mode': <CompilationMode.VLLM_COMPILE: 3>}, "
+            "'max_model_len': 4096, 'api_key': '***'}\n")
+    args = read_startup(text).args
+
+    assert args["model"] == "m" and args["revision"] == "abc"
+    assert args["max_model_len"] == 4096 and args["api_key"] == "***"

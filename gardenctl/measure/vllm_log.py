@@ -33,10 +33,11 @@ How the text is read:
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 GiB = 1024**3
@@ -78,6 +79,9 @@ class StartupReport:
     cuda_graph_estimated_bytes: int | None = None  # "Estimated CUDA graph memory: X GiB total"
     init_engine_seconds: float | None = None  # "init engine (...) took X s"
     weights_seconds: float | None = None  # "Model loading took X GiB ... and Y seconds"
+    # The `non-default args: {...}` dict (0.9.1+) as logged (vLLM masks secrets); its values
+    # are Python literals; an entry that is not one is left out. Empty when not logged.
+    args: dict[str, object] = field(default_factory=dict)
 
     def derived_non_kv_bytes(
         self, utilization: float | None = None, gpu_total_bytes: int | None = None
@@ -147,7 +151,9 @@ _FAILURES = (
     "Engine process failed to start",
 )
 
-_NON_DEFAULT = re.compile(r"non-default args: \{")
+_NON_DEFAULT = re.compile(r"non-default args: (\{.*\})")
+_ARG_ITEM = re.compile(r"'(\w+)': ('(?:[^'\\]|\\.)*'|\[[^\]]*\]|-?\d+(?:\.\d+)?(?:e-?\d+)?"
+                       r"|True|False|None)")
 _ARG_FLOAT = {"gpu_memory_utilization": re.compile(r"'gpu_memory_utilization': ([\d.]+)")}
 _ARG_INT = {
     "tensor_parallel_size": re.compile(r"'tensor_parallel_size': (\d+)"),
@@ -252,6 +258,23 @@ _MEMORY_LINES: tuple[tuple[str, re.Pattern[str], Handler], ...] = (
 )
 
 
+def _literal_dict(text: str) -> dict[str, object]:
+    """The logged dict; entry by entry when the whole is not a literal (an enum, an object)."""
+    try:
+        whole = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        whole = None
+    if isinstance(whole, dict):
+        return {str(key): value for key, value in whole.items()}
+    found: dict[str, object] = {}
+    for m in _ARG_ITEM.finditer(text):
+        try:
+            found[m.group(1)] = ast.literal_eval(m.group(2))
+        except (ValueError, SyntaxError):
+            continue
+    return found
+
+
 def _other_rank(line: str) -> bool:
     """True for a line tagged with a process of a rank other than 0."""
     for m in _PROCESS.finditer(line):
@@ -318,8 +341,9 @@ class _Reader:
             if tp:
                 self.start.set("args_tensor_parallel_size", int(tp.group(1)))
             return
-        if _NON_DEFAULT.search(line):
-            self._non_default_args(line)
+        m = _NON_DEFAULT.search(line)
+        if m:
+            self._non_default_args(m.group(1))
             return
         opened = False
         for needle, pattern, handle in _MEMORY_LINES:  # one line may hold several values
@@ -334,6 +358,7 @@ class _Reader:
     def _non_default_args(self, line: str) -> None:
         if self.starts == 0:
             self.new_start()
+        self.start.set("args", _literal_dict(line))
         for name, pattern in _ARG_FLOAT.items():
             m = pattern.search(line)
             if m:
