@@ -7,6 +7,7 @@ group is SIGKILLed when the test ends, whatever happened.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -23,8 +24,14 @@ from typing import Any
 
 import pytest
 
+from gardenctl.measure.vllm_log import read_startup
 from gardenctl.testing import standin_args
-from gardenctl.testing.standin_engine import EngineSettings, GiB, simulate_startup
+from gardenctl.testing.standin_engine import (
+    NON_TORCH_BYTES,
+    EngineSettings,
+    GiB,
+    simulate_startup,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -537,3 +544,255 @@ def test_utilization_above_free_memory_fails_the_startup_check():
 
     assert result.failure is not None and result.failure.reason == "free_memory"
     assert "Free memory on device cuda:0 (79.49/80.00 GiB)" in result.failure.engine_traceback[-1]
+
+
+# --- the releases it speaks, read back with gardenctl's own log reader ------------------------
+
+RELEASE_GPU = 24 * GiB
+RELEASE_FLAGS = ("--gpu-memory-utilization", "0.5", "--max-model-len", "4096")
+RELEASE_ENV = {"STANDIN_VLLM_GPU_MEMORY": "24GiB", "STANDIN_VLLM_WEIGHTS": "2GiB",
+               "STANDIN_VLLM_ACTIVATION": "0.5GiB", "STANDIN_VLLM_CUDA_GRAPH": "0.25GiB",
+               "STANDIN_VLLM_READY_DELAY": "0"}
+NON_TORCH = NON_TORCH_BYTES[1]  # 0.25 GiB at TP=1
+# budget ceil(24 GiB x 0.5) = 12 GiB; KV = 12 - 2 weights - 0.5 activation - 0.25 non-torch,
+# minus the 0.25 GiB graph pool where vLLM subtracts its estimate
+KV_GRAPHS_OUTSIDE = 12 * GiB - 2 * GiB - GiB // 2 - NON_TORCH
+KV_GRAPHS_INSIDE = KV_GRAPHS_OUTSIDE - GiB // 4
+
+
+_TWO_KV_LINES = ("GPU KV cache size: ", " tokens\n", "Maximum concurrency for 4,096 tokens")
+RELEASE_TEXTS = {  # docs/vllm.md section 9
+    "0.8.2": ("vLLM API server version 0.8.2", "Model loading took 2.0000 GB and",
+              *_TWO_KV_LINES, "warmup model) took 0.00 seconds"),
+    "0.8.5": ("Model loading took 2.0000 GiB and", *_TWO_KV_LINES),
+    "0.9.1": ("non-default args: {", "Available KV cache memory: 9.25 GiB", *_TWO_KV_LINES),
+    "0.10.2": ("(EngineCore_0 pid=", "Model loading took 2.0000 GiB and",
+               "INFO", "Free memory on device (", *_TWO_KV_LINES),
+    "V0": ("Initializing a V0 LLM engine (v0.10.2)", "the current vLLM instance can use "
+           "total_gpu_memory (24.00GiB) x gpu_memory_utilization (0.50) = 12.00GiB",
+           "# cuda blocks: 4736, # CPU blocks: 0",
+           "Maximum concurrency for 4096 tokens per request: 18.50x"),
+    "0.11.0": ("(EngineCore_DP0 pid=", "Model loading took 2.0000 GiB and", *_TWO_KV_LINES),
+    "0.13.0": ("Model loading took 2.0000 GiB memory and", *_TWO_KV_LINES),
+    "0.19.0": ("█  version 0.19.0", "Model loading took 2.0 GiB memory and",
+               "Estimated CUDA graph memory: 0.25 GiB total", *_TWO_KV_LINES,
+               "warmup model) took 0.00 seconds"),
+    "0.28.0": ("tokens, Maximum concurrency for 4,096 tokens per request:",
+               "warmup model) took 0.00 s\n"),
+    "0.32.0": ("█  version 0.32.0", "Model loading took 2.0 GiB memory and",
+               "tokens, Maximum concurrency for 4,096 tokens per request:",
+               "CUDA graph pool memory: 0.25 GiB (actual)"),
+}
+
+
+@pytest.mark.parametrize(("version", "extra_env", "engine", "kv_cache", "kv_line"), [
+    ("0.8.2", {}, "V1", KV_GRAPHS_OUTSIDE, False),  # "GB"; no KV memory line at INFO
+    ("0.8.5", {}, "V1", KV_GRAPHS_OUTSIDE, False),
+    ("0.9.1", {}, "V1", KV_GRAPHS_OUTSIDE, True),
+    ("0.10.2", {}, "V1", KV_GRAPHS_OUTSIDE, True),
+    ("0.10.2", {"VLLM_USE_V1": "0"}, "V0", KV_GRAPHS_OUTSIDE, True),
+    ("0.11.0", {}, "V1", KV_GRAPHS_OUTSIDE, True),
+    ("0.13.0", {"VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS": "1"}, "V1", KV_GRAPHS_OUTSIDE, True),
+    ("0.19.0", {}, "V1", KV_GRAPHS_OUTSIDE, True),  # estimate exists, off by default
+    ("0.19.0", {"VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS": "1"}, "V1", KV_GRAPHS_INSIDE, True),
+    ("0.28.0", {}, "V1", KV_GRAPHS_INSIDE, True),  # one-line KV size and concurrency
+    ("0.32.0", {}, "V1", KV_GRAPHS_INSIDE, True),
+    ("0.32.0", {"VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS": "0"}, "V1", KV_GRAPHS_OUTSIDE, True),
+])
+def test_each_release_logs_what_the_log_reader_reads_back(start_standin, version, extra_env,
+                                                          engine, kv_cache, kv_line):
+    standin = start_standin(*RELEASE_FLAGS, env={**RELEASE_ENV, **extra_env,
+                                                 "STANDIN_VLLM_VERSION": version})
+    standin.wait_for_log("Application startup complete.")
+    report = read_startup(standin.log())
+
+    tokens = kv_cache // 131_072 // 16 * 16
+    assert (report.vllm_version, report.engine, report.ready) == (version, engine, True)
+    assert report.weights_bytes == 2 * GiB
+    assert report.kv_cache_bytes == (kv_cache if kv_line else None)
+    assert (report.kv_cache_tokens, report.max_model_len) == (tokens, 4096)
+    assert report.max_concurrency == round(tokens / 4096, 2)
+    assert report.cuda_graph_bytes == GiB // 4
+    release = tuple(int(part) for part in version.split("."))
+    assert report.gpu_memory_utilization == (0.5 if release >= (0, 9, 1) else None)
+    for text in RELEASE_TEXTS[version if engine == "V1" else "V0"]:  # the release's own wording
+        assert text in standin.log()
+    if kv_line:  # what the budget held besides the KV cache: includes the graph estimate
+        assert report.derived_non_kv_bytes(0.5, RELEASE_GPU) == 12 * GiB - kv_cache
+    assert report.non_kv_bytes == (2 * GiB + GiB // 2 + NON_TORCH if engine == "V0" else None)
+
+
+@pytest.mark.parametrize("version", ["0.10.2", "0.19.0", "0.32.0"])
+def test_debug_logging_adds_the_profile_and_free_memory_lines(start_standin, version):
+    standin = start_standin(*RELEASE_FLAGS, env={**RELEASE_ENV, "STANDIN_VLLM_VERSION": version,
+                                                 "VLLM_LOGGING_LEVEL": "DEBUG"})
+    standin.wait_for_log("Application startup complete.")
+    report = read_startup(standin.log())
+
+    assert report.non_kv_bytes == 2 * GiB + GiB // 2 + NON_TORCH
+    assert (report.activation_bytes, report.non_torch_bytes) == (GiB // 2, NON_TORCH)
+    assert (report.gpu_memory_utilization, report.gpu_total_bytes) == (0.5, RELEASE_GPU)
+
+
+def test_info_logging_has_no_debug_lines(start_standin):
+    standin = start_standin(*RELEASE_FLAGS, env={**RELEASE_ENV, "STANDIN_VLLM_VERSION": "0.19.0"})
+    standin.wait_for_log("Application startup complete.")
+
+    assert " DEBUG " not in standin.log()
+    assert read_startup(standin.log()).non_kv_bytes is None
+
+
+@pytest.mark.parametrize(("env", "printed"), [({}, "0.32.0"),
+                                              ({"STANDIN_VLLM_VERSION": "0.10.2"}, "0.10.2")])
+def test_version_flag_prints_the_version_alone(env, printed):
+    for flag in ("--version", "-v"):
+        result = run_standin(flag, env=env)
+
+        assert (result.returncode, result.stdout, result.stderr) == (0, printed + "\n", "")
+
+
+def test_version_before_0_8_is_a_usage_error():
+    result = run_standin("serve", MODEL, env={"STANDIN_VLLM_VERSION": "0.7.3"})
+
+    assert result.returncode == 2
+    assert "STANDIN_VLLM_VERSION='0.7.3' is not valid" in result.stderr
+
+
+# --- real allocation (STANDIN_VLLM_ALLOCATE=1), with a fake torch on PYTHONPATH -------------
+
+FAKE_TORCH = '''
+import os
+
+class OutOfMemoryError(RuntimeError):
+    pass
+
+class cuda:
+    OutOfMemoryError = OutOfMemoryError
+
+    @staticmethod
+    def is_available():
+        return True
+
+uint8 = "uint8"
+_used = 0
+
+class _Block:
+    def __init__(self, n):
+        self.n = n
+
+    def numel(self):
+        return self.n
+
+def empty(n, dtype=None, device=None):
+    global _used
+    cap = int(os.environ["FAKE_TORCH_CAP"])
+    if _used + n > cap:
+        raise OutOfMemoryError(f"CUDA out of memory. Tried to allocate {n} bytes.\\n"
+                               f"GPU 0 has a total capacity of {cap} bytes")
+    _used += n
+    with open(os.environ["FAKE_TORCH_LOG"], "a") as log:
+        log.write(f"{os.getpid()} {device} {dtype} {n}\\n")
+    return _Block(n)
+'''
+
+
+@pytest.fixture
+def fake_torch(tmp_path: Path) -> Callable[[int], dict[str, str]]:
+    """The environment of a stand-in whose `import torch` is a fake GPU of ``cap`` bytes."""
+    folder = tmp_path / "fake-torch"
+    folder.mkdir()
+    (folder / "torch.py").write_text(FAKE_TORCH)
+
+    def environment(cap: int) -> dict[str, str]:
+        return {**RELEASE_ENV, "PYTHONPATH": str(folder), "FAKE_TORCH_CAP": str(cap),
+                "FAKE_TORCH_LOG": str(tmp_path / "allocations.log"),
+                "STANDIN_VLLM_ALLOCATE": "1"}
+    return environment
+
+
+def allocations(env: dict[str, str]) -> list[tuple[int, str, str, int]]:
+    path = Path(env["FAKE_TORCH_LOG"])
+    rows = [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+    return [(int(pid), device, dtype, int(n)) for pid, device, dtype, n in rows]
+
+
+def test_engine_core_child_allocates_what_the_log_reports_before_ready(start_standin,
+                                                                       fake_torch):
+    env = {**fake_torch(100 * GiB), "STANDIN_VLLM_SPAWN_CHILD": "1"}
+    standin = start_standin(*RELEASE_FLAGS, env=env)
+    standin.wait_ready()
+    report = read_startup(standin.log())
+    child = engine_core_child(standin)
+
+    assert [(pid, device, dtype) for pid, device, dtype, _ in allocations(env)] == [
+        (child.pid, "cuda:0", "uint8")] * 3
+    assert sum(n for *_, n in allocations(env)) == (
+        report.weights_bytes + report.kv_cache_bytes + report.cuda_graph_bytes)
+    assert "VLLM::EngineCore" in " ".join(child.cmdline())
+
+
+def test_main_process_allocates_without_a_child(start_standin, fake_torch):
+    env = fake_torch(100 * GiB)
+    standin = start_standin(*RELEASE_FLAGS, env=env)
+    standin.wait_ready()
+
+    assert {pid for pid, *_ in allocations(env)} == {standin.process.pid}
+    assert sum(n for *_, n in allocations(env)) == 2 * GiB + KV_GRAPHS_INSIDE + GiB // 4
+
+
+@pytest.mark.parametrize("spawn_child", ["0", "1"])
+def test_overrun_past_the_gpu_kills_the_engine_like_vllm(start_standin, fake_torch,
+                                                         spawn_child):
+    env = {**fake_torch(12 * GiB), "STANDIN_VLLM_SPAWN_CHILD": spawn_child,
+           "STANDIN_VLLM_OVERRUN": "2GiB", "STANDIN_VLLM_EXIT_CODE": "3"}
+    standin = start_standin(*RELEASE_FLAGS, env=env)
+
+    assert standin.wait_exit() == 3
+    log = standin.log()
+    assert "Application startup complete." in log  # it was ready first
+    assert "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2147483648" in log
+    assert "died unexpectedly" in log and "EngineDeadError" in log
+
+
+def test_overrun_that_fits_keeps_serving(start_standin, fake_torch):
+    env = {**fake_torch(100 * GiB), "STANDIN_VLLM_SPAWN_CHILD": "1",
+           "STANDIN_VLLM_OVERRUN": "2GiB"}
+    standin = start_standin(*RELEASE_FLAGS, env=env)
+    standin.wait_ready()
+    deadline = time.monotonic() + 5
+    while len(allocations(env)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    assert allocations(env)[-1][-1] == 2 * GiB
+    assert standin.health() == 200
+
+
+def test_dead_engine_after_overrun_answers_503_when_kept_alive(start_standin, fake_torch):
+    env = {**fake_torch(12 * GiB), "STANDIN_VLLM_OVERRUN": "2GiB",
+           "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"}
+    standin = start_standin(*RELEASE_FLAGS, env=env)
+    standin.wait_for_log("EngineDeadError")
+
+    assert standin.health() == 503
+    assert standin.process.poll() is None
+
+
+def test_allocation_that_does_not_fit_fails_the_start(start_standin, fake_torch):
+    standin = start_standin(*RELEASE_FLAGS, env={**fake_torch(4 * GiB),
+                                                 "STANDIN_VLLM_SPAWN_CHILD": "1"})
+
+    assert standin.wait_exit() == 1
+    assert "torch.OutOfMemoryError: CUDA out of memory" in standin.log()
+    assert "Engine core initialization failed" in standin.log()
+    assert "Application startup complete." not in standin.log()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")
+@pytest.mark.parametrize("spawn_child", ["0", "1"])
+def test_allocate_without_torch_fails_at_start_with_exit_2(start_standin, spawn_child):
+    standin = start_standin(env={"STANDIN_VLLM_ALLOCATE": "1",
+                                 "STANDIN_VLLM_SPAWN_CHILD": spawn_child})
+
+    assert standin.wait_exit() == 2
+    assert ("STANDIN_VLLM_ALLOCATE=1 needs PyTorch with a CUDA device: PyTorch is not "
+            "installed") in standin.log()
