@@ -175,6 +175,8 @@ V32 = (
     "(EngineCore_DP0 pid=57) (Worker_TP0 pid=58) ",
     "(Worker pid=58) ",
     "(VllmWorker rank=0 pid=58) ",
+    "(EngineCore_0 pid=57) ",
+    "(EngineCore_0 pid=57) (VllmWorker TP0 pid=58) ",
     "\x1b[1;36m(EngineCore_DP0 pid=57)\x1b[0;0m \x1b[32m",
     "2025-11-24 14:00:30.181 | ",
     "Capturing CUDA graphs: 100%|██████████| 51/51 [00:01<00:00, 40.70it/s]",
@@ -193,6 +195,8 @@ def test_prefixes_and_colours_do_not_change_the_values(prefix: str):
     "(Worker_PP0_TP1 pid=59) ",
     "(EngineCore_DP1 pid=60) ",
     "(VllmWorker rank=1 pid=58) ",
+    "(VllmWorker TP1 pid=58) ",
+    "(EngineCore_1 pid=58) ",
     "(RayWorkerWrapper pid=58) ",
 ])
 def test_other_ranks_are_ignored(prefix: str):

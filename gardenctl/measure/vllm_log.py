@@ -16,9 +16,9 @@ How the text is read:
   these are read alike. V0's profile is one message over several lines; each of its lines is
   read on its own.
 - **Ranks.** With tensor (or data) parallelism every rank logs its own memory lines. Only rank 0
-  counts: lines tagged with another rank (``Worker_TP1``, ``EngineCore_DP1``, ``rank=1``) and
-  V0's other-rank workers (``RayWorkerWrapper``, ``VllmWorkerProcess``) are skipped, and within a
-  start the first value of each kind wins.
+  counts: lines tagged with another rank (``Worker_TP1``, ``EngineCore_DP1``, ``EngineCore_1``,
+  ``VllmWorker TP1``, ``rank=1``) and V0's other-rank workers (``RayWorkerWrapper``,
+  ``VllmWorkerProcess``) are skipped, and within a start the first value of each kind wins.
 - **Starts.** A restarted worker appends to the same log. A new start begins at a version
   banner (``version X.Y.Z`` in the logo, ``vLLM (API) server version X``), or, after a start
   that ended (``Application startup complete.`` or an engine start-up failure), at the next
@@ -131,8 +131,10 @@ class _Start:
 
 
 # A process tag anywhere in the line; group "name" and an optional "rank".
-_PROCESS = re.compile(r"\((?P<name>[A-Za-z_][\w]*)(?: rank=(?P<rank>\d+))? pid=\d+\)")
-_RANK_IN_NAME = re.compile(r"(?:TP|DP)(\d+)")
+_PROCESS = re.compile(r"\((?P<name>[A-Za-z_]\w*(?: [A-Z]{2}\d+)*)(?: rank=(?P<rank>\d+))? "
+                      r"pid=\d+\)")
+# TP1 / DP1 in a name (Worker_TP1, EngineCore_DP1, "VllmWorker TP1"), or 0.10's EngineCore_1
+_RANK_IN_NAME = re.compile(r"(?:TP|DP)(\d+)|^EngineCore_(\d+)$")
 _OTHER_RANK_PROCESSES = ("RayWorkerWrapper", "VllmWorkerProcess")
 
 _BANNER = (
@@ -283,9 +285,9 @@ def _other_rank(line: str) -> bool:
             return True
         if m.group("rank") is not None and m.group("rank") != "0":
             return True
-        ranks = _RANK_IN_NAME.findall(name)
-        if any(rank != "0" for rank in ranks):
-            return True
+        for rank in _RANK_IN_NAME.finditer(name):
+            if (rank.group(1) or rank.group(2)) != "0":
+                return True
     return False
 
 
