@@ -84,6 +84,10 @@ class MemoryEstimate:
     non_torch: Item
     cuda_context: Item
     warnings: tuple[str, ...] = ()
+    # "estimate" (the static model) or "measured" (sized from a learned profile, see
+    # gardenctl.profiles.sizing); the note says where and when it was measured.
+    memory_source: str = "estimate"
+    memory_note: str = ""
     vllm_version: str = "0.32.0"
     vllm_range: str = "0.28-0.32"
     graphs_in_budget: bool = True

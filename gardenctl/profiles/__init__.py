@@ -1,0 +1,1 @@
+"""Learned memory profiles: model (keys and values), store (SQLite), sizing (pure), learn."""

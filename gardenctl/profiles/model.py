@@ -1,0 +1,118 @@
+"""Memory profiles: what a vLLM start-up really took, keyed by everything that changes it.
+
+A `Profile` is one measured start (read from vLLM's own log, see gardenctl.measure): the
+footprint outside the KV cache and the KV cache's bytes per token, on one GPU of a worker. Its
+`ProfileKey` holds what changes those numbers: the model and revision, the vLLM release, the GPU
+model, the tensor-parallel size, dtype, quantization, KV-cache dtype, max_num_seqs,
+max_num_batched_tokens and enforce_eager. `max_model_len` and the concurrency are not in the
+key: they change only the KV cache, which the profile gives per token.
+
+Pure values; the SQLite store is gardenctl.profiles.store, the sizing gardenctl.profiles.sizing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+# Key fields that were not set are stored as this (SQLite's NULL never equals NULL).
+UNSET = ""
+
+
+@dataclass(frozen=True, order=True)
+class ProfileKey:
+    model: str
+    revision: str
+    vllm_version: str
+    gpu_name: str
+    tensor_parallel_size: int
+    dtype: str
+    quantization: str
+    kv_cache_dtype: str
+    max_num_seqs: str  # "" = vLLM's default for that GPU and release
+    max_num_batched_tokens: str
+    enforce_eager: bool
+
+    def same_setup(self, other: ProfileKey) -> bool:
+        """Same model and settings, perhaps another release or GPU (then only a hint)."""
+        return self.setup() == other.setup()
+
+    def setup(self) -> tuple[object, ...]:
+        return (self.model, self.revision, self.tensor_parallel_size, self.dtype,
+                self.quantization, self.kv_cache_dtype, self.max_num_seqs,
+                self.max_num_batched_tokens, self.enforce_eager)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        parts = [self.model + (f"@{self.revision}" if self.revision else ""),
+                 f"vLLM {self.vllm_version or '?'}", self.gpu_name or "unknown GPU",
+                 f"TP {self.tensor_parallel_size}"]
+        for label, value in (("dtype", self.dtype), ("quantization", self.quantization),
+                             ("kv", self.kv_cache_dtype), ("max_num_seqs", self.max_num_seqs),
+                             ("max_num_batched_tokens", self.max_num_batched_tokens)):
+            if value and value != "auto":
+                parts.append(f"{label} {value}")
+        if self.enforce_eager:
+            parts.append("eager")
+        return ", ".join(parts)
+
+
+def make_key(*, model: str, revision: str | None, vllm_version: str | None, gpu_name: str | None,
+             tensor_parallel_size: int, dtype: str | None, quantization: str | None,
+             kv_cache_dtype: str | None, max_num_seqs: int | str | None,
+             max_num_batched_tokens: int | str | None, enforce_eager: bool) -> ProfileKey:
+    return ProfileKey(
+        model=model, revision=revision or UNSET, vllm_version=vllm_version or UNSET,
+        gpu_name=gpu_name or UNSET, tensor_parallel_size=int(tensor_parallel_size),
+        dtype=dtype or "auto", quantization=quantization or UNSET,
+        kv_cache_dtype=kv_cache_dtype or "auto",
+        max_num_seqs=UNSET if max_num_seqs is None else str(max_num_seqs),
+        max_num_batched_tokens=(UNSET if max_num_batched_tokens is None
+                                else str(max_num_batched_tokens)),
+        enforce_eager=bool(enforce_eager))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One GPU of one measured start. Byte counts are per GPU (per tensor-parallel rank)."""
+
+    key: ProfileKey
+    gpu_total_bytes: int  # as the log (or the inventory) gave it
+    gpu_memory_utilization: float  # the --gpu-memory-utilization of that start
+    weights_bytes: int
+    non_kv_bytes: int  # the budget minus the KV cache: weights, activation peak, non-torch,
+    # and the CUDA-graph pool where the release counts it inside the budget
+    kv_cache_bytes: int
+    kv_cache_tokens: int
+    kv_bytes_per_token: int  # per GPU, from the KV cache and its tokens
+    cuda_graph_bytes: int | None
+    max_model_len: int | None
+    max_concurrency: float | None
+    measured_at: float  # wall-clock time of the start
+    source: str  # "worker <id>" or "imported <file>"
+    samples: int = 1  # how many starts agreed on this key
+    non_kv_max_bytes: int = 0  # the largest non-KV footprint any of them showed
+
+    @property
+    def sizing_non_kv_bytes(self) -> int:
+        return max(self.non_kv_bytes, self.non_kv_max_bytes)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "key"}
+        return {"key": self.key.to_json(), **data}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Profile:
+        key = ProfileKey(**{f.name: row[f.name] for f in fields(ProfileKey)})
+        key = ProfileKey(**{**asdict(key), "enforce_eager": bool(key.enforce_eager)})
+        values = {f.name: row[f.name] for f in fields(cls) if f.name != "key"}
+        return cls(key=key, **values)
+
+
+def kv_bytes_per_token(kv_cache_bytes: int, kv_cache_tokens: int) -> int:
+    """vLLM rounds the cache down to whole blocks, so bytes / tokens is at most one block's
+    worth above the true figure; the caller prefers the model's exact figure when they agree."""
+    return -(-kv_cache_bytes // max(1, kv_cache_tokens))

@@ -1,0 +1,153 @@
+"""Learned profiles: the SQLite store, and sizing a model from a profile instead of the estimate."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+from dataclasses import replace
+
+from gardenctl.estimate import EstimateRequest, estimate_memory
+from gardenctl.estimate.catalog import catalog_metadata, load_catalog
+from gardenctl.inventory.model import Gpu, Inventory, Node
+from gardenctl.profiles.model import Profile, make_key
+from gardenctl.profiles.sizing import choose, gpu_name_for, profile_key, sized_estimates
+from gardenctl.profiles.store import ProfileStore
+from gardenctl.spec.models import ModelSpec
+from gardenctl.units import GiB
+
+H100 = "NVIDIA H100 80GB HBM3"
+LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def key(**overrides):
+    values = {"model": LLAMA, "revision": None, "vllm_version": "0.19.0", "gpu_name": H100,
+              "tensor_parallel_size": 1, "dtype": "auto", "quantization": None,
+              "kv_cache_dtype": "auto", "max_num_seqs": None, "max_num_batched_tokens": None,
+              "enforce_eager": False}
+    values.update(overrides)
+    return make_key(**values)
+
+
+def profile(*, non_kv_gib=16.9, at=1_700_000_000.0, source="worker demo/chat/0", **key_overrides):
+    kv = int(57.2 * GiB)
+    return Profile(key=key(**key_overrides), gpu_total_bytes=int(79.19 * GiB),
+                   gpu_memory_utilization=0.95, weights_bytes=int(14.99 * GiB),
+                   non_kv_bytes=int(non_kv_gib * GiB), kv_cache_bytes=kv,
+                   kv_cache_tokens=kv // 131072 // 16 * 16, kv_bytes_per_token=131_100,
+                   cuda_graph_bytes=int(0.9 * GiB), max_model_len=8192, max_concurrency=57.2,
+                   measured_at=at, source=source)
+
+
+def test_the_store_keeps_one_row_per_key_counts_samples_and_never_shrinks_non_kv(tmp_path):
+    store = ProfileStore.in_state(tmp_path)
+    assert store.all() == []
+    assert not store.path.exists()  # reading creates nothing
+    store.record(profile(non_kv_gib=17.0, at=1.0))
+    stored = store.record(profile(non_kv_gib=16.5, at=2.0))
+    assert stored.samples == 2
+    assert stored.non_kv_bytes == int(16.5 * GiB)  # the latest start
+    assert stored.sizing_non_kv_bytes == int(17.0 * GiB)  # the largest seen
+    again = store.record(profile(non_kv_gib=16.5, at=2.0))  # the same run, seen again
+    assert again.samples == 2
+    store.record(profile(at=3.0, gpu_name="NVIDIA A100-SXM4-80GB"))
+    rows = store.all()
+    assert [(r.key.gpu_name, r.samples) for r in rows] == [("NVIDIA A100-SXM4-80GB", 1),
+                                                           (H100, 2)]
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
+    assert store.forget(LLAMA) == 2 and store.all() == []
+
+
+def _write_many(path: str, worker: int) -> None:
+    store = ProfileStore(path)
+    for i in range(20):
+        store.record(profile(at=float(worker * 100 + i), source=f"worker w{worker}"))
+
+
+def test_processes_writing_at_once_lose_no_sample(tmp_path):
+    path = str(tmp_path / "profiles.sqlite3")
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_write_many, args=(path, n)) for n in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert ProfileStore(path).all()[0].samples == 60
+
+
+def test_a_damaged_database_is_a_clear_state_error(tmp_path):
+    from gardenctl.errors import StateError
+
+    store = ProfileStore.in_state(tmp_path)
+    store.path.write_bytes(b"not a database" * 100)
+    try:
+        store.all()
+    except StateError as exc:
+        assert "profiles.sqlite3" in str(exc)
+    else:
+        raise AssertionError("a damaged database was read as empty")
+
+
+def llama_estimate(**request):
+    values = {"model": LLAMA, "max_model_len": 8192, "min_concurrency": 4}
+    values.update(request)
+    return estimate_memory(EstimateRequest(**values), catalog_metadata(LLAMA, load_catalog()))
+
+
+def test_an_exact_profile_replaces_the_estimate_and_keeps_the_kv_tokens():
+    estimate = llama_estimate()
+    model = ModelSpec(name="chat", model=LLAMA, max_model_len=8192, min_concurrency=4)
+    inventory = Inventory((Node("n", (Gpu("n", 0, H100, int(79.19 * GiB)),)),), "declared")
+    version = estimate.vllm_version
+    measured = profile(vllm_version=version)
+    sized = sized_estimates([model], {"chat": estimate}, inventory, [measured])["chat"]
+    assert sized.memory_source == "measured"
+    assert sized.memory_note.startswith(f"measured on {H100}, vLLM {version}, 2023-11-14")
+    # The footprint outside the KV cache is exactly what vLLM measured...
+    assert sized.budget_bytes - sized.kv_cache.bytes == measured.sizing_non_kv_bytes
+    assert sized.weights.bytes == measured.weights_bytes
+    # ...and the KV cache holds the same tokens at the model's (confirmed) bytes per token.
+    assert sized.kv_bytes_per_token == 131072
+    assert sized.kv_cache.bytes == estimate.kv_cache.bytes
+    assert "confirmed" in sized.kv_bytes_per_token_source
+
+
+def test_a_measured_per_token_figure_that_disagrees_with_the_layout_wins():
+    estimate = llama_estimate()
+    measured = replace(profile(), kv_bytes_per_token=2 * 131072)
+    model = ModelSpec(name="chat", model=LLAMA, max_model_len=8192, min_concurrency=4)
+    inventory = Inventory((Node("n", (Gpu("n", 0, H100, int(79.19 * GiB)),)),), "declared")
+    version = estimate.vllm_version
+    measured = replace(measured, key=replace(measured.key, vllm_version=version))
+    sized = sized_estimates([model], {"chat": estimate}, inventory, [measured])["chat"]
+    assert sized.kv_bytes_per_token == 2 * 131072
+    assert sized.kv_cache.bytes == 2 * estimate.kv_cache.bytes
+
+
+def test_a_profile_of_another_release_or_gpu_is_only_a_hint():
+    estimate = llama_estimate()
+    model = ModelSpec(name="chat", model=LLAMA, max_model_len=8192, min_concurrency=4)
+    inventory = Inventory((Node("n", (Gpu("n", 0, H100, int(79.19 * GiB)),)),), "declared")
+    other_release = profile(vllm_version="0.8.5")
+    sized = sized_estimates([model], {"chat": estimate}, inventory, [other_release])["chat"]
+    assert sized.memory_source == "estimate"
+    assert sized.budget_bytes == estimate.budget_bytes
+    assert sized.memory_note.startswith("hint only (measured on")
+    assert "vLLM 0.8.5" in sized.memory_note
+
+
+def test_no_profile_is_used_when_the_worker_could_land_on_two_gpu_models():
+    model = ModelSpec(name="chat", model=LLAMA)
+    mixed = Inventory((Node("n", (Gpu("n", 0, H100, 80 * GiB),
+                                  Gpu("n", 1, "NVIDIA A100-SXM4-80GB", 80 * GiB))),), "declared")
+    assert gpu_name_for(model, mixed) is None
+    pinned = ModelSpec(name="chat", model=LLAMA, placement={"node": "n", "gpus": [0]})
+    assert gpu_name_for(pinned, mixed) == H100
+
+
+def test_the_plan_key_and_the_learned_key_agree_on_unset_settings():
+    model = ModelSpec(name="chat", model=LLAMA)
+    assert profile_key(model, "0.19.0", H100) == key()
+    assert choose([profile()], key()).exact is not None
+    assert choose([profile()], key(max_num_seqs=64)).exact is None
