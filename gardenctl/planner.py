@@ -73,8 +73,10 @@ def gather_estimates(models: Sequence[ModelSpec], estimator: str,
         request = estimate_request(model, version)
         if (request, note) not in known:
             estimate = estimate_memory(request, cache[key], estimator)
-            if note:
-                estimate = replace(estimate, warnings=(note, *estimate.warnings))
+            if note:  # one warning: why no release was found, and what was assumed
+                assumed = [w for w in estimate.warnings if w.startswith("assumed vLLM")]
+                rest = tuple(w for w in estimate.warnings if w not in assumed)
+                estimate = replace(estimate, warnings=("; ".join([note, *assumed]), *rest))
             known[(request, note)] = estimate
         estimates[model.name] = known[(request, note)]
     return estimates
@@ -161,6 +163,7 @@ def summarise(name: str, ref: str, replicas: int, estimate: MemoryEstimate) -> M
         activation_bytes=estimate.activation.bytes, cuda_graph_bytes=estimate.cuda_graph.bytes,
         non_torch_bytes=estimate.non_torch.bytes, cuda_context_bytes=estimate.cuda_context.bytes,
         total_bytes=estimate.total_bytes, weights_source=estimate.weights.source,
+        memory_source=estimate.memory_source, memory_note=estimate.memory_note,
     )
 
 

@@ -21,6 +21,7 @@ from gardenctl.execute import ApplyReport, Executor, Progress, StepResult
 from gardenctl.inventory.model import Inventory
 from gardenctl.observe import History, Observed
 from gardenctl.plan.model import Plan, Step
+from gardenctl.profiles.model import Profile
 from gardenctl.runtime import base
 from gardenctl.spec.loader import LoadedGarden
 from gardenctl.spec.models import Garden
@@ -37,6 +38,7 @@ class Session:
     probe: base.GpuProbe | None = None
     locked: set[str] = field(default_factory=set)
     clock: Callable[[], float] = time.time  # wall clock: "now" for the plans (backoff, timeouts)
+    learned_runs: set[tuple[str, float]] = field(default_factory=set)  # (worker, start) learned
     _stack: ExitStack = field(default_factory=ExitStack)
 
     def lock(self, garden: str) -> None:
@@ -87,7 +89,25 @@ class Session:
             observed = runtime.observe(confirm_health=confirm_health)
         observed = observed.with_in_flight(in_flight)
         world = circumstances(loaded, inventory, observed, self.state, now=self.clock())
-        return compute_plan(loaded, inventory, observed, world, self.state)
+        result = compute_plan(loaded, inventory, observed, world, self.state)
+        if self.learn(result):  # a worker became ready: size from what it measured
+            result = compute_plan(loaded, inventory, observed, world, self.state)
+        return result
+
+    def learn(self, result: PlanResult, observed: Observed | None = None) -> list[Profile]:
+        """Record a profile for each of the garden's ready workers not learned yet (read from
+        its start-up log, once per run); the next plan sizes its model from it."""
+        from gardenctl.profiles.learn import learn_ready
+        from gardenctl.profiles.store import ProfileStore
+
+        if not self.state.exists:
+            return []
+        garden = result.loaded.garden.name
+        workers = (observed or result.observed).of_garden(garden).workers
+        versions = {name: e.vllm_version for name, e in result.estimates.items()}
+        return learn_ready(workers, self.state.log_path, result.inventory,
+                           ProfileStore.in_state(self.state.root), versions,
+                           seen=self.learned_runs)
 
     def plan_when_gpus_free(self, result: PlanResult, inventory_path: str | None,
                             on_wait: Callable[[str], None], poll: float = 0.5) -> PlanResult:
@@ -149,7 +169,10 @@ class Session:
               on_result: Callable[[StepResult], None] | None = None) -> ApplyReport:
         """Run every step of the plan (remembering what the garden wanted, for later plans)."""
         self.record_applied(result, "apply")
-        return self.executor(result, progress, stop_event).run(result.plan, on_result)
+        report = self.executor(result, progress, stop_event).run(result.plan, on_result)
+        if self.runtime is not None:
+            self.learn(result, self.runtime.observe(confirm_health=False))
+        return report
 
 
 def _gpu_waits(plan: Plan) -> list[Step]:

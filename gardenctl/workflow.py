@@ -38,10 +38,25 @@ def compute_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
     from gardenctl.vllm_version import declared_or_detected
 
     cache = state.root if state is not None and state.root.is_dir() else None
-    estimates = gather_estimates(loaded.models(), loaded.garden.placement.estimator,
-                                 version_of=declared_or_detected(cache))
+    estimates: Mapping[str, MemoryEstimate] = gather_estimates(
+        loaded.models(), loaded.garden.placement.estimator,
+        version_of=declared_or_detected(cache))
+    if state is not None:
+        estimates = measured_sizing(loaded, inventory, estimates, state)
     plan = make_plan(loaded, inventory, observed, estimates, world)
     return PlanResult(loaded, inventory, observed, estimates, plan)
+
+
+def measured_sizing(loaded: LoadedGarden, inventory: Inventory,
+                    estimates: Mapping[str, MemoryEstimate],
+                    state: StateDir) -> Mapping[str, MemoryEstimate]:
+    """Each model sized from its learned profile where one matches (same model, settings,
+    vLLM release and GPU model), else from the estimate (gardenctl.profiles.sizing)."""
+    from gardenctl.profiles.sizing import sized_estimates
+    from gardenctl.profiles.store import ProfileStore
+
+    profiles = ProfileStore.in_state(state.root).all()
+    return sized_estimates(loaded.models(), estimates, inventory, profiles)
 
 
 def circumstances(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
@@ -114,4 +129,4 @@ def plan_read_only(loaded: LoadedGarden, inventory: Inventory, state: StateDir) 
 
 
 __all__ = ["PlanResult", "busy_gpus", "busy_ports", "circumstances", "compute_plan",
-           "observe_without_lock", "plan_read_only"]
+           "measured_sizing", "observe_without_lock", "plan_read_only"]

@@ -152,6 +152,8 @@ class ModelSummary:
     cuda_context_bytes: int
     total_bytes: int
     weights_source: str
+    memory_source: str = "estimate"  # or "measured": sized from a learned profile
+    memory_note: str = ""  # where and when it was measured, or a hint from another release
 
     @property
     def other_bytes(self) -> int:
