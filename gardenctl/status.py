@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gardenctl.backoff import BackoffPolicy, failures_in_a_row
 from gardenctl.errors import GardenError
 from gardenctl.observe import Observed, ObservedWorker
 from gardenctl.plan.model import Plan, Step
+from gardenctl.profiles.learn import Measured
 from gardenctl.state import StateDir
 from gardenctl.vocab import StepKind
 
@@ -53,6 +54,7 @@ class WorkerStatusRow:
     next_cause: str  # why
     failures: int  # failed runs in a row (backoff)
     next_start_after: float | None  # backoff: not before this wall-clock time
+    memory: WorkerMemory | None = None  # claimed / measured / estimated, per GPU
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,7 +66,25 @@ class WorkerStatusRow:
             "next_step": self.next_step, "next_cause": self.next_cause,
             "backoff": None if not self.failures else {
                 "failures": self.failures, "next_start_after": self.next_start_after},
+            "measured": (self.memory.measured.to_json()
+                         if self.memory is not None and self.memory.measured is not None
+                         else None),
+            "estimated_bytes": self.memory.estimated_bytes if self.memory else None,
+            "memory_source": self.memory.source if self.memory else None,
+            "memory_notes": list(self.memory.notes) if self.memory else [],
         }
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """One worker's memory per GPU: what it claims (the plan reserved), what it measured (its
+    vLLM log, and NVML where present), what the plan estimated (or sized from a profile)."""
+
+    measured: Measured | None
+    estimated_bytes: int | None
+    source: str | None  # "estimate" | "measured" (how the plan sized the model)
+    source_note: str
+    notes: tuple[str, ...]  # holds more than claimed, far less, below min_concurrency
 
 
 @dataclass(frozen=True)
@@ -143,7 +163,8 @@ def gather_status(garden_path: str, inventory_path: str | None, state_path: str 
             used = sum(p.used_bytes or 0 for p in gpu.processes if p.pid in pids)
         report.gpus.append(GpuStatus(gpu.node, gpu.index, gpu.name, gpu.total_bytes,
                                      others.get(gpu.key, 0), claimed, used))
-    report.workers = worker_rows(plan, mine, now)
+    report.workers = [replace(row, memory=_memory(row, plan, result, state))
+                      for row in worker_rows(plan, mine, now)]
     report.watch = _watch_info(state, loaded.garden.name)
     report.log_tails = _ended_tails(state, mine)
     return report
@@ -188,6 +209,38 @@ def _row(current: ObservedWorker | None, step: Step | None, now: float,
         current.cause.value if current.cause else None, current.hint, current.pid,
         current.utilization, current.claim_bytes, next_step, step.cause if step else "",
         failures, until)
+
+
+def _memory(row: WorkerStatusRow, plan: Plan, result: Any, state: StateDir) -> WorkerMemory:
+    """Claimed / measured / estimated for one row (measured only for a worker that runs)."""
+    from gardenctl.profiles.learn import claim_note, measure_worker
+
+    summary = next((m for m in plan.models if m.name == row.model), None)
+    worker = result.observed.get(row.worker_id)
+    measured = None
+    if worker is not None and worker.running and worker.garden == result.loaded.garden.name:
+        measured = measure_worker(worker, state.log_path(row.worker_id), result.inventory)
+    notes: tuple[str, ...] = ()
+    if measured is not None and summary is not None:
+        estimate = result.estimates.get(row.model)
+        notes = tuple(claim_note(
+            measured, row.claim_bytes, summary.min_concurrency,
+            measured_per_token(measured, summary.kv_bytes_per_token),
+            summary.max_model_len, estimate.cuda_context.bytes if estimate else 0))
+    return WorkerMemory(
+        measured=measured,
+        estimated_bytes=summary.total_bytes if summary else None,
+        source=summary.memory_source if summary else None,
+        source_note=summary.memory_note if summary else "",
+        notes=notes)
+
+
+def measured_per_token(measured: Measured, fallback: int) -> int:
+    from gardenctl.profiles.model import kv_bytes_per_token
+
+    if measured.kv_cache_bytes and measured.kv_cache_tokens:
+        return kv_bytes_per_token(measured.kv_cache_bytes, measured.kv_cache_tokens)
+    return fallback
 
 
 def _same_process(pid: int, started_at: object) -> bool:

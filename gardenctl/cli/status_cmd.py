@@ -70,12 +70,69 @@ def render_status(report: Any) -> str:
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
     for row in [header, *rows]:
         lines.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    lines += _memory_lines(report.workers)
     for worker_id, tail in sorted(report.log_tails.items()):
         if tail:
             lines.append(f"  last log lines of {shown(worker_id)} (gardenctl logs "
                          f"{shown(worker_id)}):")
             lines += [f"    | {shown(line)[:150]}" for line in tail]
     return "\n".join(lines)
+
+
+def _memory_lines(workers: list[Any]) -> list[str]:
+    """Claimed / measured / estimated per GPU of each worker, and what stands out."""
+    from gardenctl.text import shown
+    from gardenctl.units import format_size
+
+    rows = [w for w in workers if w.memory is not None and w.phase not in ("pending", "held",
+                                                                            "waiting")]
+    if not rows:
+        return []
+    lines = ["", "Memory per GPU (claimed: what the plan reserved; measured: the worker's own "
+             "vLLM log, 'used' from NVML; estimated: how the plan sized the model):"]
+    header = ("WORKER", "CLAIMED", "MEASURED", "ESTIMATED")
+    table = []
+    for w in rows:
+        memory = w.memory
+        estimated = "-"
+        if memory.estimated_bytes is not None:
+            estimated = f"{format_size(memory.estimated_bytes)} ({memory.source})"
+        table.append((shown(w.worker_id), format_size(w.claim_bytes),
+                      _measured_text(memory.measured), estimated))
+    widths = [max(len(r[i]) for r in [*table, header]) for i in range(len(header))]
+    for row in [header, *table]:
+        lines.append("  " + "  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())
+    for w in rows:
+        if w.memory.source_note:
+            lines.append(f"    {shown(w.worker_id)}: sized {shown(w.memory.source_note)}")
+        for note in w.memory.notes:
+            lines.append(f"    ! {shown(w.worker_id)} {shown(note)}")
+    return lines
+
+
+def _measured_text(measured: Any) -> str:
+    from gardenctl.units import format_size
+
+    if measured is None:
+        return "not yet (no start-up lines in its log)"
+    parts = []
+    if measured.gpu_used_bytes is not None:
+        parts.append(f"used {format_size(measured.gpu_used_bytes)}")
+    if measured.weights_bytes is not None:
+        parts.append(f"weights {format_size(measured.weights_bytes)}")
+    if measured.kv_cache_bytes is not None:
+        kv = f"KV {format_size(measured.kv_cache_bytes)}"
+        if measured.kv_cache_tokens is not None:
+            kv += f" ({measured.kv_cache_tokens:,} tokens"
+            if measured.max_concurrency is not None:
+                kv += f", {measured.max_concurrency:.2f}x"
+            kv += ")"
+        parts.append(kv)
+    if measured.non_kv_bytes is not None:
+        parts.append(f"non-KV {format_size(measured.non_kv_bytes)}")
+    if measured.vllm_version:
+        parts.append(f"vLLM {measured.vllm_version}")
+    return ", ".join(parts) or "nothing in its log yet"
 
 
 def _phase(worker: Any) -> str:
