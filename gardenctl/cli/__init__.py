@@ -35,6 +35,8 @@ COMMANDS = {
                "What runs where: GPU ledgers, worker phases, in sync or not."),
     "down": ("gardenctl.cli.down_cmd:down", "Stop every worker of this garden."),
     "logs": ("gardenctl.cli.logs_cmd:logs", "Show (or follow) a worker's log."),
+    "profiles": ("gardenctl.cli.profiles_cmd:profiles",
+                 "Memory profiles learned from real starts; import more from vLLM logs."),
     "watch": ("gardenctl.cli.watch_cmd:watch",
               "Re-converge on every save of the file, on crashes and on a resync."),
 }
