@@ -134,8 +134,11 @@ def parse_version_output(text: str) -> str | None:
 
 
 def _resolve(program: str, env: Mapping[str, str]) -> str | None:
+    """The program as PATH finds it, NOT resolved through symlinks: a virtual environment's
+    python is a symlink to the base interpreter, and run by its real path it would not see
+    the environment's packages (vLLM among them). os.stat (the cache key) follows links."""
     found = shutil.which(program, path=env.get("PATH", os.defpath))
-    return os.path.realpath(found) if found else None
+    return os.path.abspath(found) if found else None
 
 
 def _cache_key(executable: str, command: Sequence[str], env: Mapping[str, str]) -> str | None:
@@ -217,12 +220,11 @@ def _read_cache(path: Path) -> dict[str, str]:
 def _write_cache(path: Path, entries: dict[str, str]) -> None:
     kept = dict(list(entries.items())[-MAX_ENTRIES:])
     document = {"format": CACHE_FORMAT, "entries": kept}
+    from gardenctl.files import write_json_atomic
+
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n",
-                             encoding="utf-8")
-        os.replace(temporary, path)
+        write_json_atomic(path, document)  # 0600, like everything in the state directory
     except OSError:
         pass  # a cache that cannot be written only costs the next run a subprocess
 
