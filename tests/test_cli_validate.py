@@ -26,6 +26,7 @@ models:
 # Llama-3.1-8B at 8k tokens needs about 20 GiB: it cannot fit a 4 GiB GPU.
 TOO_SMALL = """\
 name: lab
+defaults: {vllm_version: 0.32.0}
 inventory:
   nodes:
     - name: tiny
@@ -243,8 +244,8 @@ def test_validate_reports_an_infeasible_garden_with_the_worker_and_why(gardenctl
     issue = only_issue(gardenctl("validate", "-o", "json"))
 
     assert text.code == 1
-    assert text.err.startswith("garden.yaml:7:5: error: models[0]: lab/big/0 does not fit")
-    assert (issue["line"], issue["column"], issue["path"]) == (7, 5, "models[0]")
+    assert text.err.startswith("garden.yaml:8:5: error: models[0]: lab/big/0 does not fit")
+    assert (issue["line"], issue["column"], issue["path"]) == (8, 5, "models[0]")
     assert "lab/big/0 does not fit on the inventory (declared in garden.yaml)" in issue["message"]
     assert "tiny GPU 0: needs" in issue["message"]
     assert "more than its 4.0 GiB in all" in issue["message"]
