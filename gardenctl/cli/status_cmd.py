@@ -103,8 +103,11 @@ def _memory_lines(workers: list[Any]) -> list[str]:
     for row in [header, *table]:
         lines.append("  " + "  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())
     for w in rows:
-        if w.memory.source_note:
-            lines.append(f"    {shown(w.worker_id)}: sized {shown(w.memory.source_note)}")
+        if w.memory.source == "measured":
+            lines.append(f"    {shown(w.worker_id)}: the plan sizes it from its profile, "
+                         f"{shown(w.memory.source_note)}")
+        elif w.memory.source_note:
+            lines.append(f"    {shown(w.worker_id)}: estimated; {shown(w.memory.source_note)}")
         for note in w.memory.notes:
             lines.append(f"    ! {shown(w.worker_id)} {shown(note)}")
     return lines

@@ -101,7 +101,8 @@ def _need(step_id: str, when: When, numbers: dict[str, int]) -> str:
 def _model_lines(plan: Plan) -> list[str]:
     if not plan.models:
         return []
-    lines = ["Models (estimated memory per GPU; `gardenctl estimate MODEL` itemises it):"]
+    lines = ["Models (memory per GPU, estimated or measured; `gardenctl estimate MODEL` "
+             "itemises the estimate):"]
     width = max(len(m.name) for m in plan.models)
     for m in plan.models:
         basis = shown(m.weights_source.split(":", 1)[0][:40])
@@ -112,6 +113,10 @@ def _model_lines(plan: Plan) -> list[str]:
                      f"{format_size(m.weights_bytes)} ({basis}) + KV "
                      f"{format_size(m.kv_cache_bytes)} ({sequences}{tp}) + other "
                      f"{format_size(m.other_bytes)}")
+        if m.memory_source == "measured":
+            lines.append(f"  {'':<{width}}  sized from its profile: {shown(m.memory_note)}")
+        elif m.memory_note:
+            lines.append(f"  {'':<{width}}  estimated; {shown(m.memory_note)}")
     lines.append("")
     return lines
 

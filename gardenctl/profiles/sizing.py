@@ -23,6 +23,9 @@ from gardenctl.units import GiB
 # Bytes per token read back from a log carry the rounding of "X.XX GiB" and of whole blocks;
 # within this fraction of the model's own figure, the model's exact figure is the one used.
 PER_TOKEN_AGREEMENT = 0.005
+# Warnings of the static estimate that a measurement makes moot: how the weights and the
+# model's dimensions were guessed (gardenctl.estimate.weights and .core word them so).
+STATIC_GUESSES = ("weights of ", "KV cache, activations and CUDA graphs of ")
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ def size_from_profile(estimate: MemoryEstimate, profile: Profile) -> MemoryEstim
         estimate,
         kv_bytes_per_token=per_token,
         kv_bytes_per_token_source=per_token_source,
-        weights=Item(weights, f"{note}: 'Model loading took {_gib(profile.weights_bytes)}'"),
+        weights=Item(weights, f"measured: 'Model loading took {_gib(profile.weights_bytes)}' "
+                              f"({note})"),
         kv_cache=Item(kv, f"{per_token:,} B/token ({per_token_source}) x "
                           f"{math.ceil(tokens):,} tokens"),
         activation=Item(activation, f"{note}: non-KV {_gib(non_kv)} ({samples}, the largest) "
@@ -93,6 +97,7 @@ def size_from_profile(estimate: MemoryEstimate, profile: Profile) -> MemoryEstim
         non_torch=Item(non_torch, estimate.non_torch.source),
         memory_source="measured",
         memory_note=note,
+        warnings=tuple(w for w in estimate.warnings if not w.startswith(STATIC_GUESSES)),
     )
 
 
