@@ -151,3 +151,32 @@ def test_the_plan_key_and_the_learned_key_agree_on_unset_settings():
     assert profile_key(model, "0.19.0", H100) == key()
     assert choose([profile()], key()).exact is not None
     assert choose([profile()], key(max_num_seqs=64)).exact is None
+
+
+def measured(**values):
+    from gardenctl.profiles.learn import Measured
+
+    fields = {"vllm_version": "0.32.0", "weights_bytes": 4 * GiB, "kv_cache_bytes": 2 * GiB,
+              "kv_cache_tokens": 16384, "max_concurrency": 2.0, "cuda_graph_bytes": GiB // 2,
+              "non_kv_bytes": 6 * GiB, "gpu_used_bytes": None}
+    fields.update(values)
+    return Measured(**fields)
+
+
+def notes(m, claim_gib=8.5, min_concurrency=2):
+    from gardenctl.profiles.learn import claim_note
+
+    return claim_note(m, int(claim_gib * GiB), min_concurrency, 131072, 8192, GiB // 2)
+
+
+def test_status_notes_flag_overruns_idle_claims_and_low_concurrency():
+    assert notes(measured()) == []  # needs 6 + 2 + 0.5 GiB of its 8.5: nothing to say
+    [over] = notes(measured(gpu_used_bytes=9 * GiB))
+    assert over.startswith("holds 0.50 GiB more than it claimed: its neighbours are at risk")
+    [idle] = notes(measured(gpu_used_bytes=5 * GiB))
+    assert "far less than the 8.50 GiB it claimed: 3.50 GiB could serve other models" in idle
+    [low] = notes(measured(max_concurrency=1.5))
+    assert low == "maximum concurrency 1.50 is below min_concurrency 2"
+    # Without NVML: what its measured footprint needs for min_concurrency, against the claim.
+    [spare] = notes(measured(), claim_gib=20)
+    assert spare.startswith("needs 8.50 GiB for min_concurrency 2 but claims 20.00 GiB")

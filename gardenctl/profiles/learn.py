@@ -186,13 +186,17 @@ def claim_note(measured: Measured, claim_bytes: int, min_concurrency: int,
     if measured.gpu_used_bytes is not None and measured.gpu_used_bytes > claim_bytes * 1.02:
         over = measured.gpu_used_bytes - claim_bytes
         notes.append(f"holds {_gib(over)} more than it claimed: its neighbours are at risk")
+    elif measured.gpu_used_bytes is not None and measured.gpu_used_bytes < claim_bytes * 0.75:
+        notes.append(f"holds {_gib(measured.gpu_used_bytes)}, far less than the "
+                     f"{_gib(claim_bytes)} it claimed: "
+                     f"{_gib(claim_bytes - measured.gpu_used_bytes)} could serve other models")
     if measured.max_concurrency is not None and measured.max_concurrency < min_concurrency:
         notes.append(f"maximum concurrency {measured.max_concurrency:.2f} is below "
                      f"min_concurrency {min_concurrency}")
     if measured.non_kv_bytes is not None and kv_bytes_per_token and max_model_len:
         needed = (measured.non_kv_bytes + context_bytes
                   + math.ceil(min_concurrency * max_model_len * kv_bytes_per_token))
-        if needed < claim_bytes * 0.75:
+        if needed < claim_bytes * 0.75 and not notes:
             notes.append(f"needs {_gib(needed)} for min_concurrency {min_concurrency} but "
                          f"claims {_gib(claim_bytes)}: {_gib(claim_bytes - needed)} could serve "
                          f"other models")
