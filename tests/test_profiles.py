@@ -180,3 +180,22 @@ def test_status_notes_flag_overruns_idle_claims_and_low_concurrency():
     # Without NVML: what its measured footprint needs for min_concurrency, against the claim.
     [spare] = notes(measured(), claim_gib=20)
     assert spare.startswith("needs 8.50 GiB for min_concurrency 2 but claims 20.00 GiB")
+
+
+def test_a_users_run_that_kept_the_graph_pool_outside_its_budget_is_sized_with_it_inside():
+    from gardenctl.profiles.learn import graphs_counted
+
+    # vLLM 0.19 counts the graph pool inside the budget only with the profiler variable, which
+    # gardenctl sets for its workers and a user's own run left at its default (off).
+    assert graphs_counted("0.19.0", by_gardenctl=True)
+    assert not graphs_counted("0.19.0", by_gardenctl=False)
+    assert graphs_counted("0.20.0", by_gardenctl=False)
+    estimate = llama_estimate(vllm_version="0.19.0")
+    assert estimate.graphs_in_budget
+    model = ModelSpec(name="chat", model=LLAMA, max_model_len=8192, min_concurrency=4)
+    inventory = Inventory((Node("n", (Gpu("n", 0, H100, int(79.19 * GiB)),)),), "declared")
+    inside = profile(vllm_version="0.19.0")
+    outside = replace(inside, graphs_in_budget=False)
+    with_graphs = sized_estimates([model], {"chat": estimate}, inventory, [inside])["chat"]
+    without = sized_estimates([model], {"chat": estimate}, inventory, [outside])["chat"]
+    assert without.budget_bytes - with_graphs.budget_bytes == inside.cuda_graph_bytes

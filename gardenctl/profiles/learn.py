@@ -76,12 +76,16 @@ def measured_from(report: StartupReport, *, utilization: float | None,
     truth of that start), the worker's flag and the inventory only where the log is silent."""
     util = report.gpu_memory_utilization or utilization
     total = report.gpu_total_bytes or gpu_total_bytes
+    # The budget less the KV cache: what sizing needs, whatever vLLM's own non-KV figure
+    # (DEBUG) counts; the stated figure only where the budget cannot be computed.
+    non_kv = (math.ceil(total * util) - report.kv_cache_bytes
+              if util and total and report.kv_cache_bytes is not None
+              else report.derived_non_kv_bytes(utilization, gpu_total_bytes))
     return Measured(
         vllm_version=report.vllm_version, weights_bytes=report.weights_bytes,
         kv_cache_bytes=report.kv_cache_bytes, kv_cache_tokens=report.kv_cache_tokens,
         max_concurrency=report.max_concurrency, cuda_graph_bytes=report.cuda_graph_bytes,
-        non_kv_bytes=report.derived_non_kv_bytes(utilization, gpu_total_bytes),
-        gpu_used_bytes=gpu_used_bytes, max_model_len=report.max_model_len,
+        non_kv_bytes=non_kv, gpu_used_bytes=gpu_used_bytes, max_model_len=report.max_model_len,
         gpu_memory_utilization=util, gpu_total_bytes=total)
 
 
@@ -129,8 +133,8 @@ def key_of(spec: DesiredWorker, *, vllm_version: str | None, gpu_name: str | Non
         enforce_eager="--enforce-eager" in flags)
 
 
-def profile_of(measured: Measured, key: ProfileKey, *, measured_at: float,
-               source: str) -> Profile | None:
+def profile_of(measured: Measured, key: ProfileKey, *, measured_at: float, source: str,
+               graphs_in_budget: bool) -> Profile | None:
     """A profile from a complete measurement; None when the log did not say enough."""
     if not measured.complete:
         return None
@@ -146,7 +150,8 @@ def profile_of(measured: Measured, key: ProfileKey, *, measured_at: float,
         kv_bytes_per_token=kv_bytes_per_token(measured.kv_cache_bytes,
                                               measured.kv_cache_tokens),
         cuda_graph_bytes=measured.cuda_graph_bytes, max_model_len=measured.max_model_len,
-        max_concurrency=measured.max_concurrency, measured_at=measured_at, source=source)
+        max_concurrency=measured.max_concurrency, measured_at=measured_at, source=source,
+        graphs_in_budget=graphs_in_budget)
 
 
 def learn_ready(workers: Iterable[ObservedWorker], logs: Any, inventory: Inventory,
@@ -171,7 +176,8 @@ def learn_ready(workers: Iterable[ObservedWorker], logs: Any, inventory: Invento
         version = measured.vllm_version or versions.get(worker.model)
         key = key_of(worker.spec, vllm_version=version, gpu_name=gpu.name if gpu else None)
         profile = profile_of(measured, key, measured_at=worker.started_at,
-                             source=f"worker {worker.worker_id}")
+                             source=f"worker {worker.worker_id}",
+                             graphs_in_budget=graphs_counted(version, by_gardenctl=True))
         if profile is not None:
             learned.append(store.record(profile))
         if seen is not None:
@@ -243,10 +249,27 @@ def import_log(path: str | Path, store: ProfileStore, *, gpu_name: str,
         max_num_batched_tokens=_text(args.get("max_num_batched_tokens")),
         enforce_eager=bool(args.get("enforce_eager")))
     profile = profile_of(measured, key, measured_at=measured_at,
-                         source=f"imported {Path(path).name}")
+                         source=f"imported {Path(path).name}",
+                         graphs_in_budget=graphs_counted(version, by_gardenctl=False))
     if profile is None:
         raise GardenError(f"{path}: the log reports no KV cache to learn from")
     return store.record(profile)
+
+
+def graphs_counted(version: str | None, *, by_gardenctl: bool) -> bool:
+    """Did a start of ``version`` count the CUDA-graph pool inside its budget? From 0.18 when
+    VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1: gardenctl always sets it; a user's own run had
+    vLLM's default, on from 0.20 (docs/vllm.md section 1)."""
+    from gardenctl.errors import GardenError
+    from gardenctl.estimate.releases import parse_version, traits_for
+
+    traits, _, _ = traits_for(version)
+    if by_gardenctl or not version:
+        return traits.graphs_in_budget
+    try:
+        return traits.graphs_in_budget and parse_version(version) >= (0, 20, 0)
+    except GardenError:  # not a version: what traits_for assumed
+        return traits.graphs_in_budget
 
 
 def _text(value: object) -> str | None:

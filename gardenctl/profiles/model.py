@@ -93,6 +93,9 @@ class Profile:
     max_concurrency: float | None
     measured_at: float  # wall-clock time of the start
     source: str  # "worker <id>" or "imported <file>"
+    # Whether that start's budget held the CUDA-graph pool (vLLM >= 0.18 with
+    # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1, which gardenctl sets; its default from 0.20).
+    graphs_in_budget: bool = True
     samples: int = 1  # how many starts agreed on this key
     non_kv_max_bytes: int = 0  # the largest non-KV footprint any of them showed
 
@@ -109,6 +112,7 @@ class Profile:
         key = ProfileKey(**{f.name: row[f.name] for f in fields(ProfileKey)})
         key = ProfileKey(**{**asdict(key), "enforce_eager": bool(key.enforce_eager)})
         values = {f.name: row[f.name] for f in fields(cls) if f.name != "key"}
+        values["graphs_in_budget"] = bool(values["graphs_in_budget"])
         return cls(key=key, **values)
 
 

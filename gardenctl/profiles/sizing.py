@@ -71,11 +71,15 @@ def size_from_profile(estimate: MemoryEstimate, profile: Profile) -> MemoryEstim
     per_token, per_token_source = _per_token(estimate, profile)
     tokens = estimate.kv_cache.bytes / max(1, estimate.kv_bytes_per_token)
     kv = math.ceil(tokens * per_token)
-    non_kv = profile.sizing_non_kv_bytes
-    weights = min(profile.weights_bytes, non_kv)
     graphs_inside = estimate.graphs_in_budget
     graph_bytes = profile.cuda_graph_bytes if profile.cuda_graph_bytes is not None \
         else estimate.cuda_graph.bytes
+    non_kv = profile.sizing_non_kv_bytes
+    if graphs_inside and not profile.graphs_in_budget:  # a user's run without the variable
+        non_kv += graph_bytes
+    elif profile.graphs_in_budget and not graphs_inside:
+        non_kv = max(0, non_kv - graph_bytes)
+    weights = min(profile.weights_bytes, non_kv)
     graph_in = graph_bytes if graphs_inside else 0
     non_torch = min(estimate.non_torch.bytes, max(0, non_kv - weights - graph_in))
     activation = max(0, non_kv - weights - graph_in - non_torch)

@@ -28,7 +28,8 @@ _TYPES = {"tensor_parallel_size": "INTEGER NOT NULL", "enforce_eager": "INTEGER 
           "weights_bytes": "INTEGER", "non_kv_bytes": "INTEGER", "kv_cache_bytes": "INTEGER",
           "kv_cache_tokens": "INTEGER", "kv_bytes_per_token": "INTEGER",
           "cuda_graph_bytes": "INTEGER", "max_model_len": "INTEGER", "max_concurrency": "REAL",
-          "measured_at": "REAL", "samples": "INTEGER", "non_kv_max_bytes": "INTEGER"}
+          "measured_at": "REAL", "samples": "INTEGER", "non_kv_max_bytes": "INTEGER",
+          "graphs_in_budget": "INTEGER"}
 
 
 def _column(name: str) -> str:
@@ -98,7 +99,7 @@ class ProfileStore:
             return before  # the same start, seen again
         merged = _merge(before, profile)
         columns = (*KEY_COLUMNS, *VALUE_COLUMNS)
-        values = (*key_values, *(getattr(merged, c) for c in VALUE_COLUMNS))
+        values = (*key_values, *(_sql(getattr(merged, c)) for c in VALUE_COLUMNS))
         db.execute(f"INSERT OR REPLACE INTO profiles ({', '.join(columns)}) "
                    f"VALUES ({', '.join('?' for _ in columns)})", values)
         return merged
@@ -130,8 +131,11 @@ def _has_table(db: sqlite3.Connection) -> bool:
 
 
 def _key_values(key: ProfileKey) -> tuple[object, ...]:
-    return tuple(int(v) if isinstance(v, bool) else v for v in
-                 (getattr(key, c) for c in KEY_COLUMNS))
+    return tuple(_sql(getattr(key, c)) for c in KEY_COLUMNS)
+
+
+def _sql(value: object) -> object:
+    return int(value) if isinstance(value, bool) else value
 
 
 def _merge(before: Profile | None, new: Profile) -> Profile:
