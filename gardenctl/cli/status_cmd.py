@@ -88,15 +88,17 @@ def _memory_lines(workers: list[Any]) -> list[str]:
                                                                             "waiting")]
     if not rows:
         return []
-    lines = ["", "Memory per GPU (claimed: what the plan reserved; measured: the worker's own "
-             "vLLM log, 'used' from NVML; estimated: how the plan sized the model):"]
+    lines = ["", "Memory per GPU (claimed: what the plan reserved for the worker; measured: what "
+             "its own vLLM log says, 'used' from NVML; estimated: what the plan sizes the model "
+             "at now):"]
     header = ("WORKER", "CLAIMED", "MEASURED", "ESTIMATED")
     table = []
     for w in rows:
         memory = w.memory
         estimated = "-"
         if memory.estimated_bytes is not None:
-            estimated = f"{format_size(memory.estimated_bytes)} ({memory.source})"
+            how = "from its profile" if memory.source == "measured" else "static estimate"
+            estimated = f"{format_size(memory.estimated_bytes)} ({how})"
         table.append((shown(w.worker_id), format_size(w.claim_bytes),
                       _measured_text(memory.measured), estimated))
     widths = [max(len(r[i]) for r in [*table, header]) for i in range(len(header))]
