@@ -92,6 +92,30 @@ def actions_since(watch: Watch, mark: int) -> list[tuple[str, str]]:
 
 # -- edits ---------------------------------------------------------------------------------------
 
+def test_watch_learns_each_ready_worker_and_keeps_it_running(garden):
+    alpha = garden.worker_id("alpha")
+    watch = start_watch(garden, [model("alpha")])
+    before = garden.worker_pids()
+
+    def learned() -> list[dict]:
+        run = garden.run("profiles", "-o", "json")
+        return run.json()["profiles"] if run.code == 0 else []
+
+    [profile] = wait_until(learned, "the watch learned alpha's profile", timeout=REACTION)
+    assert profile["source"] == f"worker {alpha}"
+    plan = garden.run("plan", "-o", "json").json()
+    assert [m["memory_source"] for m in plan["models"]] == ["measured"]
+    # The next pass (a save: a new version of the file) sizes alpha from its profile, and the
+    # running worker keeps its claim: nothing is stopped or started.
+    mark = watch.mark()
+    text = garden.text([model("alpha")]) + "# learned\n"
+    garden.save_text(text)
+    watch_status_once(garden, lambda status: (status.get("last_applied") or {}).get("version")
+                      == version_of(text))
+    assert actions_since(watch, mark) == []
+    assert garden.worker_pids() == before
+
+
 def test_each_edit_restarts_only_the_worker_it_changes(garden):
     alpha, beta, gamma = (garden.worker_id(n) for n in ("alpha", "beta", "gamma"))
     watch = start_watch(garden, [model("alpha"), model("beta")])

@@ -170,8 +170,12 @@ def learn_ready(workers: Iterable[ObservedWorker], logs: Any, inventory: Invento
         if seen is not None and run in seen:
             continue
         measured = measure_worker(worker, logs(worker.worker_id), inventory)
-        if measured is None or not measured.complete:
-            continue  # the log may not be flushed yet: try again on the next pass
+        if measured is None:
+            continue  # no log yet: try again on the next pass
+        if seen is not None:  # ready: its start-up lines are all written, complete or not
+            seen.add(run)
+        if not measured.complete:
+            continue  # e.g. vLLM 0.8 logs no KV cache size at INFO level
         gpu = inventory.gpu(worker.node, worker.gpus[0]) if worker.gpus else None
         version = measured.vllm_version or versions.get(worker.model)
         key = key_of(worker.spec, vllm_version=version, gpu_name=gpu.name if gpu else None)
@@ -180,8 +184,6 @@ def learn_ready(workers: Iterable[ObservedWorker], logs: Any, inventory: Invento
                              graphs_in_budget=graphs_counted(version, by_gardenctl=True))
         if profile is not None:
             learned.append(store.record(profile))
-        if seen is not None:
-            seen.add(run)
     return learned
 
 
