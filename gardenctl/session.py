@@ -68,19 +68,24 @@ class Session:
             self.probe = open_probe(inventory)
         return self.runtime
 
-    def plan(self, garden_path: str, inventory_path: str | None) -> PlanResult:
+    def plan(self, garden_path: str, inventory_path: str | None, *,
+             detect: bool = True) -> PlanResult:
         from gardenctl.spec.loader import load_garden
 
         loaded = load_garden(garden_path)
         self.lock(loaded.garden.name)
-        return self.plan_loaded(loaded, inventory_path)
+        return self.plan_loaded(loaded, inventory_path, detect=detect)
 
     def plan_loaded(self, loaded: LoadedGarden, inventory_path: str | None,
                     observed: Observed | None = None, *, confirm_health: bool = True,
-                    in_flight: frozenset[str] = frozenset()) -> PlanResult:
+                    in_flight: frozenset[str] = frozenset(), detect: bool = True,
+                    learn: bool = False) -> PlanResult:
         """Plan ``loaded`` against what runs now: observed here, or the snapshot given (one
         observation serves every plan of a watch pass). ``in_flight``: workers this
-        gardenctl is acting on right now (the plan waits for them)."""
+        gardenctl is acting on right now (the plan waits for them). ``detect``: ask each
+        vllm_command its release (what `plan` cannot do, so a saved plan's apply does not);
+        ``learn``: first learn from workers that became ready (watch; apply learns after it
+        ran, so that its plan is the one `plan` shows)."""
         from gardenctl.inventory import resolve_inventory
 
         inventory = resolve_inventory(loaded.garden, loaded.path, inventory_path)
@@ -89,9 +94,9 @@ class Session:
             observed = runtime.observe(confirm_health=confirm_health)
         observed = observed.with_in_flight(in_flight)
         world = circumstances(loaded, inventory, observed, self.state, now=self.clock())
-        result = compute_plan(loaded, inventory, observed, world, self.state)
-        if self.learn(result):  # a worker became ready: size from what it measured
-            result = compute_plan(loaded, inventory, observed, world, self.state)
+        result = compute_plan(loaded, inventory, observed, world, self.state, detect=detect)
+        if learn and self.learn(result):  # a worker became ready: size from what it measured
+            result = compute_plan(loaded, inventory, observed, world, self.state, detect=detect)
         return result
 
     def learn(self, result: PlanResult, observed: Observed | None = None) -> list[Profile]:
@@ -124,7 +129,7 @@ class Session:
                 said = waits[0].cause
                 on_wait(f"{waits[0].worker_id}: {said}")
             time.sleep(poll)
-            result = self.plan_loaded(result.loaded, inventory_path)
+            result = self.plan_loaded(result.loaded, inventory_path, detect=False)
             waits = _gpu_waits(result.plan)
         return result
 

@@ -4,7 +4,11 @@ vLLM's CLI answers `vllm --version` with the installed version alone (argparse's
 action with `importlib.metadata.version("vllm")`, `vllm/entrypoints/cli/main.py`), e.g.
 `0.32.0`. gardenctl never imports vLLM: it runs `[*vllm_command, "--version"]` (an argv
 list, no shell) with the environment it is given, bounded in time and output, and takes the
-first version-like token of what it printed.
+last line of its output that is a version alone (vLLM may log warnings to stdout first).
+
+Only the commands that start workers (`apply`, `watch`) run it: they run what the garden file
+names anyway. `validate`, `plan` and `status` read the cache and never run anything from the
+file (a CI job validating a pull request must not execute the pull request's `vllm_command`).
 
 The answer is cached in a small JSON file (`vllm-versions.json` under the state directory),
 keyed by the resolved executable (for `python -m ...` that is the interpreter), its mtime and
@@ -38,9 +42,13 @@ MAX_OUTPUT = 64 * 1024  # bytes read from the command's output
 MAX_ENTRIES = 64  # cache entries kept (the most recent)
 # Variables of gardenctl's own environment the command may need to start (find its
 # interpreter, its virtual environment, a locale); the model's non-secret env is added.
-PASSED_THROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "VIRTUAL_ENV", "PYTHONPATH", "LD_LIBRARY_PATH")
+# Not PYTHONPATH or LD_LIBRARY_PATH: workers do not inherit them either (runtime/environment.py),
+# so the command must answer for the vLLM the workers will run.
+PASSED_THROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "VIRTUAL_ENV")
 _FAILED: set[str] = set()  # cache keys that gave no version in this process (not on disk)
-_VERSION_TOKEN = re.compile(r"(?<![\w.])v?(\d+\.\d+(?:\.\d+)?(?:[.+-]?[A-Za-z0-9.+-]*)?)")
+_VERSION_LINE = re.compile(
+    r"^\s*(?:vllm\s+)?v?(\d+\.\d+(?:\.\d+)?(?:[.+-]?[A-Za-z0-9.+-]*)?)\s*$", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ def detect_vllm_version(
     env: Mapping[str, str],
     cache_dir: Path | None,
     timeout: float = TIMEOUT_S,
+    probe: bool = True,
 ) -> DetectedVersion | None:
     """The version `[*command, "--version"]` prints, or None when the command cannot be run,
     fails, times out or prints no version. ``env`` is the whole environment of the child
@@ -71,7 +80,7 @@ def detect_vllm_version(
     entries = _read_cache(cache_path) if cache_path is not None else {}
     if key in entries:
         return DetectedVersion(entries[key], executable, cached=True)
-    if key in _FAILED:
+    if key in _FAILED or not probe:
         return None
     version = _ask(executable, command, env, timeout)
     if version is None:
@@ -97,10 +106,11 @@ def detection_env(model: ModelSpec, environ: Mapping[str, str]) -> dict[str, str
 
 
 def declared_or_detected(
-    cache_dir: Path | None, environ: Mapping[str, str] | None = None
+    cache_dir: Path | None, environ: Mapping[str, str] | None = None, *, probe: bool = False
 ) -> Callable[[ModelSpec], tuple[str | None, str]]:
     """A `version_of` for planner.gather_estimates: a model's declared vllm_version, else the
-    version its vllm_command prints (cached in ``cache_dir``), else (None, why)."""
+    version its vllm_command printed (cached in ``cache_dir``), else (None, why). Only with
+    ``probe`` (apply, watch) is the command run and the cache written."""
     environ = os.environ if environ is None else environ
     answers: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], str | None] = {}
 
@@ -110,11 +120,15 @@ def declared_or_detected(
         env = detection_env(model, environ)
         key = (tuple(model.vllm_command), tuple(sorted(env.items())))
         if key not in answers:
-            detected = detect_vllm_version(model.vllm_command, env, cache_dir)
+            detected = detect_vllm_version(model.vllm_command, env, cache_dir, probe=probe)
             answers[key] = detected.version if detected else None
         version = answers[key]
         if version is None:
             shown = " ".join(model.vllm_command)
+            if not probe:
+                return None, (f"the vLLM release is not declared and `{shown} --version` has "
+                              "not answered yet (apply and watch ask it; plan, status and "
+                              "validate never run it)")
             return None, (
                 f"the vLLM release could not be detected: `{shown} --version` did not run or "
                 "printed no version"
@@ -125,12 +139,14 @@ def declared_or_detected(
 
 
 def parse_version_output(text: str) -> str | None:
-    """The first version-like token (X.Y[.Z][suffix]) of a command's output."""
+    """The last line of a command's output that is a version alone (X.Y[.Z][suffix]): vLLM
+    may print log lines (with versions of other things in them) before its own."""
+    found = None
     for line in text.splitlines():
-        match = _VERSION_TOKEN.search(line)
+        match = _VERSION_LINE.match(line)
         if match:
-            return match.group(1).rstrip(".")
-    return None
+            found = match.group(1).rstrip(".")
+    return found
 
 
 def _resolve(program: str, env: Mapping[str, str]) -> str | None:
@@ -177,8 +193,14 @@ def _ask(executable: str, command: Sequence[str], env: Mapping[str, str],
         selector.register(process.stdout, selectors.EVENT_READ)
         while size < MAX_OUTPUT:
             left = deadline - time.monotonic()
-            if left <= 0 or not selector.select(left):
+            if left <= 0:
                 break
+            if not selector.select(min(left, 0.1)):
+                # Nothing to read: done once the command itself has exited, even if a child
+                # it left behind still holds the pipe open.
+                if process.poll() is not None:
+                    break
+                continue
             chunk = os.read(process.stdout.fileno(), MAX_OUTPUT - size)
             if not chunk:
                 break
@@ -188,10 +210,8 @@ def _ask(executable: str, command: Sequence[str], env: Mapping[str, str],
         code = process.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         code = None
-    if code is None or size >= MAX_OUTPUT:
-        _kill_group(process)
-        return None
-    if code != 0:
+    _kill_group(process)  # whatever it left behind (a wrapper's children) goes too
+    if code is None or size >= MAX_OUTPUT or code != 0:
         return None
     return parse_version_output(b"".join(chunks).decode("utf-8", "replace"))
 
@@ -200,7 +220,7 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except OSError:
-        pass
+        pass  # the group is gone already
     process.wait()
 
 

@@ -253,7 +253,7 @@ class Watcher:
     def _plan(self, loaded: LoadedGarden, observed: Observed | None = None) -> PlanResult:
         in_flight = self.in_flight()
         return self.session.plan_loaded(loaded, self.options.inventory_path, observed,
-                                        confirm_health=False, in_flight=in_flight)
+                                        confirm_health=False, in_flight=in_flight, learn=True)
 
     def _pass(self, reason: str) -> None:
         candidate = self._read_candidate()

@@ -31,7 +31,7 @@ class PlanResult:
 
 def compute_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
                  world: Circumstances | None = None,
-                 state: StateDir | None = None) -> PlanResult:
+                 state: StateDir | None = None, *, detect: bool = False) -> PlanResult:
     """Read the models' metadata and the vLLM release of each vllm_command (the only I/O
     left; the release is cached in ``state``), then plan: a pure function of the rest."""
     from gardenctl.planner import gather_estimates, make_plan
@@ -40,7 +40,7 @@ def compute_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
     cache = state.root if state is not None and state.root.is_dir() else None
     estimates: Mapping[str, MemoryEstimate] = gather_estimates(
         loaded.models(), loaded.garden.placement.estimator,
-        version_of=declared_or_detected(cache))
+        version_of=declared_or_detected(cache, probe=detect))
     if state is not None:
         estimates = measured_sizing(loaded, inventory, estimates, state)
     plan = make_plan(loaded, inventory, observed, estimates, world)

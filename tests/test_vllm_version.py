@@ -7,6 +7,7 @@ import os
 import stat
 import sys
 
+import psutil
 import pytest
 
 from gardenctl.spec.models import ModelSpec
@@ -96,13 +97,13 @@ def test_the_child_sees_only_the_environment_it_is_given(tmp_path, monkeypatch):
 def test_a_command_found_on_path_is_keyed_by_its_resolved_path(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake_vllm(bin_dir, "print('vllm 0.18.0')")
+    fake_vllm(bin_dir, "print('0.18.0')")
 
     found = detect_vllm_version(["vllm"], {"PATH": str(bin_dir)}, tmp_path / "state")
 
     assert found is not None
     assert found.version == "0.18.0"
-    assert found.executable == os.path.realpath(bin_dir / "vllm")
+    assert found.executable == os.path.abspath(bin_dir / "vllm")
 
 
 def test_python_m_commands_run_through_the_interpreter(tmp_path):
@@ -170,17 +171,20 @@ def test_a_corrupt_cache_file_is_ignored_and_rewritten(tmp_path):
         ("0.32.0\n", "0.32.0"),
         ("vllm 0.19.1\n", "0.19.1"),
         ("INFO something\n0.7.1.dev12+gabc\n", "0.7.1.dev12+gabc"),
+        # vLLM may log to stdout before it answers: other versions in those lines are not it
+        ("WARNING 12-01 10:00:00.123 Using CUDA 12.8 with torch 2.9.0\n0.19.1\n", "0.19.1"),
+        ("0.19.1\nINFO 12-01 10:00:00 exiting\n", "0.19.1"),
         ("v0.11.0\n", "0.11.0"),
         ("nothing\n", None),
     ],
 )
-def test_the_first_version_token_of_the_output_is_taken(text, version):
+def test_the_last_line_that_is_a_version_is_taken(text, version):
     assert parse_version_output(text) == version
 
 
 def test_declared_versions_win_and_undetectable_ones_say_why(tmp_path):
     script = fake_vllm(tmp_path, "print('0.17.0')")
-    resolve = declared_or_detected(tmp_path / "state", ENV)
+    resolve = declared_or_detected(tmp_path / "state", ENV, probe=True)
     declared = ModelSpec(name="a", model="m", vllm_version="0.19.0", vllm_command=[str(script)])
     detected = ModelSpec(name="b", model="m", vllm_command=[str(script)])
     same = ModelSpec(name="c", model="n", vllm_command=[str(script)])
@@ -194,6 +198,23 @@ def test_declared_versions_win_and_undetectable_ones_say_why(tmp_path):
     assert calls(tmp_path) == ["--version"]  # once for b and c, never for the declared a
 
 
+def test_plan_status_and_validate_never_run_the_command_they_only_read_what_apply_learned(
+        tmp_path):
+    # A CI job validating a pull request must not execute the pull request's vllm_command.
+    script = fake_vllm(tmp_path, "print('0.17.0')")
+    model = ModelSpec(name="b", model="m", vllm_command=[str(script)])
+    (tmp_path / "state").mkdir()
+
+    version, why = declared_or_detected(tmp_path / "state", ENV)(model)
+    assert version is None and "never run it" in why
+    assert calls(tmp_path) == []
+    assert list((tmp_path / "state").iterdir()) == []  # nothing written either
+
+    assert declared_or_detected(tmp_path / "state", ENV, probe=True)(model) == ("0.17.0", "")
+    assert declared_or_detected(tmp_path / "state", ENV)(model) == ("0.17.0", "")
+    assert calls(tmp_path) == ["--version"]
+
+
 def test_detection_passes_the_models_env_but_no_secrets():
     model = ModelSpec(
         name="a", model="m",
@@ -203,3 +224,25 @@ def test_detection_passes_the_models_env_but_no_secrets():
     env = detection_env(model, {"PATH": "/bin", "HOME": "/h", "OTHER": "x"})
 
     assert env == {"PATH": "/bin", "HOME": "/h", "VLLM_TARGET": "cuda"}
+
+
+def test_a_probe_that_answers_leaves_no_process_behind(tmp_path):
+    # A wrapper (a container runner, a launcher script) may leave children running after it
+    # printed the version: the probe's whole process group goes.
+    pid_file = tmp_path / "child.pid"
+    script = fake_vllm(tmp_path, (
+        "import subprocess\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "print('0.21.0', flush=True)"))
+
+    found = detect_vllm_version([str(script)], ENV, None)
+
+    assert found is not None and found.version == "0.21.0"
+    try:
+        child = psutil.Process(int(pid_file.read_text()))
+    except psutil.NoSuchProcess:
+        return  # gone already
+    # SIGKILL was sent to its group: wait for it to die (a zombie reparented to init counts).
+    gone, alive = psutil.wait_procs([child], timeout=10)
+    assert gone or all(p.status() == psutil.STATUS_ZOMBIE for p in alive)

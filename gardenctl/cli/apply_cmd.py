@@ -35,7 +35,9 @@ def apply(plan_file: str | None, garden_path: str, inventory_path: str | None,
 
     with open_session(state_path, "gardenctl apply") as session:
         path = _garden_of(plan_file) if plan_file else garden_path
-        result = session.plan(path, inventory_path)
+        # A saved plan is checked against the plan made now from what `plan` knew: the
+        # releases remembered, not asked again.
+        result = session.plan(path, inventory_path, detect=plan_file is None)
         if plan_file:  # a saved plan runs as it was made, waits included
             session.check_saved(plan_file, result)
         else:

@@ -75,7 +75,7 @@ def _fit_issues(loaded, garden_path: str, inventory_path: str | None, summary: d
     from gardenctl.state import StateDir
     from gardenctl.vllm_version import declared_or_detected
 
-    state = StateDir()  # the release cache is read, and written only where it already exists
+    state = StateDir()  # the release cache of apply and watch is read; nothing is run
     cache = state.root if state.root.is_dir() else None
     estimates = gather_estimates(models, garden.placement.estimator,
                                  version_of=declared_or_detected(cache))
