@@ -16,7 +16,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from gardenctl.errors import GardenError, StalePlanError
+from gardenctl.errors import GardenError, StalePlanError, StateError
 from gardenctl.execute import ApplyReport, Executor, Progress, StepResult
 from gardenctl.inventory.model import Inventory
 from gardenctl.observe import History, Observed
@@ -39,6 +39,7 @@ class Session:
     locked: set[str] = field(default_factory=set)
     clock: Callable[[], float] = time.time  # wall clock: "now" for the plans (backoff, timeouts)
     learned_runs: set[tuple[str, float]] = field(default_factory=set)  # (worker, start) learned
+    learn_problem: str = ""  # why the last learning failed (a damaged profile database)
     _stack: ExitStack = field(default_factory=ExitStack)
 
     def lock(self, garden: str) -> None:
@@ -109,10 +110,17 @@ class Session:
             return []
         garden = result.loaded.garden.name
         workers = (observed or result.observed).of_garden(garden).workers
-        versions = {name: e.vllm_version for name, e in result.estimates.items()}
-        return learn_ready(workers, self.state.log_path, result.inventory,
-                           ProfileStore.in_state(self.state.root), versions,
-                           seen=self.learned_runs)
+        versions = {name: None if e.vllm_version_assumed else e.vllm_version
+                    for name, e in result.estimates.items()}
+        try:
+            learned = learn_ready(workers, self.state.log_path, result.inventory,
+                                  ProfileStore.in_state(self.state.root), versions,
+                                  seen=self.learned_runs)
+        except StateError as exc:  # learning is a refinement: apply and watch go on
+            self.learn_problem = f"nothing learned from the workers' start-ups: {exc}"
+            return []
+        self.learn_problem = ""
+        return learned
 
     def plan_when_gpus_free(self, result: PlanResult, inventory_path: str | None,
                             on_wait: Callable[[str], None], poll: float = 0.5) -> PlanResult:

@@ -252,8 +252,13 @@ class Watcher:
 
     def _plan(self, loaded: LoadedGarden, observed: Observed | None = None) -> PlanResult:
         in_flight = self.in_flight()
-        return self.session.plan_loaded(loaded, self.options.inventory_path, observed,
-                                        confirm_health=False, in_flight=in_flight, learn=True)
+        said = self.session.learn_problem
+        result = self.session.plan_loaded(loaded, self.options.inventory_path, observed,
+                                          confirm_health=False, in_flight=in_flight,
+                                          learn=True)
+        if self.session.learn_problem and self.session.learn_problem != said:
+            self.log.emit("error", self.session.learn_problem)  # once, not every pass
+        return result
 
     def _pass(self, reason: str) -> None:
         candidate = self._read_candidate()

@@ -52,10 +52,17 @@ def measured_sizing(loaded: LoadedGarden, inventory: Inventory,
                     state: StateDir) -> Mapping[str, MemoryEstimate]:
     """Each model sized from its learned profile where one matches (same model, settings,
     vLLM release and GPU model), else from the estimate (gardenctl.profiles.sizing)."""
+    from dataclasses import replace
+
+    from gardenctl.errors import StateError
     from gardenctl.profiles.sizing import sized_estimates
     from gardenctl.profiles.store import ProfileStore
 
-    profiles = ProfileStore.in_state(state.root).all()
+    try:
+        profiles = ProfileStore.in_state(state.root).all()
+    except StateError as exc:  # profiles only refine the plan: it goes on without them
+        note = f"sized from the static estimate: {exc}"
+        return {name: replace(e, warnings=(*e.warnings, note)) for name, e in estimates.items()}
     return sized_estimates(loaded.models(), estimates, inventory, profiles)
 
 

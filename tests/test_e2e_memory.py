@@ -113,3 +113,24 @@ def test_profiles_import_says_what_a_log_lacks_and_learns_nothing(garden, log, m
     assert run.code == 1
     assert "lacks what a profile needs" in run.err and missing in run.err, str(run)
     assert json.loads(garden.run("profiles", "-o", "json").out)["profiles"] == []
+
+
+def test_a_damaged_profile_database_degrades_to_the_estimate_and_forget_repairs_it(garden):
+    garden.write([model("chat")])
+    garden.state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    database = garden.state / "profiles.sqlite3"
+    database.write_bytes(b"not a database" * 100)
+
+    plan = garden.run("plan", "-o", "json")
+    assert plan.code in (0, 2), str(plan)
+    assert any("sized from the static estimate" in w and "profiles forget" in w
+               for w in plan.json()["warnings"])
+    run = garden.apply()
+    assert run.code == 0, str(run)  # the workers start; only learning is lost
+    assert "nothing learned from the workers' start-ups" in run.err
+    assert garden.workers()[garden.worker_id("chat")]["phase"] == "ready"
+
+    listed = garden.run("profiles")
+    assert listed.code == 1 and "profiles forget" in listed.err
+    assert garden.run("profiles", "forget").code == 0
+    assert garden.run("profiles", "-o", "json").json()["profiles"] == []

@@ -7,6 +7,8 @@ import os
 import stat
 from dataclasses import replace
 
+import pytest
+
 from gardenctl.estimate import EstimateRequest, estimate_memory
 from gardenctl.estimate.catalog import catalog_metadata, load_catalog
 from gardenctl.inventory.model import Gpu, Inventory, Node
@@ -90,7 +92,8 @@ def test_a_damaged_database_is_a_clear_state_error(tmp_path):
 
 
 def llama_estimate(**request):
-    values = {"model": LLAMA, "max_model_len": 8192, "min_concurrency": 4}
+    values = {"model": LLAMA, "max_model_len": 8192, "min_concurrency": 4,
+              "vllm_version": "0.19.0"}
     values.update(request)
     return estimate_memory(EstimateRequest(**values), catalog_metadata(LLAMA, load_catalog()))
 
@@ -199,3 +202,54 @@ def test_a_users_run_that_kept_the_graph_pool_outside_its_budget_is_sized_with_i
     with_graphs = sized_estimates([model], {"chat": estimate}, inventory, [inside])["chat"]
     without = sized_estimates([model], {"chat": estimate}, inventory, [outside])["chat"]
     assert without.budget_bytes - with_graphs.budget_bytes == inside.cuda_graph_bytes
+
+
+def test_an_assumed_release_never_takes_a_profile_as_the_truth():
+    # No release declared or detected: the estimate assumes the newest; a profile measured
+    # under that very release may still be of another one, so it is only a hint.
+    estimate = llama_estimate(vllm_version=None)
+    assert estimate.vllm_version_assumed
+    model = ModelSpec(name="chat", model=LLAMA, max_model_len=8192, min_concurrency=4)
+    inventory = Inventory((Node("n", (Gpu("n", 0, H100, int(79.19 * GiB)),)),), "declared")
+    same_name = profile(vllm_version=estimate.vllm_version)
+    sized = sized_estimates([model], {"chat": estimate}, inventory, [same_name])["chat"]
+    assert sized.memory_source == "estimate"
+    assert sized.memory_note.startswith("hint only")
+
+
+@pytest.mark.parametrize("spelling", ["0.19", "v0.19.0", "0.19.0+cu126", "0.19.0"])
+def test_release_spellings_key_alike(spelling):
+    assert key(vllm_version=spelling).vllm_version == "0.19.0"
+    assert key(vllm_version=None).vllm_version == ""
+
+
+def test_the_learner_reads_from_a_workers_argv_the_key_the_planner_builds_from_its_model():
+    from builders import garden_text, plan_for
+
+    from gardenctl.profiles.learn import key_of
+    from gardenctl.spec import parse_garden
+
+    models = ("  - {name: a, model: org/a, revision: abc123, dtype: float16, quantization: fp8,\n"
+              "     kv_cache_dtype: fp8, max_num_seqs: 64, max_num_batched_tokens: 4096,\n"
+              "     enforce_eager: true, tensor_parallel_size: 2,\n"
+              "     args: [--enable-prefix-caching, --block-size, '32'],\n"
+              "     env: {VLLM_ATTENTION_BACKEND: FLASHINFER, HF_TOKEN: '${HF_TOKEN}'}}\n"
+              "  - {name: b, model: org/b}\n")
+    text = garden_text(models)
+    plan = plan_for(text)
+    specs = {s.worker.model: s.worker for s in plan.steps if s.worker is not None}
+    for model in parse_garden(text, "garden.yaml").garden.resolved_models():
+        learned = key_of(specs[model.name], vllm_version="0.19.0", gpu_name="L4")
+        assert learned == profile_key(model, "0.19.0", "L4")
+    a = profile_key(parse_garden(text, "garden.yaml").garden.resolved_models()[0], "0.19", "L4")
+    assert a.other == "--block-size=32 --enable-prefix-caching VLLM_ATTENTION_BACKEND=FLASHINFER"
+
+
+def test_a_profile_learned_without_a_flag_is_only_a_hint_for_a_model_that_adds_it():
+    estimate = llama_estimate()
+    plain = profile(vllm_version="0.19.0")
+    model = ModelSpec(name="chat", model=LLAMA, max_model_len=8192, min_concurrency=4,
+                      args=["--speculative-config", '{"model": "org/draft"}'])
+    inventory = Inventory((Node("n", (Gpu("n", 0, H100, int(79.19 * GiB)),)),), "declared")
+    sized = sized_estimates([model], {"chat": estimate}, inventory, [plain])["chat"]
+    assert sized.memory_source == "estimate"  # the draft model's weights were never measured

@@ -63,6 +63,8 @@ def apply(plan_file: str | None, garden_path: str, inventory_path: str | None,
             echo_json(_document(plan, report))
         else:
             _print_report(report)
+        if session.learn_problem:
+            click.echo(f"warning: {shown(session.learn_problem)}", err=True)
         _exit_for(plan, report)
 
 

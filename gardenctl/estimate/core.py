@@ -65,6 +65,7 @@ def estimate_memory(
         return replace(
             result,
             vllm_version=version,
+            vllm_version_assumed=request.vllm_version is None,
             vllm_range=traits.label,
             graphs_in_budget=traits.graphs_in_budget,
         )

@@ -89,6 +89,9 @@ class MemoryEstimate:
     memory_source: str = "estimate"
     memory_note: str = ""
     vllm_version: str = "0.32.0"
+    # True: no release was declared or detected and `vllm_version` is only what was assumed
+    # (then no measured profile is taken as the truth: it may be of another release)
+    vllm_version_assumed: bool = False
     vllm_range: str = "0.28-0.32"
     graphs_in_budget: bool = True
 

@@ -20,7 +20,13 @@ from gardenctl.argv import flag_value, split_argv
 from gardenctl.inventory.model import Inventory
 from gardenctl.measure.vllm_log import StartupReport, read_startup
 from gardenctl.observe import ObservedWorker
-from gardenctl.profiles.model import Profile, ProfileKey, kv_bytes_per_token, make_key
+from gardenctl.profiles.model import (
+    Profile,
+    ProfileKey,
+    kv_bytes_per_token,
+    make_key,
+    other_settings,
+)
 from gardenctl.profiles.store import ProfileStore
 from gardenctl.vocab import Phase
 from gardenctl.workers import DesiredWorker
@@ -130,7 +136,7 @@ def key_of(spec: DesiredWorker, *, vllm_version: str | None, gpu_name: str | Non
         kv_cache_dtype=flag_value(argv, "--kv-cache-dtype"),
         max_num_seqs=flag_value(argv, "--max-num-seqs"),
         max_num_batched_tokens=flag_value(argv, "--max-num-batched-tokens"),
-        enforce_eager="--enforce-eager" in flags)
+        enforce_eager="--enforce-eager" in flags, other=other_settings(flags, dict(spec.env)))
 
 
 def profile_of(measured: Measured, key: ProfileKey, *, measured_at: float, source: str,
@@ -249,7 +255,7 @@ def import_log(path: str | Path, store: ProfileStore, *, gpu_name: str,
         kv_cache_dtype=_text(args.get("kv_cache_dtype")),
         max_num_seqs=_text(args.get("max_num_seqs")),
         max_num_batched_tokens=_text(args.get("max_num_batched_tokens")),
-        enforce_eager=bool(args.get("enforce_eager")))
+        enforce_eager=bool(args.get("enforce_eager")), other=other_settings(_as_flags(args), {}))
     profile = profile_of(measured, key, measured_at=measured_at,
                          source=f"imported {Path(path).name}",
                          graphs_in_budget=graphs_counted(version, by_gardenctl=False))
@@ -272,6 +278,24 @@ def graphs_counted(version: str | None, *, by_gardenctl: bool) -> bool:
         return traits.graphs_in_budget and parse_version(version) >= (0, 20, 0)
     except GardenError:  # not a version: what traits_for assumed
         return traits.graphs_in_budget
+
+
+def _as_flags(args: Mapping[str, object]) -> dict[str, str]:
+    """vLLM's logged `non-default args` as the flags that set them (True: a switch)."""
+    import json
+
+    flags = {}
+    for name, value in args.items():
+        if value is False or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            flags[flag] = ""
+        elif isinstance(value, (dict, list)):
+            flags[flag] = json.dumps(value, sort_keys=True, separators=(",", ":"))
+        else:
+            flags[flag] = str(value)
+    return flags
 
 
 def _text(value: object) -> str | None:

@@ -12,6 +12,7 @@ Pure values; the SQLite store is gardenctl.profiles.store, the sizing gardenctl.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -33,6 +34,8 @@ class ProfileKey:
     max_num_seqs: str  # "" = vLLM's default for that GPU and release
     max_num_batched_tokens: str
     enforce_eager: bool
+    other: str = UNSET  # every other flag and VLLM_* variable (`other_settings`): a
+    # --speculative-config, --cpu-offload-gb or VLLM_USE_V1=0 changes memory too
 
     def same_setup(self, other: ProfileKey) -> bool:
         """Same model and settings, perhaps another release or GPU (then only a hint)."""
@@ -41,7 +44,7 @@ class ProfileKey:
     def setup(self) -> tuple[object, ...]:
         return (self.model, self.revision, self.tensor_parallel_size, self.dtype,
                 self.quantization, self.kv_cache_dtype, self.max_num_seqs,
-                self.max_num_batched_tokens, self.enforce_eager)
+                self.max_num_batched_tokens, self.enforce_eager, self.other)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,22 +60,59 @@ class ProfileKey:
                 parts.append(f"{label} {value}")
         if self.enforce_eager:
             parts.append("eager")
+        if self.other:
+            parts.append(self.other)
         return ", ".join(parts)
+
+
+_RELEASE = re.compile(r"^\s*v?(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def release_of(version: str | None) -> str:
+    """A release as keys hold it: X.Y.Z, whatever the spelling (`0.19` and `v0.19.0` are
+    0.19.0; a local build `0.9.2+cu126` is 0.9.2); '' when unknown."""
+    match = _RELEASE.match(version or "")
+    if not match:
+        return UNSET
+    major, minor, patch = match.groups()
+    return f"{int(major)}.{int(minor)}.{int(patch or 0)}"
+
+
+# Flags that are in the key already, or that change nothing on the GPU.
+KEYED_OR_IRRELEVANT = frozenset({
+    "--host", "--port", "--served-model-name", "--max-model-len", "--tensor-parallel-size",
+    "--gpu-memory-utilization", "--shutdown-timeout", "--revision", "--dtype", "--quantization",
+    "--kv-cache-dtype", "--max-num-seqs", "--max-num-batched-tokens", "--enforce-eager",
+    "--trust-remote-code", "--api-key", "--model", "--model-tag",
+})
+# gardenctl's own variable (the same for every worker) is not a difference between them.
+UNKEYED_ENV = frozenset({"VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS", "VLLM_API_KEY"})
+
+
+def other_settings(flags: Mapping[str, str], env: Mapping[str, str]) -> str:
+    """The flags and VLLM_* variables a worker ran with beyond the key's own fields, in one
+    canonical line (sorted; secrets and ${references} left out); '' when there are none."""
+    parts = [f"{name}={value}" if value else name
+             for name, value in sorted(flags.items()) if name not in KEYED_OR_IRRELEVANT]
+    parts += [f"{name}={value}" for name, value in sorted(env.items())
+              if name.startswith("VLLM_") and name not in UNKEYED_ENV and "${" not in value]
+    return " ".join(parts)
 
 
 def make_key(*, model: str, revision: str | None, vllm_version: str | None, gpu_name: str | None,
              tensor_parallel_size: int, dtype: str | None, quantization: str | None,
              kv_cache_dtype: str | None, max_num_seqs: int | str | None,
-             max_num_batched_tokens: int | str | None, enforce_eager: bool) -> ProfileKey:
+             max_num_batched_tokens: int | str | None, enforce_eager: bool,
+             other: str = UNSET) -> ProfileKey:
     return ProfileKey(
-        model=model, revision=revision or UNSET, vllm_version=vllm_version or UNSET,
+        model=model, revision=revision or UNSET, vllm_version=release_of(vllm_version),
         gpu_name=gpu_name or UNSET, tensor_parallel_size=int(tensor_parallel_size),
         dtype=dtype or "auto", quantization=quantization or UNSET,
         kv_cache_dtype=kv_cache_dtype or "auto",
         max_num_seqs=UNSET if max_num_seqs is None else str(max_num_seqs),
         max_num_batched_tokens=(UNSET if max_num_batched_tokens is None
                                 else str(max_num_batched_tokens)),
-        enforce_eager=bool(enforce_eager))
+        enforce_eager=bool(enforce_eager), other=other)
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,13 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from gardenctl.argv import split_argv
 from gardenctl.estimate.types import Item, MemoryEstimate
 from gardenctl.inventory.model import Inventory
-from gardenctl.profiles.model import Profile, ProfileKey, make_key
+from gardenctl.profiles.model import Profile, ProfileKey, make_key, other_settings
 from gardenctl.spec.models import ModelSpec
 from gardenctl.units import GiB
+from gardenctl.workers import vllm_argv
 
 # Bytes per token read back from a log carry the rounding of "X.XX GiB" and of whole blocks;
 # within this fraction of the model's own figure, the model's exact figure is the one used.
@@ -40,7 +42,8 @@ def choose(profiles: Iterable[Profile], key: ProfileKey) -> ProfileChoice:
     exact = None
     hints = []
     for profile in profiles:
-        if profile.key == key:
+        # Without a known release on both sides nothing is the truth, only a hint.
+        if profile.key == key and key.vllm_version and key.gpu_name:
             exact = profile
         elif profile.key.same_setup(key):
             hints.append(profile)
@@ -133,12 +136,16 @@ def gpu_name_for(model: ModelSpec, inventory: Inventory) -> str | None:
 
 
 def profile_key(model: ModelSpec, vllm_version: str | None, gpu_name: str | None) -> ProfileKey:
+    """The key a worker of ``model`` will be learned under (gardenctl.profiles.learn.key_of
+    reads the same from the worker's argv and environment)."""
+    argv = vllm_argv(model, port=0, utilization=0.0, max_model_len=1)
     return make_key(
         model=model.model, revision=model.revision, vllm_version=vllm_version,
         gpu_name=gpu_name, tensor_parallel_size=model.tensor_parallel_size, dtype=model.dtype,
         quantization=model.quantization, kv_cache_dtype=model.kv_cache_dtype,
         max_num_seqs=model.max_num_seqs, max_num_batched_tokens=model.max_num_batched_tokens,
-        enforce_eager=model.enforce_eager)
+        enforce_eager=model.enforce_eager,
+        other=other_settings(split_argv(argv)[1], model.env))
 
 
 def sized_estimates(models: Sequence[ModelSpec], estimates: Mapping[str, MemoryEstimate],
@@ -152,8 +159,9 @@ def sized_estimates(models: Sequence[ModelSpec], estimates: Mapping[str, MemoryE
     for model in models:
         estimate = estimates[model.name]
         gpu_name = gpu_name_for(model, inventory)
-        choice = choose(profiles, profile_key(model, estimate.vllm_version, gpu_name))
-        if choice.exact is not None and gpu_name is not None:
+        version = None if estimate.vllm_version_assumed else estimate.vllm_version
+        choice = choose(profiles, profile_key(model, version, gpu_name))
+        if choice.exact is not None:
             result[model.name] = size_from_profile(estimate, choice.exact)
         elif choice.hints:
             result[model.name] = replace(estimate, memory_note=hint_note(choice.hints[0],

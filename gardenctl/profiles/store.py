@@ -69,10 +69,13 @@ class ProfileStore:
                 db.row_factory = sqlite3.Row
                 if write:
                     db.execute(_CREATE)
-                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+                        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                _check_schema(db, self.path)
                 yield db
         except sqlite3.DatabaseError as exc:
-            raise StateError(f"profile database {self.path}: {exc}") from None
+            raise StateError(f"profile database {self.path}: {exc}; `gardenctl profiles "
+                             "forget` starts a new one") from None
 
     def record(self, profile: Profile) -> Profile:
         """Store a measurement; returns the row as stored (samples and maxima merged)."""
@@ -116,13 +119,33 @@ class ProfileStore:
         return [Profile.from_row(r) for r in rows]
 
     def forget(self, model: str | None = None) -> int:
-        """Delete every profile (of one model); returns how many were deleted."""
+        """Delete every profile (of one model); returns how many were deleted. Forgetting
+        everything in a damaged database (or one of another schema) removes the file."""
         if not self.path.exists():
             return 0
+        if model is None:
+            try:
+                count = len(self.all())
+            except StateError:
+                count = 0
+            self.path.unlink()
+            return count
         with self._connect(write=True) as db:
             if model is None:
                 return db.execute("DELETE FROM profiles").rowcount
             return db.execute("DELETE FROM profiles WHERE model = ?", (model,)).rowcount
+
+
+def _check_schema(db: sqlite3.Connection, path: Path) -> None:
+    """A database of another schema (another gardenctl version) is refused, never misread."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if not _has_table(db) and version == 0:
+        return  # empty: nothing written yet
+    columns = [row[1] for row in db.execute("PRAGMA table_info(profiles)")]
+    if version != SCHEMA_VERSION or set(columns) != {*KEY_COLUMNS, *VALUE_COLUMNS}:
+        raise StateError(f"profile database {path} was written by another version of "
+                         f"gardenctl (schema {version}, this one reads {SCHEMA_VERSION}); "
+                         "`gardenctl profiles forget` starts a new one")
 
 
 def _has_table(db: sqlite3.Connection) -> bool:
