@@ -51,6 +51,7 @@ class Measured:
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
     gpu_total_bytes: int | None = None
+    cuda_graph_estimated_bytes: int | None = None  # vLLM's estimate the budget held (0.18+)
 
     def to_json(self) -> dict[str, Any]:
         return {"vllm_version": self.vllm_version, "weights_bytes": self.weights_bytes,
@@ -92,7 +93,8 @@ def measured_from(report: StartupReport, *, utilization: float | None,
         kv_cache_bytes=report.kv_cache_bytes, kv_cache_tokens=report.kv_cache_tokens,
         max_concurrency=report.max_concurrency, cuda_graph_bytes=report.cuda_graph_bytes,
         non_kv_bytes=non_kv, gpu_used_bytes=gpu_used_bytes, max_model_len=report.max_model_len,
-        gpu_memory_utilization=util, gpu_total_bytes=total)
+        gpu_memory_utilization=util, gpu_total_bytes=total,
+        cuda_graph_estimated_bytes=report.cuda_graph_estimated_bytes)
 
 
 def measure_worker(worker: ObservedWorker, log_path: str | Path | None,
@@ -157,7 +159,8 @@ def profile_of(measured: Measured, key: ProfileKey, *, measured_at: float, sourc
                                               measured.kv_cache_tokens),
         cuda_graph_bytes=measured.cuda_graph_bytes, max_model_len=measured.max_model_len,
         max_concurrency=measured.max_concurrency, measured_at=measured_at, source=source,
-        graphs_in_budget=graphs_in_budget)
+        graphs_in_budget=graphs_in_budget,
+        cuda_graph_estimated_bytes=measured.cuda_graph_estimated_bytes)
 
 
 def learn_ready(workers: Iterable[ObservedWorker], logs: Any, inventory: Inventory,

@@ -19,6 +19,7 @@ from typing import Any
 
 # Key fields that were not set are stored as this (SQLite's NULL never equals NULL).
 UNSET = ""
+RECENT = 5  # starts whose non-KV footprint counts for sizing
 
 
 @dataclass(frozen=True, order=True)
@@ -137,11 +138,25 @@ class Profile:
     # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1, which gardenctl sets; its default from 0.20).
     graphs_in_budget: bool = True
     samples: int = 1  # how many starts agreed on this key
-    non_kv_max_bytes: int = 0  # the largest non-KV footprint any of them showed
+    # The non-KV footprints of the last RECENT starts, newest last ("a,b,c"): sizing takes the
+    # largest, so one start that profiled small never shrinks a claim, and one disturbed by a
+    # neighbour (vLLM measures device-wide) stops counting after RECENT more starts.
+    recent_non_kv: str = ""
+    # vLLM's own estimate of the graph pool (0.18+), which its budget held; what the capture
+    # took beyond it sits outside the budget
+    cuda_graph_estimated_bytes: int | None = None
 
     @property
     def sizing_non_kv_bytes(self) -> int:
-        return max(self.non_kv_bytes, self.non_kv_max_bytes)
+        recent = [int(v) for v in self.recent_non_kv.split(",") if v]
+        return max([self.non_kv_bytes, *recent])
+
+    @property
+    def graph_overflow_bytes(self) -> int:
+        """What the captured graph pool took beyond the estimate the budget held."""
+        if self.cuda_graph_bytes is None or self.cuda_graph_estimated_bytes is None:
+            return 0
+        return max(0, self.cuda_graph_bytes - self.cuda_graph_estimated_bytes)
 
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "key"}

@@ -1,9 +1,10 @@
 """The profile database: `<state>/profiles.sqlite3`, SQLite from Python's standard library.
 
 One row per `ProfileKey`. A new measurement of a known key replaces the figures (the latest
-start is the truth of today's vLLM and driver) but keeps the largest non-KV footprint ever seen
-and counts the samples, so a start that happened to profile smaller never shrinks the next
-claim. Several gardenctl processes (a watch, a status, an apply) may write at once: SQLite's
+start is the truth of today's vLLM and driver), counts the samples and keeps the non-KV
+footprints of the last few starts: sizing takes the largest of them, so a start that happened
+to profile smaller never shrinks the next claim, and an outlier ages out. Several gardenctl
+processes (a watch, a status, an apply) may write at once: SQLite's
 own locking serialises them (busy timeout 10 s). The file is 0600, like the rest of the state.
 """
 
@@ -17,7 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from gardenctl.errors import StateError
-from gardenctl.profiles.model import Profile, ProfileKey
+from gardenctl.profiles.model import RECENT, Profile, ProfileKey
 
 SCHEMA_VERSION = 1
 FILE_NAME = "profiles.sqlite3"
@@ -28,8 +29,8 @@ _TYPES = {"tensor_parallel_size": "INTEGER NOT NULL", "enforce_eager": "INTEGER 
           "weights_bytes": "INTEGER", "non_kv_bytes": "INTEGER", "kv_cache_bytes": "INTEGER",
           "kv_cache_tokens": "INTEGER", "kv_bytes_per_token": "INTEGER",
           "cuda_graph_bytes": "INTEGER", "max_model_len": "INTEGER", "max_concurrency": "REAL",
-          "measured_at": "REAL", "samples": "INTEGER", "non_kv_max_bytes": "INTEGER",
-          "graphs_in_budget": "INTEGER"}
+          "measured_at": "REAL", "samples": "INTEGER", "recent_non_kv": "TEXT",
+          "graphs_in_budget": "INTEGER", "cuda_graph_estimated_bytes": "INTEGER"}
 
 
 def _column(name: str) -> str:
@@ -164,7 +165,7 @@ def _sql(value: object) -> object:
 def _merge(before: Profile | None, new: Profile) -> Profile:
     from dataclasses import replace
 
-    if before is None:
-        return replace(new, samples=1, non_kv_max_bytes=new.non_kv_bytes)
-    return replace(new, samples=before.samples + 1,
-                   non_kv_max_bytes=max(before.sizing_non_kv_bytes, new.non_kv_bytes))
+    recent = [v for v in before.recent_non_kv.split(",") if v] if before is not None else []
+    recent = [*recent, str(new.non_kv_bytes)][-RECENT:]
+    return replace(new, samples=(before.samples if before is not None else 0) + 1,
+                   recent_non_kv=",".join(recent))
