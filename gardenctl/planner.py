@@ -164,6 +164,7 @@ def summarise(name: str, ref: str, replicas: int, estimate: MemoryEstimate) -> M
         non_torch_bytes=estimate.non_torch.bytes, cuda_context_bytes=estimate.cuda_context.bytes,
         total_bytes=estimate.total_bytes, weights_source=estimate.weights.source,
         memory_source=estimate.memory_source, memory_note=estimate.memory_note,
+        vllm_version=estimate.vllm_version, vllm_version_assumed=estimate.vllm_version_assumed,
     )
 
 

@@ -45,7 +45,8 @@ def profiles(ctx: click.Context, state_path: str | None, output: str) -> None:
 @click.option("--gpu-memory", "gpu_memory", default=None,
               help="Total memory of that GPU (e.g. 80GiB), for logs that do not state it.")
 @click.option("--model", "model", default=None,
-              help="The model as the garden names it, for logs that do not say.")
+              help="The model's reference as a garden's `model:` gives it (Hugging Face id or "
+              "path), for logs that do not name it.")
 @click.option("--vllm-version", "vllm_version", default=None,
               help="The vLLM release, for logs without a version banner.")
 @state_dir
@@ -85,7 +86,8 @@ def import_logs(ctx: click.Context, logs: tuple[str, ...], gpu_name: str,
 
 
 @profiles.command("forget")
-@click.option("--model", "model", default=None, help="Only this model's profiles.")
+@click.option("--model", "model", default=None,
+              help="Only this model's profiles (its Hugging Face id or path, as in `model:`).")
 @state_dir
 @click.pass_context
 def forget(ctx: click.Context, model: str | None, state_path: str | None) -> None:

@@ -416,16 +416,19 @@ def read_startup(text: str) -> StartupReport:
     return reader.report()
 
 
-def read_startup_file(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> StartupReport:
-    """``read_startup`` of a log file's last ``max_bytes`` bytes (the whole file if smaller)."""
+def read_startup_file(path: str | Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES, *,
+                      head: bool = False) -> StartupReport:
+    """``read_startup`` of a log file's last ``max_bytes`` bytes (the whole file if smaller);
+    with ``head``, of its first ``max_bytes``: a log of one run (gardenctl's per-run worker
+    logs) holds its start-up at the top, and a long-lived server's request lines after it."""
     with open(path, "rb") as log:
         log.seek(0, 2)
         size = log.tell()
-        log.seek(max(0, size - max_bytes))
+        log.seek(0 if head else max(0, size - max_bytes))
         data = log.read(max_bytes)
     text = data.decode("utf-8", errors="replace")
     if size > max_bytes:
-        text = text[text.find("\n") + 1:]
+        text = text[:text.rfind("\n") + 1] if head else text[text.find("\n") + 1:]
     return read_startup(text)
 
 

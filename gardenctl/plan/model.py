@@ -154,6 +154,8 @@ class ModelSummary:
     weights_source: str
     memory_source: str = "estimate"  # or "measured": sized from a learned profile
     memory_note: str = ""  # where and when it was measured, or a hint from another release
+    vllm_version: str = ""  # the release the model was sized for
+    vllm_version_assumed: bool = False  # neither declared nor detected: the newest modelled
 
     @property
     def other_bytes(self) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 from gardenctl.argv import flag_value, split_argv
 from gardenctl.inventory.model import Inventory
-from gardenctl.measure.vllm_log import StartupReport, read_startup
+from gardenctl.measure.vllm_log import StartupReport, read_startup, read_startup_file
 from gardenctl.observe import ObservedWorker
 from gardenctl.profiles.model import (
     Profile,
@@ -70,11 +70,9 @@ class Measured:
 def read_start_up(path: str | Path) -> StartupReport | None:
     """The start-up report of a run's log (its first START_UP_BYTES), None when unreadable."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(START_UP_BYTES)
+        return read_startup_file(path, START_UP_BYTES, head=True)
     except OSError:
         return None
-    return read_startup(data.decode("utf-8", errors="replace"))
 
 
 def measured_from(report: StartupReport, *, utilization: float | None,
