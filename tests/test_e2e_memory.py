@@ -62,6 +62,7 @@ def test_a_worker_is_measured_learned_and_sizes_the_next_plan(garden):
 
     sized = plan_models(garden)["chat"]
     assert sized["memory_source"] == "measured"
+    assert (sized["vllm_version"], sized["vllm_version_assumed"]) == ("0.19.0", False)
     assert sized["memory_note"].startswith("measured on simulated, vLLM 0.19.0, ")
     text = garden.run("plan")
     assert "measured on simulated, vLLM 0.19.0" in text.out, str(text)
@@ -134,3 +135,16 @@ def test_a_damaged_profile_database_degrades_to_the_estimate_and_forget_repairs_
     assert listed.code == 1 and "profiles forget" in listed.err
     assert garden.run("profiles", "forget").code == 0
     assert garden.run("profiles", "-o", "json").json()["profiles"] == []
+
+
+def test_learning_never_restarts_a_capped_worker(garden):
+    # A capped worker's limit comes from its claim, which a running worker keeps: the profile
+    # learned from it changes the next plan's sizing, not the worker.
+    env = {"STANDIN_VLLM_VERSION": "0.32.0", "STANDIN_VLLM_CUDA_GRAPH": "1GiB"}
+    garden.applied([model("chat", env=env, memory_cap=True)])
+    pid = garden.pids()[garden.worker_id("chat")]
+    assert plan_models(garden)["chat"]["memory_source"] == "measured"
+    again = garden.apply()
+    assert again.code == 0, str(again)
+    assert "No changes" in again.out, str(again)
+    assert garden.pids()[garden.worker_id("chat")] == pid

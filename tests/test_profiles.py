@@ -277,4 +277,7 @@ def test_graph_capture_beyond_vllms_estimate_is_claimed_outside_the_budget():
     same = sized_estimates([model], {"chat": estimate}, inventory, [plain])["chat"]
     assert over.budget_bytes == same.budget_bytes
     assert over.total_bytes - same.total_bytes == int(0.89 * GiB) - int(0.84 * GiB)
-    assert "beyond vLLM's estimate" in over.cuda_context.source
+    assert "beyond vLLM's estimate" in over.cuda_graph.source
+    # Not in the CUDA context: a capped worker's limit (claim less context) keeps it, and a
+    # kept worker's cap does not change when its model is learned.
+    assert over.cuda_context == same.cuda_context == estimate.cuda_context

@@ -94,6 +94,10 @@ class MemoryEstimate:
     vllm_version_assumed: bool = False
     vllm_range: str = "0.28-0.32"
     graphs_in_budget: bool = True
+    # What a measured graph capture took beyond the estimate vLLM's budget held (a learned
+    # profile says; 0 for the static estimate): allocated after the KV cache was sized, it
+    # sits outside the budget. PyTorch memory, unlike the CUDA context.
+    graph_overflow_bytes: int = 0
 
     @property
     def budget_bytes(self) -> int:
@@ -111,7 +115,7 @@ class MemoryEstimate:
         """Bytes on each GPU beyond ceil(total x F): the CUDA context, and the graph pool when
         the release allocates it outside the budget."""
         graphs = 0 if self.graphs_in_budget else self.cuda_graph.bytes
-        return self.cuda_context.bytes + graphs
+        return self.cuda_context.bytes + graphs + self.graph_overflow_bytes
 
     @property
     def overhead_bytes(self) -> int:

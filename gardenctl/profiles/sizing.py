@@ -100,24 +100,16 @@ def size_from_profile(estimate: MemoryEstimate, profile: Profile) -> MemoryEstim
                                     f"less weights, graphs and non-torch"),
         cuda_graph=Item(graph_in if graphs_inside else graph_bytes,
                         f"{note}: graph pool {_gib(graph_bytes)}"
-                        + ("" if graphs_inside else " (outside the budget in this release)")),
+                        + ("" if graphs_inside else " (outside the budget in this release)")
+                        + (f", {_gib(profile.graph_overflow_bytes)} of it beyond vLLM's "
+                           f"estimate, outside the budget"
+                           if graphs_inside and profile.graph_overflow_bytes else "")),
         non_torch=Item(non_torch, estimate.non_torch.source),
-        cuda_context=_context(estimate, profile, graphs_inside),
+        graph_overflow_bytes=profile.graph_overflow_bytes if graphs_inside else 0,
         memory_source="measured",
         memory_note=note,
         warnings=tuple(w for w in estimate.warnings if not w.startswith(STATIC_GUESSES)),
     )
-
-
-def _context(estimate: MemoryEstimate, profile: Profile, graphs_inside: bool) -> Item:
-    """The CUDA context (estimated), plus what the graph capture took beyond the estimate
-    vLLM's budget held: allocated after the KV cache was sized, it sits outside the budget."""
-    overflow = profile.graph_overflow_bytes if graphs_inside else 0
-    if not overflow:
-        return estimate.cuda_context
-    return Item(estimate.cuda_context.bytes + overflow,
-                f"{estimate.cuda_context.source}; + {_gib(overflow)} the graph capture took "
-                f"beyond vLLM's estimate ({measured_note(profile)})")
 
 
 def _per_token(estimate: MemoryEstimate, profile: Profile) -> tuple[int, str]:
