@@ -25,7 +25,7 @@ parsed maps to the nearest range, with a note saying so.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from gardenctl.errors import GardenError
@@ -75,7 +75,7 @@ class ReleaseTraits:
         return ".".join(str(n) for n in self.newest)
 
 
-RELEASES: tuple[ReleaseTraits, ...] = (
+_THROUGH_0_17: tuple[ReleaseTraits, ...] = (
     ReleaseTraits(
         label="0.6-0.7",
         first=(0, 6, 0),
@@ -140,68 +140,44 @@ RELEASES: tuple[ReleaseTraits, ...] = (
         ),
         unread="capture list of 0.11-0.17 not read: taken as 0.19's (51 sizes)",
     ),
-    ReleaseTraits(
-        label="0.18-0.19",
-        first=(0, 18, 0),
-        newest=(0, 19, 1),
-        engine="V1",
-        graph_mode="full_and_piecewise",
-        capture_sizes=51,
-        max_capture_size=512,
-        graphs_in_budget=True,  # opt-in variable (default 0), set to 1 by gardenctl
-        nccl_outside_budget=True,
-        default_max_num_seqs=1024,
-        default_max_num_batched_tokens=8192,
-        default_gpu_memory_utilization=0.9,
-        kv_cache_memory_bytes=True,
-        startup_free_check=True,
-        sources=(
-            f"{_GH}/v0.18.0/vllm/envs.py#L1635 (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS)",
-            f"{_GH}/v0.19.1/vllm/config/cache.py#L41 (F default 0.9)",
-        ),
+)
+# The V1 ranges from 0.18 differ from 0.11-0.17 (the last entry above) only as written here.
+_V1_018 = replace(
+    _THROUGH_0_17[-1],
+    label="0.18-0.19",
+    first=(0, 18, 0),
+    newest=(0, 19, 1),
+    graphs_in_budget=True,  # opt-in variable (default 0), set to 1 by gardenctl
+    sources=(
+        f"{_GH}/v0.18.0/vllm/envs.py#L1635 (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS)",
+        f"{_GH}/v0.19.1/vllm/config/cache.py#L41 (F default 0.9)",
     ),
-    ReleaseTraits(
-        label="0.20-0.27",
-        first=(0, 20, 0),
-        newest=(0, 27, 0),
-        engine="V1",
-        graph_mode="full_and_piecewise",
-        capture_sizes=51,
-        max_capture_size=512,
-        graphs_in_budget=True,
-        nccl_outside_budget=True,
-        default_max_num_seqs=1024,
-        default_max_num_batched_tokens=8192,
-        default_gpu_memory_utilization=0.92,
-        kv_cache_memory_bytes=True,
-        startup_free_check=True,
-        sources=(
-            f"{_GH}/v0.20.0/vllm/envs.py#L1724 (graph estimate on by default)",
-            f"{_GH}/v0.20.0/vllm/config/cache.py#L66 (F default 0.92)",
-        ),
-    ),
-    ReleaseTraits(
-        label="0.28-0.32",
-        first=(0, 28, 0),
-        newest=(0, 32, 0),
-        engine="V1",
-        graph_mode="full_and_piecewise",
-        capture_sizes=51,
-        max_capture_size=512,
-        graphs_in_budget=True,
-        nccl_outside_budget=True,
-        default_max_num_seqs=1024,
-        default_max_num_batched_tokens=8192,  # 16384 on GPUs >= 160 GiB (not modelled)
-        default_gpu_memory_utilization=0.92,
-        kv_cache_memory_bytes=True,
-        startup_free_check=True,
-        sources=(
-            f"{_GH}/v0.32.0/vllm/v1/worker/gpu_worker.py#L700 (graph estimate inside F)",
-            f"{_GH}/v0.32.0/vllm/engine/arg_utils.py#L2923 (serve defaults by GPU)",
-            f"{_GH}/v0.32.0/vllm/v1/worker/gpu_model_runner.py#L6475 (graph estimate)",
-        ),
+    unread="",
+)
+_V1_020 = replace(
+    _V1_018,
+    label="0.20-0.27",
+    first=(0, 20, 0),
+    newest=(0, 27, 0),
+    default_gpu_memory_utilization=0.92,
+    sources=(
+        f"{_GH}/v0.20.0/vllm/envs.py#L1724 (graph estimate on by default)",
+        f"{_GH}/v0.20.0/vllm/config/cache.py#L66 (F default 0.92)",
     ),
 )
+_V1_028 = replace(
+    _V1_020,
+    label="0.28-0.32",
+    first=(0, 28, 0),
+    newest=(0, 32, 0),
+    # default_max_num_batched_tokens: 16384 on GPUs >= 160 GiB (not modelled)
+    sources=(
+        f"{_GH}/v0.32.0/vllm/v1/worker/gpu_worker.py#L700 (graph estimate inside F)",
+        f"{_GH}/v0.32.0/vllm/engine/arg_utils.py#L2923 (serve defaults by GPU)",
+        f"{_GH}/v0.32.0/vllm/v1/worker/gpu_model_runner.py#L6475 (graph estimate)",
+    ),
+)
+RELEASES: tuple[ReleaseTraits, ...] = (*_THROUGH_0_17, _V1_018, _V1_020, _V1_028)
 NEWEST = RELEASES[-1]
 
 
