@@ -150,10 +150,19 @@ def parse_version_output(text: str) -> str | None:
 
 
 def _resolve(program: str, env: Mapping[str, str]) -> str | None:
-    """The program as PATH finds it, NOT resolved through symlinks: a virtual environment's
-    python is a symlink to the base interpreter, and run by its real path it would not see
-    the environment's packages (vLLM among them). os.stat (the cache key) follows links."""
-    found = shutil.which(program, path=env.get("PATH", os.defpath))
+    """The program the workers will run: resolved by the local runtime's own rule (a path as
+    given, else beside gardenctl's Python, else on PATH), NOT through symlinks: a virtual
+    environment's python is a symlink to the base interpreter, and run by its real path it
+    would not see the environment's packages (vLLM among them). os.stat (the cache key)
+    follows links."""
+    from gardenctl.runtime.base import SpawnError
+    from gardenctl.runtime.local import resolve_command
+
+    found: str | None
+    try:
+        found = resolve_command(program)
+    except SpawnError:
+        found = shutil.which(program, path=env.get("PATH", os.defpath))
     return os.path.abspath(found) if found else None
 
 

@@ -246,3 +246,14 @@ def test_a_probe_that_answers_leaves_no_process_behind(tmp_path):
     # SIGKILL was sent to its group: wait for it to die (a zombie reparented to init counts).
     gone, alive = psutil.wait_procs([child], timeout=10)
     assert gone or all(p.status() == psutil.STATUS_ZOMBIE for p in alive)
+
+
+def test_a_bare_command_name_is_found_where_the_runtime_finds_it():
+    # `vllm_command: [standin-vllm]` (or [vllm]) runs the one beside gardenctl's own Python
+    # even when that folder is not on PATH: detection asks that same executable.
+    beside = os.path.join(os.path.dirname(sys.executable), "standin-vllm")
+    if not os.access(beside, os.X_OK):
+        pytest.skip("gardenctl is not installed with its console scripts in this environment")
+    found = detect_vllm_version(["standin-vllm"], {"PATH": "/nonexistent"}, None)
+    assert found is not None
+    assert (found.version, found.executable) == ("0.32.0", beside)
