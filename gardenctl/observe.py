@@ -59,6 +59,10 @@ class ObservedWorker:
     rejected: Rejection | None = None  # a newer version that failed and was rolled back
     in_flight: bool = False  # this gardenctl is stopping or starting it right now
     health: str = ""  # why its last health probe failed, when it did
+    facts: tuple[tuple[str, Any], ...] = ()  # numbers read from a failed run's log
+
+    def fact(self, name: str) -> Any:
+        return dict(self.facts).get(name)
 
     # -- the spec, for readers ---------------------------------------------------------------
 

@@ -96,9 +96,44 @@ class Session:
         observed = observed.with_in_flight(in_flight)
         world = circumstances(loaded, inventory, observed, self.state, now=self.clock())
         result = compute_plan(loaded, inventory, observed, world, self.state, detect=detect)
-        if learn and self.learn(result):  # a worker became ready: size from what it measured
+        if learn and (self.learn(result) or self.record_lessons(result)):
+            # a worker became ready (size from what it measured), or a start failed for
+            # memory (resize from what its log said): plan again with it
             result = compute_plan(loaded, inventory, observed, world, self.state, detect=detect)
         return result
+
+    def record_lessons(self, result: PlanResult, observed: Observed | None = None) -> bool:
+        """Learn from each of the garden's workers whose last start failed for memory
+        (gardenctl.lessons); True when a lesson was added or changed."""
+        from gardenctl.lessons import learn as learn_lesson
+        from gardenctl.workers import sizing_hash
+
+        if not self.state.exists:
+            return False
+        garden = result.loaded.garden
+        lessons = self.state.read_lessons(garden.name)
+        declared = {m.name: m for m in result.loaded.declared_models()}
+        # a failed run teaches only about the model as it is now (declared, or as resized)
+        current = {m.name: {sizing_hash(m, garden.placement),
+                            sizing_hash(declared[m.name], garden.placement)}
+                   for m in result.loaded.models()}
+        changed = False
+        for worker in (observed or result.observed).of_garden(garden.name).workers:
+            model = declared.get(worker.model)
+            estimate = result.estimates.get(worker.model)
+            if not worker.phase.dead or model is None or estimate is None:
+                continue
+            if worker.spec.sizing_hash not in current.get(model.name, set()):
+                continue
+            gpu = result.inventory.gpu(worker.node, worker.gpus[0]) if worker.gpus else None
+            lesson = learn_lesson(worker, model, sizing_hash(model, garden.placement), estimate,
+                                  gpu.total_bytes if gpu else None, lessons.get(model.name))
+            if lesson is not None:
+                lessons[model.name] = lesson
+                changed = True
+        if changed:
+            self.state.write_lessons(garden.name, lessons)
+        return changed
 
     def learn(self, result: PlanResult, observed: Observed | None = None) -> list[Profile]:
         """Record a profile for each of the garden's ready workers not learned yet (read from
@@ -184,7 +219,9 @@ class Session:
         self.record_applied(result, "apply")
         report = self.executor(result, progress, stop_event).run(result.plan, on_result)
         if self.runtime is not None:
-            self.learn(result, self.runtime.observe(confirm_health=False))
+            after = self.runtime.observe(confirm_health=False)
+            self.learn(result, after)
+            self.record_lessons(result, after)
         return report
 
 

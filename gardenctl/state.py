@@ -5,6 +5,7 @@ Layout (directories 0700, files 0600; records written temp + fsync + rename):
     <state>/gpus.lock                                 flock'ed for the instant of a spawn
     <state>/gardens/<garden>/lock                     flock'ed by apply, down and watch
     <state>/gardens/<garden>/history.json             what was last applied, and last `down`
+    <state>/gardens/<garden>/lessons.json             what failed starts taught (resizes)
     <state>/gardens/<garden>/workers/<model>.<replica>.json
     <state>/gardens/<garden>/logs/<model>.<replica>.log   (.1, .2 ... older runs)
 
@@ -33,6 +34,7 @@ from typing import Any
 
 from gardenctl.errors import LockHeldError, StateError
 from gardenctl.files import write_json_atomic
+from gardenctl.lessons import Lesson
 from gardenctl.observe import History, ObservedWorker, Rejection
 from gardenctl.phases import check_transition, ended_phase
 from gardenctl.plan.model import Launch
@@ -73,6 +75,9 @@ class WorkerRecord:
     previous: DesiredWorker | None = None  # the version this run replaced, until it is ready
     rejected: Rejection | None = None  # a newer version that failed and was rolled back
     log_path: str | None = None
+    # Numbers the diagnosis read from the log of a failed run (kv_needed_bytes, free_bytes,
+    # suggested_max_model_len, during, ...): what the next attempt can learn from.
+    facts: dict[str, Any] = field(default_factory=dict)
     version: int = RECORD_VERSION
     # The phase it had when read (not stored): a write succeeds only if the stored record is
     # still that run in that phase (compare-and-swap; see runtime.records).
@@ -120,7 +125,7 @@ class WorkerRecord:
         self.previous = None  # the rollout of this replica succeeded: nothing to roll back
 
     def mark_ended(self, at: float, *, exit_code: int | None, error: str, cause: Cause,
-                   hint: str = "") -> None:
+                   hint: str = "", facts: dict[str, Any] | None = None) -> None:
         """The run is over (exited, or stopped to be started again)."""
         self.move_to(ended_phase(self.ready_at is not None))
         self.exited_at = at
@@ -128,6 +133,7 @@ class WorkerRecord:
         self.last_error = error
         self.cause = cause
         self.hint = hint
+        self.facts = dict(facts or {})
 
     def mark_unhealthy(self, detail: str) -> None:
         self.move_to(Phase.UNHEALTHY)
@@ -144,6 +150,7 @@ class WorkerRecord:
             ready_at=self.ready_at, exited_at=self.exited_at, exit_code=self.exit_code,
             last_error=self.last_error, cause=self.cause, hint=self.hint,
             previous=self.previous, rejected=self.rejected, in_flight=in_flight, health=health,
+            facts=tuple(sorted(self.facts.items())),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -156,7 +163,7 @@ class WorkerRecord:
             "hint": self.hint, "restarts": self.restarts, "streak": self.streak,
             "previous": self.previous.to_json() if self.previous else None,
             "rejected": self.rejected.to_json() if self.rejected else None,
-            "log_path": self.log_path,
+            "log_path": self.log_path, "facts": self.facts,
         }
 
     @classmethod
@@ -177,7 +184,17 @@ class WorkerRecord:
             restarts=int(data.get("restarts", 0)), streak=int(data.get("streak", 0)),
             previous=DesiredWorker.from_json(previous) if previous else None,
             rejected=Rejection.from_json(data.get("rejected")), log_path=data.get("log_path"),
+            facts=_facts(data.get("facts")),
         )
+
+
+def _facts(data: object) -> dict[str, Any]:
+    """Failure facts as stored: numbers and short words only (anything else is dropped)."""
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): v for k, v in data.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            or isinstance(v, str) and len(v) <= 64}
 
 
 def _from_version_1(data: dict[str, Any]) -> WorkerRecord:
@@ -329,6 +346,19 @@ class StateDir:
 
     def write_history(self, garden: str, history: History) -> None:
         write_json_atomic(self.garden_file(garden, "history.json"), history.to_json())
+
+    def read_lessons(self, garden: str) -> dict[str, Lesson]:
+        """What failed starts taught, by model (gardenctl.lessons); {} when none or unreadable."""
+        path = self.root / "gardens" / _one_part(garden) / "lessons.json"
+        try:
+            data = json.loads(path.read_text())
+            return {str(k): Lesson.from_json(v) for k, v in data.get("lessons", {}).items()}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return {}
+
+    def write_lessons(self, garden: str, lessons: dict[str, Lesson]) -> None:
+        document = {"lessons": {name: lessons[name].to_json() for name in sorted(lessons)}}
+        write_json_atomic(self.garden_file(garden, "lessons.json"), document)
 
     # -- locks -----------------------------------------------------------------------------
 

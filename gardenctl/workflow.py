@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gardenctl.estimate.types import MemoryEstimate
 from gardenctl.inventory.model import Inventory
+from gardenctl.lessons import Lesson
 from gardenctl.observe import History, Observed
 from gardenctl.plan.model import Plan
 from gardenctl.reconcile import Circumstances
@@ -38,13 +39,32 @@ def compute_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
     from gardenctl.vllm_version import declared_or_detected
 
     cache = state.root if state is not None and state.root.is_dir() else None
+    lessons: dict[str, Lesson] = {}
+    if state is not None and state.exists:
+        loaded, lessons = with_lessons(loaded, state)
     estimates: Mapping[str, MemoryEstimate] = gather_estimates(
         loaded.models(), loaded.garden.placement.estimator,
         version_of=declared_or_detected(cache, probe=detect))
     if state is not None:
         estimates = measured_sizing(loaded, inventory, estimates, state)
+    if lessons:
+        estimates = {name: replace(e, warnings=(*e.warnings, "resized after a failed start: "
+                                                + lessons[name].reason))
+                     if name in lessons else e for name, e in estimates.items()}
     plan = make_plan(loaded, inventory, observed, estimates, world)
     return PlanResult(loaded, inventory, observed, estimates, plan)
+
+
+def with_lessons(loaded: LoadedGarden, state: StateDir) -> tuple[LoadedGarden, dict[str, Lesson]]:
+    """The garden with what failed starts taught applied to the models it still applies to
+    (gardenctl.lessons): the models as they will run, and those lessons by model."""
+    from gardenctl.lessons import applicable
+    from gardenctl.workers import sizing_hash
+
+    policy = loaded.garden.placement
+    declared = {m.name: sizing_hash(m, policy) for m in loaded.declared_models()}
+    lessons = applicable(state.read_lessons(loaded.garden.name), declared)
+    return loaded.with_overrides({n: lesson.overrides() for n, lesson in lessons.items()}), lessons
 
 
 def measured_sizing(loaded: LoadedGarden, inventory: Inventory,
@@ -52,8 +72,6 @@ def measured_sizing(loaded: LoadedGarden, inventory: Inventory,
                     state: StateDir) -> Mapping[str, MemoryEstimate]:
     """Each model sized from its learned profile where one matches (same model, settings,
     vLLM release and GPU model), else from the estimate (gardenctl.profiles.sizing)."""
-    from dataclasses import replace
-
     from gardenctl.errors import StateError
     from gardenctl.profiles.sizing import sized_estimates
     from gardenctl.profiles.store import ProfileStore

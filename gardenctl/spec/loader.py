@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path as FsPath
 from typing import Any, TypeVar
 
@@ -60,13 +60,27 @@ class LoadedGarden:
     path: str
     content_hash: str  # sha256 of the file's bytes: "which version of the file is this"
     warnings: tuple[SpecIssue, ...] = ()
+    # Settings changed by what failed starts taught (gardenctl.lessons), by model name:
+    # ((field, value), ...). Not the file's: `declared_models` gives the models as declared.
+    overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
-    def models(self) -> list[ModelSpec]:
+    def declared_models(self) -> list[ModelSpec]:
         """The garden's models with defaults applied and relative local model paths
         (`./models/x`, `../x`) made absolute against the garden file's directory, so a worker
         finds its model wherever gardenctl runs from."""
         base = FsPath(self.path).resolve().parent
         return [_anchor(model, base) for model in self.garden.resolved_models()]
+
+    def models(self) -> list[ModelSpec]:
+        """The models as they will run: as declared, with the lessons' overrides."""
+        changes = {name: dict(values) for name, values in self.overrides}
+        return [model.model_copy(update=changes[model.name]) if model.name in changes else model
+                for model in self.declared_models()]
+
+    def with_overrides(self, changes: dict[str, dict[str, Any]]) -> LoadedGarden:
+        overrides = tuple((name, tuple(sorted(changes[name].items())))
+                          for name in sorted(changes) if changes[name])
+        return replace(self, overrides=overrides)
 
 
 def _anchor(model: ModelSpec, base: FsPath) -> ModelSpec:

@@ -242,6 +242,16 @@ class ModelSettings(_Strict):
             "depend on it."
         ),
     )
+    on_memory_error: Literal["resize", "fail"] = Field(
+        "resize",
+        description=(
+            "When a start fails for memory (KV cache too small, no room for cache blocks, the "
+            "start-up free-memory check, out of memory in the sampler warm-up): 'resize' starts "
+            "it next with what the log taught (a larger or smaller gpu_memory_utilization, a "
+            "smaller max_num_seqs), never below min_concurrency and only where it still fits; "
+            "'fail' leaves it as declared."
+        ),
+    )
     memory_cap: bool = Field(
         False,
         description=(
