@@ -61,7 +61,7 @@ class WorkerStatusRow:
             "worker": self.worker_id, "worker_id": self.worker_id, "model": self.model,
             "node": self.node, "gpus": list(self.gpus), "port": self.port, "phase": self.phase,
             "restarts": self.restarts, "uptime_s": self.uptime_s, "last_error": self.last_error,
-            "cause": self.cause, "hint": self.hint, "pid": self.pid,
+            "cause": self.cause, "message": self.last_error, "hint": self.hint, "pid": self.pid,
             "utilization": self.utilization, "claim_bytes": self.claim_bytes,
             "next_step": self.next_step, "next_cause": self.next_cause,
             "backoff": None if not self.failures else {
