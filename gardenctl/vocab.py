@@ -129,6 +129,12 @@ class Cause(_Text):
     KILLED_BY_SIGNAL = "killed_by_signal"
     EXITED = "exited"
     UNKNOWN = "unknown"
+    GATED_MODEL = "gated_model"
+    HUB_UNREACHABLE = "hub_unreachable"
+    ARCHITECTURE_UNSUPPORTED = "architecture_unsupported"
+    MAX_MODEL_LEN_TOO_LONG = "max_model_len_too_long"
+    TP_NOT_DIVISIBLE = "tensor_parallel_not_divisible"
+    SAMPLER_OUT_OF_MEMORY = "sampler_out_of_memory"
 
 
 __all__ = ["Cause", "Outcome", "Phase", "StepKind"]

@@ -10,6 +10,7 @@ both keep records the same way, so the contract tests hold for both.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Container, Iterable
@@ -25,6 +26,24 @@ from gardenctl.workers import DesiredWorker
 
 ALIVE = object()  # what _exit_code returns for a process that still runs
 CONFIRM_INTERVAL = 0.5  # seconds between the re-probes of a failing worker in one observation
+RUN_LOG_BYTES = 4 * 1024 * 1024  # how much of a run's log diagnose reads (its last 4 MiB)
+STATUS_TAIL_LINES = 25  # the log tail a status shows
+
+
+def read_run_log(path: str | None, limit: int = RUN_LOG_BYTES) -> str:
+    """A run's log file, its last ``limit`` bytes (from a line start), or "" if unreadable."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - limit))
+            data = handle.read()
+    except OSError:
+        return ""
+    if size > limit:  # started mid-line: drop the partial first line
+        data = data[data.find(b"\n") + 1:]
+    return data.decode("utf-8", "replace")
 
 
 class RecordStore(Protocol):
@@ -93,6 +112,13 @@ class RecordedRuntime:
 
     def _log_tail(self, record: WorkerRecord) -> str:
         raise NotImplementedError
+
+    def _run_log(self, record: WorkerRecord) -> str:
+        """The log of the record's run (one file per run), bounded to its last RUN_LOG_BYTES:
+        what `diagnose` reads, since vLLM prints the root cause well above its last lines.
+        Without a readable log file, the runtime's own tail."""
+        text = read_run_log(record.log_path)
+        return text if text else self._log_tail(record)
 
     def _milestone(self, record: WorkerRecord) -> str:
         """What a loading worker is doing now."""
@@ -163,8 +189,8 @@ class RecordedRuntime:
 
     def _record_exit(self, record: WorkerRecord, code: object) -> base.WorkerStatus:
         """The run ended without being asked to: record how, diagnosed from its log."""
-        tail = "\n".join(self._log_tail(record).splitlines()[-25:])
-        diagnosis = diagnose(tail)
+        tail = "\n".join(self._log_tail(record).splitlines()[-STATUS_TAIL_LINES:])
+        diagnosis = diagnose(self._run_log(record))
         exit_code = code if isinstance(code, int) else None
         signal_number = -exit_code if exit_code is not None and exit_code < 0 else None
         if signal_number:
@@ -187,11 +213,12 @@ class RecordedRuntime:
 
     def _ended_status(self, record: WorkerRecord) -> base.WorkerStatus:
         code = record.exit_code
-        tail = "\n".join(self._log_tail(record).splitlines()[-25:])
+        tail = "\n".join(self._log_tail(record).splitlines()[-STATUS_TAIL_LINES:])
         return base.WorkerStatus(record.phase, record.last_error or "",
                                  exit_code=code if code is None or code >= 0 else None,
                                  signal=-code if code is not None and code < 0 else None,
-                                 log_tail=tail, diagnosis=diagnose(tail) if tail else None)
+                                 log_tail=tail,
+                                 diagnosis=diagnose(self._run_log(record)) if tail else None)
 
     def probe_health(self, worker_id: str) -> str | None:
         record = self.store.read_record(worker_id)
