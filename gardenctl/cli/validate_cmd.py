@@ -14,17 +14,25 @@ VALIDATE_FORMAT_VERSION = 1
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
 @garden_file
 @inventory_file
+@click.option("--allow-network", is_flag=True,
+              help="Ask the Hugging Face Hub (unless HF_HUB_OFFLINE is set) whether each model "
+              "that is neither a local folder nor cached exists, and whether it is gated.")
 @output_format("text", "json", "github")
 def validate(files: tuple[str, ...], garden_path: str, inventory_path: str | None,
-             output: str) -> None:
+             allow_network: bool, output: str) -> None:
     """Check the garden file (or each of FILES): schema, cross-field rules and, when an
     inventory is declared (or given with --inventory), that every worker fits. Exit 0 when
     valid, 1 otherwise.
 
+    Pre-flight checks read each model's config.json (local folder, Hugging Face cache, the
+    built-in catalog; the Hub only with --allow-network): max_model_len, tensor_parallel_size,
+    dtype and quantization against the inventory's GPUs, the architecture against the vLLM
+    release (docs/preflight.md).
+
     Never starts or stops anything, and never reads GPUs: in CI, declare the inventory.
     """
     paths = list(files) or [garden_path]
-    documents = [_validate_one(path, inventory_path, output) for path in paths]
+    documents = [_validate_one(path, inventory_path, output, allow_network) for path in paths]
     if output == "json":
         if len(documents) == 1:
             echo_json(documents[0])
@@ -35,7 +43,8 @@ def validate(files: tuple[str, ...], garden_path: str, inventory_path: str | Non
         raise click.exceptions.Exit(EXIT_ERROR)
 
 
-def _validate_one(garden_path: str, inventory_path: str | None, output: str) -> dict:
+def _validate_one(garden_path: str, inventory_path: str | None, output: str,
+                  allow_network: bool = False) -> dict:
     from gardenctl.errors import SpecError
     from gardenctl.spec.loader import load_garden
 
@@ -48,38 +57,50 @@ def _validate_one(garden_path: str, inventory_path: str | None, output: str) -> 
         loaded = None
     if loaded is not None:
         issues = list(loaded.warnings)
-        issues += _fit_issues(loaded, garden_path, inventory_path, summary)
+        issues += _fit_issues(loaded, garden_path, inventory_path, summary, allow_network)
     valid = not any(i.severity == "error" for i in issues)
     return _report(garden_path, issues, valid, summary, output)
 
 
-def _fit_issues(loaded, garden_path: str, inventory_path: str | None, summary: dict) -> list:
+def _fit_issues(loaded, garden_path: str, inventory_path: str | None, summary: dict,
+                allow_network: bool = False) -> list:
     garden = loaded.garden
     default_replicas = garden.defaults.replicas
     summary["models"] = len(garden.models)
     summary["workers"] = sum(m.replicas if "replicas" in m.model_fields_set else default_replicas
                              for m in garden.models)
-    if inventory_path is None and garden.inventory is None:
-        summary["fit"] = "not checked: no inventory declared (add `inventory:` or --inventory)"
-        return []
     from gardenctl.errors import SpecError
+    from gardenctl.estimate import read_model_metadata
     from gardenctl.inventory import resolve_inventory
     from gardenctl.planner import gather_estimates
-    from gardenctl.validation import check_against_inventory, estimate_warnings
-
-    models = loaded.models()
-    try:
-        inventory = resolve_inventory(garden, garden_path, inventory_path)
-    except SpecError as exc:  # a broken --inventory file: its own located issues
-        return list(exc.issues)
+    from gardenctl.preflight import ask_hub, hub_available
     from gardenctl.state import StateDir
+    from gardenctl.validation import (
+        SaneMetadataReader,
+        check_against_inventory,
+        estimate_warnings,
+        preflight_issues,
+    )
     from gardenctl.vllm_version import declared_or_detected
 
+    models = loaded.models()
+    inventory = None
+    if inventory_path is not None or garden.inventory is not None:
+        try:
+            inventory = resolve_inventory(garden, garden_path, inventory_path)
+        except SpecError as exc:  # a broken --inventory file: its own located issues
+            return list(exc.issues)
     state = StateDir()  # the release cache of apply and watch is read; nothing is run
     cache = state.root if state.root.is_dir() else None
-    estimates = gather_estimates(models, garden.placement.estimator,
+    reader = SaneMetadataReader(read_model_metadata)
+    estimates = gather_estimates(models, garden.placement.estimator, read_metadata=reader,
                                  version_of=declared_or_detected(cache))
-    issues = estimate_warnings(loaded, models, estimates)
+    hub = ask_hub if allow_network and hub_available() else None
+    issues = preflight_issues(loaded, models, inventory, estimates, reader, hub_info=hub)
+    if inventory is None:
+        summary["fit"] = "not checked: no inventory declared (add `inventory:` or --inventory)"
+        return issues
+    issues += estimate_warnings(loaded, models, estimates)
     report = check_against_inventory(loaded, inventory, estimates)
     issues += report.issues
     if report.placement is not None and not report.issues:

@@ -9,9 +9,12 @@ top-level keys. A number the config does not give is None: callers say so in the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from gardenctl.errors import ModelMetadataError
 
 TEXT_CONFIG_KEYS = ("text_config", "llm_config", "language_config")
 
@@ -38,12 +41,74 @@ CONTEXT_KEYS = (
     "max_seq_len",
     "seq_length",
     "model_max_length",
+    "max_target_positions",
     "max_sequence_length",
     "max_seq_length",
     "seq_len",
 )
-# rope_scaling types whose max_position_embeddings already is the extended length.
-ROPE_TYPES_ALREADY_EXTENDED = ("su", "longrope", "llama3", "default", "mrope")
+# rope_scaling types whose length vLLM does not multiply (`_get_and_verify_max_len`).
+ROPE_TYPES_ALREADY_EXTENDED = ("su", "longrope", "llama3")
+
+# Sane ranges of config.json numbers (inclusive): a value outside is a broken or hostile file,
+# refused before any arithmetic (a per-layer table of 10**12 layers would be a MemoryError).
+# The bounds are far above any published model (Llama-4 Scout: 10M positions; vocabularies of
+# 262K; 256 routed experts; 128 layers).
+CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
+    "num_hidden_layers": (1, 4096),
+    "n_layer": (1, 4096),
+    "num_layers": (1, 4096),
+    "n_layers": (1, 4096),
+    "hidden_size": (1, 1 << 20),
+    "n_embd": (1, 1 << 20),
+    "d_model": (1, 1 << 20),
+    "num_attention_heads": (1, 1 << 16),
+    "n_head": (1, 1 << 16),
+    "num_heads": (1, 1 << 16),
+    "num_key_value_heads": (1, 1 << 16),
+    "num_kv_heads": (1, 1 << 16),
+    "head_dim": (1, 1 << 16),
+    "intermediate_size": (1, 1 << 24),
+    "moe_intermediate_size": (1, 1 << 24),
+    "vocab_size": (1, 1 << 26),
+    "num_local_experts": (0, 1 << 16),
+    "num_experts": (0, 1 << 16),
+    "n_routed_experts": (0, 1 << 16),
+    "num_experts_per_tok": (0, 1 << 16),
+    "sliding_window": (0, 1 << 32),
+    "attention_chunk_size": (0, 1 << 32),
+    **dict.fromkeys(CONTEXT_KEYS, (1, 1 << 32)),
+}
+MAX_ROPE_FACTOR = 1 << 12
+
+
+@dataclass(frozen=True)
+class OutOfRange:
+    key: str  # as found, e.g. "text_config.num_hidden_layers"
+    value: Any
+    low: float
+    high: float
+
+
+def config_out_of_range(config: Mapping[str, Any]) -> list[OutOfRange]:
+    """The numbers of ``config`` (top level and text config) outside CONFIG_BOUNDS, and a
+    rope_scaling factor that is not a finite number in (0, MAX_ROPE_FACTOR]."""
+    bad: list[OutOfRange] = []
+    scopes: list[tuple[str, Mapping[str, Any]]] = [("", config)]
+    scopes += [(f"{k}.", v) for k in TEXT_CONFIG_KEYS if isinstance(v := config.get(k), Mapping)]
+    for prefix, scope in scopes:
+        for key, (low, high) in CONFIG_BOUNDS.items():
+            value = scope.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not (math.isfinite(value) and low <= value <= high):
+                bad.append(OutOfRange(prefix + key, value, low, high))
+        scaling = scope.get("rope_scaling")
+        if isinstance(scaling, Mapping) and "factor" in scaling:
+            factor = scaling["factor"]
+            if not (_finite(factor) and factor <= MAX_ROPE_FACTOR):
+                bad.append(OutOfRange(prefix + "rope_scaling.factor", factor, 0, MAX_ROPE_FACTOR))
+    return bad
+
 
 FULL = "full"
 SLIDING = "sliding"
@@ -110,7 +175,12 @@ def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def read_architecture(config: Mapping[str, Any]) -> Architecture:
-    """Read the numbers of ``config`` (a parsed config.json); never raises on missing keys."""
+    """Read the numbers of ``config`` (a parsed config.json); never raises on missing keys.
+    Raises ModelMetadataError for numbers outside CONFIG_BOUNDS (see config_out_of_range)."""
+    bad = config_out_of_range(config)
+    if bad:
+        shown = ", ".join(f"{b.key} = {_shown(b.value)}" for b in bad[:3])
+        raise ModelMetadataError(f"config.json values out of any sane range: {shown}")
     cfg = text_config(config)
     multimodal = any(isinstance(config.get(k), Mapping) for k in TEXT_CONFIG_KEYS) or (
         isinstance(config.get("vision_config"), Mapping)
@@ -257,16 +327,60 @@ def _layer_kinds(
 
 
 def _context_limit(cfg: Mapping[str, Any]) -> tuple[int | None, str | None]:
+    derived = derive_context_limit(cfg)
+    return derived.limit, derived.source
+
+
+@dataclass(frozen=True)
+class ContextLimit:
+    """vLLM's derived max_model_len of a config, and where each part of it came from."""
+
+    limit: int | None  # None: no key gives it (vLLM then assumes 2048 and warns)
+    source: str | None  # e.g. "max_position_embeddings x rope_scaling factor 4 (yarn)"
+    key: str | None  # the config key the base length came from
+    base: int | None  # that key's value, before rope scaling
+    model_max_length: int | None  # config.json's model_max_length (an allowed override)
+
+
+def derive_context_limit(cfg: Mapping[str, Any]) -> ContextLimit:
+    """The longest max_model_len vLLM accepts for ``cfg`` (the text config), as vLLM's
+    `_get_and_verify_max_len` derives it (vllm/config/model.py; vllm/config.py before 0.10):
+    the smallest of CONTEXT_KEYS, replaced by `model_max_length` when the config gives one;
+    then, unless the model is Gemma-3 (already scaled) or the rope type is su, longrope or
+    llama3 (already the extended length), times rope_scaling's factor (yarn: times
+    original_max_position_embeddings). tokenizer_config.json's model_max_length, which vLLM
+    also takes into account, is not read (it is not in config.json)."""
     found = [(value, key) for key in CONTEXT_KEYS if (value := _int(cfg, key))]
+    model_max_length = _int(cfg, "model_max_length")
     if not found:
-        return None, None
+        return ContextLimit(None, None, None, None, None)
     limit, key = min(found)
+    if model_max_length:
+        limit, key = model_max_length, "model_max_length"
+    base = limit
+    source = key
     scaling = cfg.get("rope_scaling")
-    if isinstance(scaling, Mapping):
+    model_type = str(cfg.get("model_type") or "")
+    if isinstance(scaling, Mapping) and "gemma3" not in model_type:
         rope_type = str(scaling.get("rope_type") or scaling.get("type") or "default")
-        factor = scaling.get("factor")
-        if rope_type not in ROPE_TYPES_ALREADY_EXTENDED and isinstance(factor, (int, float)):
-            original = _int(scaling, "original_max_position_embeddings") or limit
-            base = original if rope_type == "yarn" else limit
-            return int(base * factor), f"{key} x rope_scaling factor {factor:g} ({rope_type})"
-    return limit, key
+        factor = scaling.get("factor", 1.0)
+        if rope_type not in ROPE_TYPES_ALREADY_EXTENDED and _finite(factor):
+            if rope_type == "yarn":
+                limit = _int(scaling, "original_max_position_embeddings") or limit
+            limit = int(limit * float(factor))
+            if float(factor) != 1.0 or rope_type == "yarn":
+                source = f"{key} x rope_scaling factor {float(factor):g} ({rope_type})"
+                if rope_type == "yarn" and _int(scaling, "original_max_position_embeddings"):
+                    source = (f"rope_scaling original_max_position_embeddings x factor "
+                              f"{float(factor):g} (yarn)")
+    return ContextLimit(limit, source, key, base, model_max_length)
+
+
+def _shown(value: Any) -> str:
+    text = f"{value:,}" if isinstance(value, int) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _finite(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)

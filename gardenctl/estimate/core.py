@@ -264,8 +264,13 @@ def _max_model_len(
     if limit:
         origin = metadata.config_source or "config.json"
         return limit, f"{origin}: {limit_key}"
+    why = (
+        f"{request.model}'s config.json gives no length"
+        if metadata.config is not None
+        else f"no config.json of {request.model} was found, so its limit is unknown"
+    )
     warnings.append(
         f"max_model_len is a DEFAULT ({DEFAULT_MAX_MODEL_LEN:,}): it was not given and "
-        f"{request.model}'s config.json does not say; set max_model_len explicitly"
+        f"{why}; set max_model_len explicitly"
     )
     return DEFAULT_MAX_MODEL_LEN, "DEFAULT: not given and not in config.json"
