@@ -70,6 +70,7 @@ _PREFIXES = (
     re.compile(r"^(?:DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)\s+\d\d-\d\d\s+[\d:.]+\s+"
                r"(?:\[[^\]]*\]\s?|\S+:\d+\]\s?)"),  # vLLM's logger (both formats)
     re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL):\s+"),  # uvicorn's logger
+    re.compile(r"^\[[\w.]+:\d+\]\s+"),  # a logger's [file.py:N] left after a cut prefix
 )
 _WARNING = re.compile(r"^(?:WARNING|WARN)\b|^\S*Warning:|warnings\.warn\(|UserWarning|"
                       r"FutureWarning|DeprecationWarning|RuntimeWarning|resource_tracker:")
@@ -133,10 +134,6 @@ def _bytes(number: str, unit: str) -> int:
     if unit.upper() in ("GB", "MB", "KB", "TB"):
         factor = _UNITS[unit.upper()[0] + "IB"]
     return round(float(number) * factor)
-
-
-def _gib(number: int | None) -> str:
-    return "?" if number is None else f"{number / 1024**3:.2f} GiB"
 
 
 # --- rules ---------------------------------------------------------------------------------
@@ -284,6 +281,7 @@ class _OomFigures:
     tried: int | None = None
     free: int | None = None
     total: int | None = None
+    text: str = ""  # the figures as the log writes them
 
 
 def _oom_numbers(lines: list[_Line], at: int) -> _OomFigures:
@@ -295,9 +293,12 @@ def _oom_numbers(lines: list[_Line], at: int) -> _OomFigures:
                 total_b_unit, free_b, free_b_unit = match.groups()
             total = (total_a, total_a_unit) if total_a else (total_b, total_b_unit)
             free = (free_a, free_a_unit) if free_a else (free_b, free_b_unit)
+            text = f": tried to allocate {tried} {tried_unit}"
+            if free[0] and total[0]:
+                text += f", {free[0]} {free[1]} free of {total[0]} {total[1]}"
             return _OomFigures(tried=_bytes(tried, tried_unit),
                                free=_bytes(*free) if free[0] else None,
-                               total=_bytes(*total) if total[0] else None)
+                               total=_bytes(*total) if total[0] else None, text=text)
     return _OomFigures()
 
 
@@ -367,22 +368,16 @@ def _oom(lines: list[_Line], at: int, match: re.Match[str]) -> Diagnosis:
 
 
 def _oom_figures(numbers: _OomFigures) -> str:
-    tried, free, total = numbers.tried, numbers.free, numbers.total
-    if tried is None:
-        return ""
-    text = f": tried to allocate {_gib(tried)}"
-    if free is not None and total is not None:
-        text += f", {_gib(free)} free of {_gib(total)}"
-    return text
+    return numbers.text
 
 
 def _max_len(lines: list[_Line], at: int, match: re.Match[str]) -> Diagnosis:
     asked, key, limit = match.groups()
     limit_int = int(float(limit))
+    source = f" ({key} in its config.json)" if key != "None" else ""
     return Diagnosis(
         Cause.MAX_MODEL_LEN_TOO_LONG,
-        f"max_model_len {asked} is above the model's limit of {limit_int} ({key} in its "
-        "config.json)",
+        f"max_model_len {asked} is above the model's limit of {limit_int}{source}",
         hint=f"set max_model_len to {limit_int} or less (or leave it unset)",
         evidence=_evidence(lines[at]), model_limit=limit_int, max_model_len=int(asked))
 

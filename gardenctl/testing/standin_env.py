@@ -93,6 +93,16 @@ def _parse_exit_code(raw: str) -> int:
     return code
 
 
+def _parse_replay(raw: str) -> str:
+    """The path of a readable log file."""
+    try:
+        with open(raw, "rb"):
+            pass
+    except OSError as error:
+        raise ValueError(raw) from error
+    return raw
+
+
 def _parse_fail_mode(raw: str) -> str:
     if raw not in FAILURE_MODES:
         raise ValueError(raw)
@@ -125,6 +135,7 @@ class StandinEnv:
     api_key: str | None = None  # VLLM_API_KEY
     server_dev_mode: bool = False  # VLLM_SERVER_DEV_MODE
     keep_alive_on_engine_death: bool = False  # VLLM_KEEP_ALIVE_ON_ENGINE_DEATH
+    replay: str | None = None  # STANDIN_VLLM_REPLAY: a failure log to print, then exit
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> StandinEnv:
@@ -165,4 +176,5 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("estimate_cudagraphs", "VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS", _parse_bool, _BOOLEAN),
     ("server_dev_mode", "VLLM_SERVER_DEV_MODE", _parse_bool, _BOOLEAN),
     ("keep_alive_on_engine_death", "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH", _parse_bool, _BOOLEAN),
+    ("replay", "STANDIN_VLLM_REPLAY", _parse_replay, "the path of a readable log file"),
 )

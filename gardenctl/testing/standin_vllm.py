@@ -39,6 +39,10 @@ Environment (set them through a model's ``env:`` in a garden file):
                           /health 503, "EngineDeadError" logged, exit (with
                           VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1 it stays up answering 503)
       hang                never ready; keeps the port bound until signalled
+  STANDIN_VLLM_REPLAY=PATH          replay a real failure log: after binding the port and the
+                                    loading delay, print PATH's lines to stdout as they are
+                                    (no prefixes added) and exit with STANDIN_VLLM_EXIT_CODE;
+                                    e.g. the logs of tests/data/vllm-failures/
   STANDIN_VLLM_CRASH_AFTER=1.0      seconds between ready and the crash_after_ready crash
   STANDIN_VLLM_EXIT_CODE=1          exit status of every simulated failure (1-255)
   STANDIN_VLLM_IGNORE_SIGTERM=1     log and ignore SIGTERM, so the caller must SIGKILL
@@ -318,6 +322,8 @@ class StandinServer:
                 return self._gpu_unavailable(detail)
         if self.stop_request.wait(self.env.ready_delay):
             return 0
+        if self.env.replay is not None:
+            return self._replay(self.env.replay)
         result = self.startup
         self._log_lines(result.lines)
         if result.failure is not None:
@@ -394,6 +400,14 @@ class StandinServer:
         print(f"standin-vllm: error: STANDIN_VLLM_ALLOCATE=1 needs PyTorch with a CUDA device: "
               f"{why}", file=sys.stderr, flush=True)
         return 2
+
+    def _replay(self, path: str) -> int:
+        """Print a recorded failure log as it is, then fail like that start did."""
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                sys.stdout.write(line if line.endswith("\n") else line + "\n")
+        sys.stdout.flush()
+        return self.env.exit_code
 
     def _fail(self, failure: EngineFailure) -> int:
         for line in failure.engine_traceback:
