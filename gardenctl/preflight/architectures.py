@@ -63,7 +63,9 @@ def check_architecture(config: Mapping[str, Any], vllm_version: str | None,
     version = _parsed(vllm_version) if not version_assumed else None
     for name in names:
         last = registry.removed.get(name)
-        if last and version is not None and (_parsed(last) or version) < version:
+        if last and version is not None and version <= (_parsed(last) or version):
+            return []  # that release still had it
+        if last and version is not None:
             return [error("model", f"architecture {name} was removed from vLLM after {last}; "
                           f"this worker runs vLLM {vllm_version}: it refuses to start",
                           hint=f"run vLLM {last} or older for this model "
