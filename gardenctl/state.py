@@ -193,8 +193,8 @@ def _facts(data: object) -> dict[str, Any]:
     if not isinstance(data, dict):
         return {}
     return {str(k): v for k, v in data.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-            or isinstance(v, str) and len(v) <= 64}
+            if (isinstance(v, (int, float)) and not isinstance(v, bool))
+            or (isinstance(v, str) and len(v) <= 64)}
 
 
 def _from_version_1(data: dict[str, Any]) -> WorkerRecord:
