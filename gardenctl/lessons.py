@@ -153,6 +153,9 @@ def _current_max_num_seqs(worker: ObservedWorker, model: ModelSpec,
                           previous: Lesson | None) -> int:
     from gardenctl.argv import flag_value
 
+    logged = worker.fact("sampler_requests")  # the warm-up's dummy requests = max_num_seqs
+    if logged:
+        return int(logged)
     value = flag_value(worker.spec.argv, "--max-num-seqs")
     if value is not None and value.isdigit():
         return int(value)

@@ -80,7 +80,7 @@ class Session:
     def plan_loaded(self, loaded: LoadedGarden, inventory_path: str | None,
                     observed: Observed | None = None, *, confirm_health: bool = True,
                     in_flight: frozenset[str] = frozenset(), detect: bool = True,
-                    learn: bool = False) -> PlanResult:
+                    learn: bool = False, preflight: bool = True) -> PlanResult:
         """Plan ``loaded`` against what runs now: observed here, or the snapshot given (one
         observation serves every plan of a watch pass). ``in_flight``: workers this
         gardenctl is acting on right now (the plan waits for them). ``detect``: ask each
@@ -95,11 +95,13 @@ class Session:
             observed = runtime.observe(confirm_health=confirm_health)
         observed = observed.with_in_flight(in_flight)
         world = circumstances(loaded, inventory, observed, self.state, now=self.clock())
-        result = compute_plan(loaded, inventory, observed, world, self.state, detect=detect)
+        result = compute_plan(loaded, inventory, observed, world, self.state, detect=detect,
+                              preflight=preflight)
         if learn and (self.learn(result) or self.record_lessons(result)):
             # a worker became ready (size from what it measured), or a start failed for
             # memory (resize from what its log said): plan again with it
-            result = compute_plan(loaded, inventory, observed, world, self.state, detect=detect)
+            result = compute_plan(loaded, inventory, observed, world, self.state, detect=detect,
+                                  preflight=preflight)
         return result
 
     def record_lessons(self, result: PlanResult, observed: Observed | None = None) -> bool:

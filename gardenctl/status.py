@@ -143,7 +143,7 @@ def gather_status(garden_path: str, inventory_path: str | None, state_path: str 
         return _from_records_only(report, state, now)
     report.garden = loaded.garden.name
     inventory = resolve_inventory(loaded.garden, garden_path, inventory_path)
-    result = plan_read_only(loaded, inventory, state)
+    result = plan_read_only(loaded, inventory, state, preflight=False)
     observed = result.observed
     report.notes += list(observed.notes)
     mine = observed.of_garden(loaded.garden.name)

@@ -250,12 +250,15 @@ class Watcher:
                           f"report it): {type(exc).__name__}: {exc}", reason=reason)
         self._write_status()
 
-    def _plan(self, loaded: LoadedGarden, observed: Observed | None = None) -> PlanResult:
+    def _plan(self, loaded: LoadedGarden, observed: Observed | None = None, *,
+              candidate: bool = False) -> PlanResult:
+        """Plan ``loaded``; a ``candidate`` (a new version of the file) must also pass the
+        pre-flight checks; the version in force keeps healing whatever they say now."""
         in_flight = self.in_flight()
         said = self.session.learn_problem
         result = self.session.plan_loaded(loaded, self.options.inventory_path, observed,
                                           confirm_health=False, in_flight=in_flight,
-                                          learn=True)
+                                          learn=True, preflight=candidate)
         if self.session.learn_problem and self.session.learn_problem != said:
             self.log.emit("error", self.session.learn_problem)  # once, not every pass
         return result
@@ -267,7 +270,7 @@ class Watcher:
         if candidate is not None:
             digest = candidate.content_hash
             try:
-                result = self._plan(candidate)
+                result = self._plan(candidate, candidate=True)
                 observed = result.observed
                 refusal = self._refusal(candidate, result)
             except GardenError as exc:

@@ -32,19 +32,35 @@ class PlanResult:
 
 def compute_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
                  world: Circumstances | None = None,
-                 state: StateDir | None = None, *, detect: bool = False) -> PlanResult:
+                 state: StateDir | None = None, *, detect: bool = False,
+                 preflight: bool = True) -> PlanResult:
     """Read the models' metadata and the vLLM release of each vllm_command (the only I/O
-    left; the release is cached in ``state``), then plan: a pure function of the rest."""
+    left; the release is cached in ``state``), then plan: a pure function of the rest.
+
+    With ``preflight`` (every plan of a garden version about to be applied), what vLLM would
+    refuse at start-up (gardenctl.preflight: max_model_len, tensor parallelism, dtype and
+    quantization on these GPUs, the architecture) is a SpecError located in the file, as in
+    `validate`, and nothing is planned; its warnings join the plan's."""
+    from gardenctl.errors import SpecError
+    from gardenctl.estimate import read_model_metadata
     from gardenctl.planner import gather_estimates, make_plan
+    from gardenctl.validation import SaneMetadataReader, preflight_issues
     from gardenctl.vllm_version import declared_or_detected
 
     cache = state.root if state is not None and state.root.is_dir() else None
     lessons: dict[str, Lesson] = {}
     if state is not None and state.exists:
         loaded, lessons = with_lessons(loaded, state)
+    reader = SaneMetadataReader(read_model_metadata)
     estimates: Mapping[str, MemoryEstimate] = gather_estimates(
-        loaded.models(), loaded.garden.placement.estimator,
+        loaded.models(), loaded.garden.placement.estimator, read_metadata=reader,
         version_of=declared_or_detected(cache, probe=detect))
+    if preflight:
+        issues = preflight_issues(loaded, loaded.models(), inventory, estimates, reader)
+        errors = [i for i in issues if i.severity == "error"]
+        if errors:
+            raise SpecError(errors)
+        loaded = replace(loaded, warnings=(*loaded.warnings, *issues))
     if state is not None:
         estimates = measured_sizing(loaded, inventory, estimates, state)
     if lessons:
@@ -146,11 +162,14 @@ def observe_without_lock(loaded: LoadedGarden, inventory: Inventory,
     return runtime.observe()
 
 
-def plan_read_only(loaded: LoadedGarden, inventory: Inventory, state: StateDir) -> PlanResult:
-    """The plan as `plan` and `status` show it: observed without the lock, changing nothing."""
+def plan_read_only(loaded: LoadedGarden, inventory: Inventory, state: StateDir, *,
+                   preflight: bool = True) -> PlanResult:
+    """The plan as `plan` and `status` show it: observed without the lock, changing nothing
+    (`status` shows what runs even when the file has a pre-flight error: ``preflight``)."""
     observed = observe_without_lock(loaded, inventory, state)
     return compute_plan(loaded, inventory, observed,
-                        circumstances(loaded, inventory, observed, state), state)
+                        circumstances(loaded, inventory, observed, state), state,
+                        preflight=preflight)
 
 
 __all__ = ["PlanResult", "busy_gpus", "busy_ports", "circumstances", "compute_plan",

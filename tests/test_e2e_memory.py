@@ -148,3 +148,30 @@ def test_learning_never_restarts_a_capped_worker(garden):
     assert again.code == 0, str(again)
     assert "No changes" in again.out, str(again)
     assert garden.pids()[garden.worker_id("chat")] == pid
+
+
+def test_a_start_that_failed_for_memory_is_retried_with_what_its_log_taught(garden):
+    # The stand-in's graphs take 3.5 GiB (far more than estimated): the KV cache left cannot
+    # hold one 2,048-token sequence and vLLM refuses to start, saying how much it lacked.
+    env = {"STANDIN_VLLM_VERSION": "0.32.0", "STANDIN_VLLM_CUDA_GRAPH": "3.5GiB"}
+    garden.write([model("chat", env=env)])
+    first = garden.apply()
+    assert first.code == 1, str(first)
+    worker = garden.workers()[garden.worker_id("chat")]
+    assert worker["cause"] == "kv_cache_too_small", worker
+    assert "max_model_len" in worker["hint"]
+
+    plan = garden.run("plan")
+    assert "resized after a failed start: the KV cache could not hold one sequence" in plan.out
+    assert "gpu-memory-utilization" in plan.out, str(plan)
+    second = garden.apply()
+    assert second.code == 0, str(second)
+    assert garden.workers()[garden.worker_id("chat")]["phase"] == "ready"
+
+
+def test_on_memory_error_fail_retries_nothing_new(garden):
+    env = {"STANDIN_VLLM_VERSION": "0.32.0", "STANDIN_VLLM_CUDA_GRAPH": "3.5GiB"}
+    garden.write([model("chat", env=env, on_memory_error="fail")])
+    assert garden.apply().code == 1
+    plan = garden.run("plan")
+    assert "resized after a failed start" not in plan.out, str(plan)

@@ -84,8 +84,8 @@ def _memory_lines(workers: list[Any]) -> list[str]:
     from gardenctl.text import shown
     from gardenctl.units import format_size
 
-    rows = [w for w in workers if w.memory is not None and w.phase not in ("pending", "held",
-                                                                            "waiting")]
+    rows = [w for w in workers  # the workers that hold memory now
+            if w.memory is not None and w.phase in ("starting", "ready", "unhealthy", "stopping")]
     if not rows:
         return []
     lines = ["", "Memory per GPU (claimed: what the plan reserved for the worker; measured: what "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from gardenctl.vocab import Cause
 
@@ -56,6 +56,13 @@ class Diagnosis:
     architecture: str = ""  # architecture unsupported: the name(s) in the message
     flags: str = ""  # unrecognised flag: what vLLM did not know
     port: int | None = None  # port in use: the port in the message, where it says one
+
+    def facts(self) -> dict[str, int | float | str]:
+        """The numbers read from the log, for the record of the run (gardenctl.lessons
+        learns from them): every field that is set, besides the texts for people."""
+        texts = {"cause", "message", "hint", "evidence"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in texts and getattr(self, f.name) not in (None, "")}
 
 
 # --- reading lines -------------------------------------------------------------------------

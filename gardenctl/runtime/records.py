@@ -19,7 +19,7 @@ from typing import Protocol
 from gardenctl.observe import ObservedWorker
 from gardenctl.plan.model import Launch
 from gardenctl.runtime import base
-from gardenctl.runtime.diagnose import diagnose
+from gardenctl.runtime.diagnose import NO_ERROR_MESSAGE, diagnose
 from gardenctl.state import WorkerRecord
 from gardenctl.vocab import Cause, Phase
 from gardenctl.workers import DesiredWorker
@@ -200,12 +200,14 @@ class RecordedRuntime:
         elif exit_code is None:
             error, cause = ("its process is gone (exit status unknown: it was not started by "
                             "this gardenctl process)"), Cause.EXITED
+        elif diagnosis.message != NO_ERROR_MESSAGE:  # the last error line the log has
+            error, cause = f"exited with code {exit_code}: {diagnosis.message}", Cause.EXITED
         else:
             error, cause = f"exited with code {exit_code}", Cause.EXITED
         if record.phase == Phase.STOPPING:  # a stop that was interrupted: it is over anyway
             error = f"{error} (while being stopped)"
         record.mark_ended(self._exit_time(record), exit_code=exit_code, error=error, cause=cause,
-                          hint=diagnosis.hint)
+                          hint=diagnosis.hint, facts=diagnosis.facts())
         self._save(record)
         return base.WorkerStatus(record.phase, error, exit_code=None if signal_number
                                  else exit_code, signal=signal_number, log_tail=tail,
