@@ -28,7 +28,7 @@ UNRECOGNISED_FLAG = Cause.UNRECOGNISED_FLAG
 ENGINE_DEAD = Cause.ENGINE_DEAD
 UNKNOWN = Cause.UNKNOWN
 
-NO_ERROR_MESSAGE = "exited without a recognised error (see `gardenctl logs W --previous`)"
+NO_ERROR_MESSAGE = "exited without a recognised error (see its log: `gardenctl logs WORKER`)"
 EVIDENCE_CHARS = 300
 _BACKTRACK_LINES = 120  # how far above an OOM line its traceback frames are looked for
 
