@@ -19,6 +19,7 @@ from typing import Any
 from gardenctl.errors import GardenError, StalePlanError, StateError
 from gardenctl.execute import ApplyReport, Executor, Progress, StepResult
 from gardenctl.inventory.model import Inventory
+from gardenctl.lessons import Lesson
 from gardenctl.observe import History, Observed
 from gardenctl.plan.model import Plan, Step
 from gardenctl.profiles.model import Profile
@@ -40,6 +41,7 @@ class Session:
     clock: Callable[[], float] = time.time  # wall clock: "now" for the plans (backoff, timeouts)
     learned_runs: set[tuple[str, float]] = field(default_factory=set)  # (worker, start) learned
     learn_problem: str = ""  # why the last learning failed (a damaged profile database)
+    new_lessons: list[Lesson] = field(default_factory=list)  # learned by the last pass
     _stack: ExitStack = field(default_factory=ExitStack)
 
     def lock(self, garden: str) -> None:
@@ -110,6 +112,7 @@ class Session:
         from gardenctl.lessons import learn as learn_lesson
         from gardenctl.workers import sizing_hash
 
+        self.new_lessons = []
         if not self.state.exists:
             return False
         garden = result.loaded.garden
@@ -132,6 +135,7 @@ class Session:
                                   gpu.total_bytes if gpu else None, lessons.get(model.name))
             if lesson is not None:
                 lessons[model.name] = lesson
+                self.new_lessons.append(lesson)
                 changed = True
         if changed:
             self.state.write_lessons(garden.name, lessons)

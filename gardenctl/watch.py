@@ -261,6 +261,10 @@ class Watcher:
                                           learn=True, preflight=candidate)
         if self.session.learn_problem and self.session.learn_problem != said:
             self.log.emit("error", self.session.learn_problem)  # once, not every pass
+        for lesson in self.session.new_lessons:
+            self.log.emit("resized", f"{lesson.model}: {lesson.reason}", model=lesson.model,
+                          overrides=lesson.overrides())
+        self.session.new_lessons = []
         return result
 
     def _pass(self, reason: str) -> None:

@@ -116,6 +116,21 @@ def test_watch_learns_each_ready_worker_and_keeps_it_running(garden):
     assert garden.worker_pids() == before
 
 
+def test_a_start_that_fails_for_memory_is_resized_and_becomes_ready(garden):
+    # Graphs of 2.8 GiB (the estimate says 0.85) leave less KV cache than one 2,048-token
+    # sequence needs: vLLM refuses, saying how much it lacked, and the next start has it.
+    alpha = garden.worker_id("alpha")
+    env = {"STANDIN_VLLM_CUDA_GRAPH": "2.8GiB"}
+    garden.save([model("alpha", env=env)])
+    watch = garden.watch()
+    watch.wait_for("alpha's start failed", lambda e: e.worker == alpha
+                   and e.data.get("cause") == "kv_cache_too_small", timeout=STARTUP)
+    resized = watch.wait_event("resized", timeout=REACTION)
+    assert "0.17 GiB available" in resized.data["message"], watch.describe()
+    assert "gpu_memory_utilization 0.104 -> 0.106" in resized.data["message"]
+    watch.wait_event("ready", alpha, since=watch.index(resized), timeout=REACTION)
+
+
 def test_each_edit_restarts_only_the_worker_it_changes(garden):
     alpha, beta, gamma = (garden.worker_id(n) for n in ("alpha", "beta", "gamma"))
     watch = start_watch(garden, [model("alpha"), model("beta")])
