@@ -228,3 +228,22 @@ def test_a_replayed_real_failure_is_shown_with_its_cause_and_numbers(tmp_path):
         assert row["phase"] == "failed" and row["cause"] == "sampler_out_of_memory", row
         assert "256 dummy requests" in row["last_error"], row
         assert "max_num_seqs" in row["hint"], row
+
+
+@pytest.mark.parametrize("line", [
+    "ValueError: Total number of attention heads (999999999999) must be divisible by tensor "
+    "parallel size (7).",
+    "ValueError: To serve at least one request with the model's max seq len (" + "9" * 5000
+    + "), (1e400 GiB KV cache is needed, which is larger than the available KV cache memory "
+    "(0.5 GiB).",
+    "ValueError: User-specified max_model_len (inf) is greater than the derived max_model_len "
+    "(max_position_embeddings=inf or model_max_length=None in model's config.json).",
+])
+def test_a_hostile_log_never_raises_and_never_yields_absurd_numbers(line):
+    # The model's own code writes the worker's log: whatever it prints, diagnosis ends, and
+    # no number beyond any real GPU becomes a fact the next start is sized from.
+    diagnosis = diagnose(f"INFO starting\n{line}\nRuntimeError: Engine core initialization "
+                         "failed. See root cause above.\n")
+    for name, value in diagnosis.facts().items():
+        if isinstance(value, (int, float)):
+            assert abs(value) <= 1 << 44, (name, value)

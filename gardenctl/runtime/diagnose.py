@@ -11,9 +11,11 @@ real failure logs quoted in public vLLM issues (tests/data/vllm-failures/README.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from gardenctl.vocab import Cause
 
@@ -404,7 +406,7 @@ def _max_len_loose(lines: list[_Line], at: int, match: re.Match[str]) -> Diagnos
 def _tp_heads(lines: list[_Line], at: int, match: re.Match[str]) -> Diagnosis:
     kind, heads, size = match.groups()
     count, tp = int(heads), int(size)
-    fits = [d for d in range(1, count + 1) if count % d == 0 and d <= 16]
+    fits = [d for d in range(1, 17) if count % d == 0]
     kind_text = "attention" if kind == "attention" else "KV"
     return Diagnosis(
         Cause.TP_NOT_DIVISIBLE,
@@ -539,8 +541,8 @@ _RULES: Sequence[tuple[re.Pattern[str], Rule]] = (
     (_ARCH_TRANSFORMERS, _architecture_transformers),
     (_ARCH_INSPECT, _architecture_inspect),
     (_HUB_UNREACHABLE, _hub_unreachable),
+    (_GATED, _gated),  # before not-found: a gated repo's 401 is often followed by one
     (_NOT_FOUND, _not_found),
-    (_GATED, _gated),
     (_UNRECOGNISED, _unrecognised),
     (_PORT_BIND, _port_bind),
     (_PORT, _port),
@@ -556,6 +558,12 @@ def _candidates(lines: list[_Line]) -> list[_Line]:
     return [line for line in lines if not _is_noise(line)]
 
 
+# A worker's log is written by the model's own code: numbers in it are bounded before they
+# become facts a later start is sized from (a byte count beyond this is not believed).
+MAX_FACT_BYTES = 1 << 44  # 16 TiB
+MAX_FACT_COUNT = 1 << 24
+
+
 def diagnose(text: str) -> Diagnosis:
     """The most specific known cause found anywhere in the log of one start."""
     lines = _lines(text)
@@ -564,8 +572,24 @@ def diagnose(text: str) -> Diagnosis:
         for line in candidates:
             match = pattern.search(line.text)
             if match:
-                return rule(lines, line.index, match)
+                try:
+                    return _bounded(rule(lines, line.index, match))
+                except (ValueError, OverflowError, ArithmeticError):
+                    continue  # numbers no vLLM writes: not this rule's line
     return _unknown(candidates)
+
+
+def _bounded(diagnosis: Diagnosis) -> Diagnosis:
+    """The diagnosis with every number it read that is out of any real range dropped."""
+    changes: dict[str, Any] = {}
+    for f in fields(diagnosis):
+        value = getattr(diagnosis, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        limit = MAX_FACT_BYTES if f.name.endswith("_bytes") else MAX_FACT_COUNT
+        if not math.isfinite(value) or value < -limit or value > limit:
+            changes[f.name] = None
+    return replace(diagnosis, **changes) if changes else diagnosis
 
 
 def _unknown(candidates: list[_Line]) -> Diagnosis:

@@ -38,7 +38,7 @@ def read_run_log(path: str | None, limit: int = RUN_LOG_BYTES) -> str:
         with open(path, "rb") as handle:
             size = handle.seek(0, os.SEEK_END)
             handle.seek(max(0, size - limit))
-            data = handle.read()
+            data = handle.read(limit)  # the file may still grow (a child still writing)
     except OSError:
         return ""
     if size > limit:  # started mid-line: drop the partial first line
