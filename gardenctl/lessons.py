@@ -41,6 +41,7 @@ GROWTH_MARGIN = 0.05  # more than the log said was missing: vLLM's own figures a
 GROWTH_FLOOR = 64 * MiB
 FREE_MARGIN = 0.02  # below what was free: the CUDA context and rounding
 MAX_UTILIZATION = 0.98
+KV_BOUND_FACTOR = 4  # a KV shortfall is believed up to 4x the KV cache the estimate gives
 DEFAULT_MAX_NUM_SEQS = 1024  # vLLM's serve default on >= 70 GiB GPUs (the estimate's too)
 
 
@@ -52,6 +53,7 @@ class Lesson:
     gpu_memory_utilization: float | None
     max_num_seqs: int | None
     reason: str  # what failed, and what changes
+    direction: str = ""  # "grow" | "shrink" | "": the budget's; it never turns back
 
     def overrides(self) -> dict[str, Any]:
         changes: dict[str, Any] = {}
@@ -64,7 +66,8 @@ class Lesson:
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "sizing": self.sizing, "learned_from": self.learned_from,
                 "gpu_memory_utilization": self.gpu_memory_utilization,
-                "max_num_seqs": self.max_num_seqs, "reason": self.reason}
+                "max_num_seqs": self.max_num_seqs, "reason": self.reason,
+                "direction": self.direction}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Lesson:
@@ -72,7 +75,8 @@ class Lesson:
         seqs = data.get("max_num_seqs")
         return cls(str(data["model"]), str(data["sizing"]), str(data["learned_from"]),
                    float(utilization) if utilization is not None else None,
-                   int(seqs) if seqs is not None else None, str(data.get("reason", "")))
+                   int(seqs) if seqs is not None else None, str(data.get("reason", "")),
+                   str(data.get("direction", "")))
 
 
 def applicable(lessons: Mapping[str, Lesson], declared: Mapping[str, str]) -> dict[str, Lesson]:
@@ -86,16 +90,21 @@ def learn(worker: ObservedWorker, model: ModelSpec, declared_sizing: str,
           estimate: MemoryEstimate, gpu_total_bytes: int | None,
           previous: Lesson | None) -> Lesson | None:
     """The lesson of ``worker``'s failed run, or None when it teaches nothing new (not a
-    memory failure, learned already, `on_memory_error: fail`, or no change could help)."""
+    memory failure, learned already, a run from before the last lesson, `on_memory_error:
+    fail`, or no change could help)."""
     cause = worker.cause.value if worker.cause is not None else ""
     if cause not in MEMORY_CAUSES or model.on_memory_error != "resize":
         return None
-    if previous is not None and previous.learned_from == worker.spec.spec_hash:
-        return None
-    total = int(worker.fact("total_bytes") or gpu_total_bytes or 0)
+    if worker.spec.sizing_hash != declared_sizing:
+        return None  # it ran another version of the model
+    if previous is not None and (previous.learned_from == worker.spec.spec_hash
+                                 or not _ran_as_taught(worker, previous)):
+        return None  # learned already, or a run from before the last lesson
+    total = gpu_total_bytes or 0  # the inventory's: a log's own total is not trusted here
     budget = math.ceil(worker.utilization * total) if total else 0
     utilization = previous.gpu_memory_utilization if previous else None
     max_num_seqs = previous.max_num_seqs if previous else None
+    direction = previous.direction if previous else ""
     if cause == SAMPLER_OOM:
         current = _current_max_num_seqs(worker, model, previous)
         smaller = max(model.min_concurrency, current // 2)
@@ -107,33 +116,54 @@ def learn(worker: ObservedWorker, model: ModelSpec, declared_sizing: str,
     else:
         if not total or not budget:
             return None
-        wanted, why = _budget_wanted(cause, worker, estimate, budget)
+        wanted, why = _budget_wanted(cause, worker, model, estimate, budget)
         if wanted is None:
             return None
-        new = _round_up(wanted / total) if wanted > budget else _round_down(wanted / total)
+        way = "grow" if wanted > budget else "shrink"
+        if direction and way != direction:
+            return None  # it needs more than the GPU has free: no resize can help
+        new = _round_up(wanted / total) if way == "grow" else _round_down(wanted / total)
         if new > MAX_UTILIZATION or new <= 0 or new == round(worker.utilization, 3):
             return None
-        utilization = new
+        if way == "shrink" and new * total < estimate.budget_bytes:
+            return None  # below what min_concurrency needs
+        utilization, direction = new, way
         reason = (f"{why}: next start with gpu_memory_utilization "
                   f"{worker.utilization:.3f} -> {new:.3f}")
     return Lesson(model=model.name, sizing=declared_sizing, learned_from=worker.spec.spec_hash,
-                  gpu_memory_utilization=utilization, max_num_seqs=max_num_seqs, reason=reason)
+                  gpu_memory_utilization=utilization, max_num_seqs=max_num_seqs, reason=reason,
+                  direction=direction)
 
 
-def _budget_wanted(cause: str, worker: ObservedWorker, estimate: MemoryEstimate,
-                   budget: int) -> tuple[int | None, str]:
-    """The budget (bytes, per GPU) the next start should have, and why."""
+def _ran_as_taught(worker: ObservedWorker, lesson: Lesson) -> bool:
+    """Did ``worker``'s run use what ``lesson`` says (else it failed before it was learned)?"""
+    from gardenctl.argv import flag_value
+
+    if lesson.gpu_memory_utilization is not None \
+            and round(worker.utilization, 3) != round(lesson.gpu_memory_utilization, 3):
+        return False
+    if lesson.max_num_seqs is not None:
+        return flag_value(worker.spec.argv, "--max-num-seqs") == str(lesson.max_num_seqs)
+    return True
+
+
+def _budget_wanted(cause: str, worker: ObservedWorker, model: ModelSpec,
+                   estimate: MemoryEstimate, budget: int) -> tuple[int | None, str]:
+    """The budget (bytes, per GPU) the next start should have, and why. What the log says is
+    believed only within bounds: the model's own code writes that log."""
+    bound = KV_BOUND_FACTOR * max(estimate.kv_cache.bytes, GROWTH_FLOOR)
     if cause == KV_TOO_SMALL:
         needed, available = worker.fact("kv_needed_bytes"), worker.fact("kv_available_bytes")
         if needed is None or available is None or needed <= available:
             return None, ""
-        short = int(needed) - int(available)
+        # vLLM's figure is for one sequence; the worker must hold min_concurrency of them
+        short = min(bound, int(needed) * model.min_concurrency - int(available))
         grow = max(GROWTH_FLOOR, math.ceil(short * (1 + GROWTH_MARGIN)))
         return budget + grow, (f"the KV cache could not hold one sequence ({_gib(needed)} "
                                f"needed, {_gib(available)} available)")
     if cause == NO_CACHE_BLOCKS:
         available = int(worker.fact("kv_available_bytes") or 0)
-        short = estimate.kv_cache.bytes - min(0, available)
+        short = min(bound, estimate.kv_cache.bytes - min(0, available))
         grow = max(GROWTH_FLOOR, math.ceil(short * (1 + GROWTH_MARGIN)))
         return budget + grow, (f"no memory was left for the KV cache ({_gib(available)} "
                                f"available, {_gib(estimate.kv_cache.bytes)} needed)")
@@ -142,8 +172,8 @@ def _budget_wanted(cause: str, worker: ObservedWorker, estimate: MemoryEstimate,
         if free is None:
             return None, ""
         fits = math.floor(int(free) * (1 - FREE_MARGIN))
-        if fits < estimate.budget_bytes:  # less than min_concurrency needs: no resize helps
-            return None, ""
+        if fits >= budget:
+            return None, ""  # only ever shrinks: a log cannot raise a claim this way
         return fits, (f"only {_gib(free)} was free on the GPU at start-up, "
                       f"{_gib(budget)} was asked")
     return None, ""
@@ -153,15 +183,15 @@ def _current_max_num_seqs(worker: ObservedWorker, model: ModelSpec,
                           previous: Lesson | None) -> int:
     from gardenctl.argv import flag_value
 
-    logged = worker.fact("sampler_requests")  # the warm-up's dummy requests = max_num_seqs
-    if logged:
-        return int(logged)
     value = flag_value(worker.spec.argv, "--max-num-seqs")
     if value is not None and value.isdigit():
-        return int(value)
-    if previous is not None and previous.max_num_seqs is not None:
-        return previous.max_num_seqs
-    return model.max_num_seqs or DEFAULT_MAX_NUM_SEQS
+        ran = int(value)
+    elif previous is not None and previous.max_num_seqs is not None:
+        ran = previous.max_num_seqs
+    else:
+        ran = model.max_num_seqs or DEFAULT_MAX_NUM_SEQS
+    logged = worker.fact("sampler_requests")  # the warm-up's dummy requests = max_num_seqs
+    return min(ran, int(logged)) if logged else ran  # a log never raises it
 
 
 def _round_up(fraction: float) -> float:

@@ -24,7 +24,7 @@ from gardenctl.reconcile import Circumstances, ModelRollout, reconcile
 from gardenctl.spec.loader import LoadedGarden
 from gardenctl.spec.models import ModelSpec
 from gardenctl.vocab import StepKind
-from gardenctl.workers import build_requests, desired_workers
+from gardenctl.workers import build_requests, desired_workers, sizing_hash
 
 MetadataReader = Callable[[str, "str | None"], ModelMetadata]
 
@@ -126,11 +126,18 @@ def make_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
     garden = loaded.garden
     models = loaded.models()
     mine = observed.of_garden(garden.name)
-    requests = build_requests(garden, models, estimates)
-    placement = place(requests, inventory, garden.placement, mine.holdings(),
+    # A model resized by a lesson (gardenctl.lessons) keeps its declared sizing hash: its
+    # running workers keep their place and claim; its dead ones are placed anew, resized.
+    resized = {name for name, _ in loaded.overrides}
+    declared = {m.name: sizing_hash(m, garden.placement) for m in loaded.declared_models()
+                if m.name in resized}
+    holdings = [h for h in mine.holdings()
+                if not (h.model in resized and _dead(mine, h.worker_id))]
+    requests = build_requests(garden, models, estimates, declared)
+    placement = place(requests, inventory, garden.placement, holdings,
                       used_by_others(inventory, observed, garden.name))
     desired = desired_workers(garden, models, placement, estimates, mine.ports(),
-                              world.busy_ports)
+                              world.busy_ports, declared)
     rollouts = {m.name: ModelRollout(m.replicas, m.rollout.max_unavailable) for m in models}
     steps = reconcile(desired, mine, placement.unplaced, rollouts, world)
     warnings = [w for name in sorted(estimates) for w in _prefixed(name, estimates[name].warnings)]
@@ -152,6 +159,11 @@ def make_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
         warnings=tuple(warnings),
         models=summaries,
     )
+
+
+def _dead(observed: Observed, worker_id: str) -> bool:
+    worker = observed.get(worker_id)
+    return worker is not None and worker.phase.dead
 
 
 def summarise(name: str, ref: str, replicas: int, estimate: MemoryEstimate) -> ModelSummary:

@@ -118,17 +118,11 @@ class Session:
         garden = result.loaded.garden
         lessons = self.state.read_lessons(garden.name)
         declared = {m.name: m for m in result.loaded.declared_models()}
-        # a failed run teaches only about the model as it is now (declared, or as resized)
-        current = {m.name: {sizing_hash(m, garden.placement),
-                            sizing_hash(declared[m.name], garden.placement)}
-                   for m in result.loaded.models()}
         changed = False
         for worker in (observed or result.observed).of_garden(garden.name).workers:
             model = declared.get(worker.model)
             estimate = result.estimates.get(worker.model)
             if not worker.phase.dead or model is None or estimate is None:
-                continue
-            if worker.spec.sizing_hash not in current.get(model.name, set()):
                 continue
             gpu = result.inventory.gpu(worker.node, worker.gpus[0]) if worker.gpus else None
             lesson = learn_lesson(worker, model, sizing_hash(model, garden.placement), estimate,

@@ -140,14 +140,16 @@ def spec_hash(argv: Sequence[str], env: Sequence[tuple[str, str]], node: str,
 
 
 def build_requests(garden: Garden, models: Sequence[ModelSpec],
-                   estimates: Mapping[str, MemoryEstimate]) -> list[WorkerRequest]:
+                   estimates: Mapping[str, MemoryEstimate],
+                   declared_sizing: Mapping[str, str] | None = None) -> list[WorkerRequest]:
     """One placement request per replica of every model."""
     requests = []
     for model in models:
         estimate = estimates[model.name]
         fixed = None if model.gpu_memory_utilization == "auto" else model.gpu_memory_utilization
         pin = model.placement
-        sizing = sizing_hash(model, garden.placement)
+        model_sizing = ((declared_sizing or {}).get(model.name)
+                        or sizing_hash(model, garden.placement))
         for replica in range(model.replicas):
             requests.append(WorkerRequest(
                 worker_id=make_worker_id(garden.name, model.name, replica),
@@ -159,7 +161,7 @@ def build_requests(garden: Garden, models: Sequence[ModelSpec],
                 utilization=fixed,
                 pin_node=pin.node if pin else None,
                 pin_gpus=tuple(pin.gpus) if pin and pin.gpus is not None else None,
-                sizing_hash=sizing,
+                sizing_hash=model_sizing,
                 spread=model.spread_replicas,
             ))
     return requests
@@ -276,10 +278,14 @@ def worker_env(model: ModelSpec, gpus: Sequence[int],
 
 def desired_workers(garden: Garden, models: Sequence[ModelSpec], placement: Placement,
                     estimates: Mapping[str, MemoryEstimate], current_ports: Mapping[str, int],
-                    busy_ports: Collection[int] = ()) -> list[DesiredWorker]:
-    """Every placed worker, fully specified: what `apply` will run."""
+                    busy_ports: Collection[int] = (),
+                    declared_sizing: Mapping[str, str] | None = None) -> list[DesiredWorker]:
+    """Every placed worker, fully specified: what `apply` will run. ``declared_sizing``: the
+    sizing hash of each model as the file declares it, where a lesson resized it (its running
+    workers keep their place and claim: gardenctl.lessons)."""
     by_name = {m.name: m for m in models}
-    sizing = {m.name: sizing_hash(m, garden.placement) for m in models}
+    sizing = {m.name: (declared_sizing or {}).get(m.name) or sizing_hash(m, garden.placement)
+              for m in models}
     placed = {a.worker_id: a for a in placement.assignments}
     ports = assign_ports(garden, models, set(placed), current_ports, busy_ports)
     workers = []

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 from builders import estimate, garden_text, observed_from, plan_for
 
+from gardenctl.estimate.types import Item
 from gardenctl.lessons import Lesson, applicable, learn
 from gardenctl.spec import parse_garden
 from gardenctl.units import GiB
@@ -29,18 +30,44 @@ def failed(cause: str, models: str = "  - {name: a, model: org/a, min_concurrenc
     return worker, model, sizing_hash(model, loaded.garden.placement)
 
 
-def test_a_kv_cache_too_small_grows_the_budget_by_what_was_missing():
+def with_kv(budget_gib: float, kv_gib: float):
+    return replace(estimate(budget_gib), kv_cache=Item(int(kv_gib * GiB), "test"))
+
+
+def test_a_kv_cache_too_small_grows_the_budget_to_hold_min_concurrency_sequences():
+    # vLLM says one sequence needs 2 GiB and 1 GiB was there; the model asks for 2 sequences.
     worker, model, sizing = failed("kv_cache_too_small", kv_needed_bytes=2 * GiB,
                                    kv_available_bytes=1 * GiB, suggested_max_model_len=2048)
-    lesson = learn(worker, model, sizing, estimate(8), L4, None)
+    lesson = learn(worker, model, sizing, with_kv(8, 4), L4, None)
     assert lesson is not None
     budget = worker.utilization * L4
     grown = lesson.gpu_memory_utilization * L4 - budget
-    assert 1.05 * GiB <= grown < 1.05 * GiB + 0.001 * L4 + 1  # 1 GiB short, plus 5%
+    assert 3.15 * GiB <= grown < 3.15 * GiB + 0.001 * L4 + 1  # 2 x 2 - 1 GiB short, plus 5%
     assert lesson.overrides() == {"gpu_memory_utilization": lesson.gpu_memory_utilization}
     assert "1.00 GiB available" in lesson.reason and "gpu_memory_utilization" in lesson.reason
-    # The same failed run teaches once.
-    assert learn(worker, model, sizing, estimate(8), L4, lesson) is None
+    # The same failed run teaches once; a run from before the lesson teaches nothing.
+    assert learn(worker, model, sizing, with_kv(8, 4), L4, lesson) is None
+    stale = replace(worker, spec=replace(worker.spec, spec_hash="another-replica-before"))
+    assert learn(stale, model, sizing, with_kv(8, 4), L4, lesson) is None
+    # A log's figures are believed within bounds (its model's code writes it).
+    greedy, _, _ = failed("kv_cache_too_small", kv_needed_bytes=500 * GiB,
+                          kv_available_bytes=0)
+    bounded = learn(greedy, model, sizing, with_kv(8, 0.5), L4, None)
+    assert bounded is not None
+    assert (bounded.gpu_memory_utilization - greedy.utilization) * L4 <= 2.2 * GiB
+
+
+def test_a_grow_and_a_shrink_never_alternate():
+    worker, model, sizing = failed("kv_cache_too_small", kv_needed_bytes=2 * GiB,
+                                   kv_available_bytes=1 * GiB)
+    grown = learn(worker, model, sizing, with_kv(8, 4), L4, None)
+    assert grown is not None and grown.direction == "grow"
+    # The grown start then fails the free-memory check: something else holds the memory.
+    after = replace(worker, cause=Cause.FREE_MEMORY_CHECK,
+                    spec=replace(worker.spec, spec_hash="grown-run",
+                                 utilization=grown.gpu_memory_utilization),
+                    facts=(("free_bytes", 9 * GiB),))
+    assert learn(after, model, sizing, with_kv(8, 4), L4, grown) is None  # the failure stands
 
 
 def test_the_free_memory_check_shrinks_to_what_was_free_but_not_below_what_is_needed():
@@ -85,3 +112,25 @@ def test_a_lesson_is_forgotten_once_the_model_is_edited():
     assert applicable({"a": lesson}, {"a": "hash-as-declared"}) == {"a": lesson}
     assert applicable({"a": lesson}, {"a": "hash-after-an-edit"}) == {}
     assert Lesson.from_json(lesson.to_json()) == lesson
+
+
+def test_a_lesson_resizes_the_failed_replica_and_leaves_the_healthy_one_alone():
+    from gardenctl.inventory.declared import inventory_from_spec
+    from gardenctl.planner import make_plan
+    from gardenctl.vocab import StepKind
+
+    text = garden_text("  - {name: a, model: org/a, replicas: 2}\n")
+    first = plan_for(text, budgets={"a": 8})
+    observed = observed_from(first, "ready")
+    ready, failing = observed.workers
+    failing = replace(failing, phase=Phase.FAILED, cause=Cause.KV_CACHE_TOO_SMALL)
+    observed = replace(observed, workers=(ready, failing))
+    loaded = parse_garden(text, "garden.yaml").with_overrides(
+        {"a": {"gpu_memory_utilization": round(failing.utilization + 0.05, 3)}})
+    inventory = inventory_from_spec(loaded.garden.inventory, "declared")
+    plan = make_plan(loaded, inventory, observed, {"a": estimate(8)})
+    steps = {s.worker_id: s for s in plan.steps if not s.conditional}
+    assert steps[ready.worker_id].kind == StepKind.KEEP
+    restart = steps[failing.worker_id]
+    assert restart.kind == StepKind.RESTART
+    assert restart.worker.utilization == round(failing.utilization + 0.05, 3)

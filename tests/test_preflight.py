@@ -139,10 +139,12 @@ def test_unknown_quantization_name():
 
 # -- architecture ---------------------------------------------------------------------------
 
-def test_unknown_architecture_is_an_error_for_a_known_release_and_a_warning_otherwise():
+def test_an_architecture_missing_from_the_registry_is_a_warning_that_names_the_release():
+    # Never an error: vLLM also serves architectures through adapters and its Transformers
+    # backend, which the registry list cannot tell (a false error would block apply).
     config = llama31() | {"architectures": ["NoSuchModelForCausalLM"]}
-    assert only(run(config, version="0.13.0"), "model").severity == "error"
-    assert only(run(config, version="0.11.2"), "model").severity == "error"
+    known = only(run(config, version="0.11.2"), "model")
+    assert known.severity == "warning" and "registry of vLLM 0.13 or older" in known.message
     assert only(run(config, version="0.32.0"), "model").severity == "warning"
     assert only(run(config, version=None), "model").severity == "warning"
     assert run(llama31(), version="0.13.0") == []
@@ -185,9 +187,9 @@ def test_a_hostile_config_is_a_clear_error_never_a_memory_error():
     assert "num_hidden_layers = 1,000,000,000,000" in found[0].message
 
 
-def test_a_missing_local_folder_resolves_nowhere():
+def test_a_missing_local_folder_is_a_warning_it_may_exist_where_workers_run():
     found = only(run(None, model="/nowhere/model"), "model")
-    assert found.is_error and "resolves nowhere" in found.message
+    assert not found.is_error and "not a folder on this machine" in found.message
 
 
 def test_not_on_the_hub_is_an_error_and_gated_without_token_a_warning():

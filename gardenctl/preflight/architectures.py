@@ -77,11 +77,14 @@ def check_architecture(config: Mapping[str, Any], vllm_version: str | None,
                         hint="check that this vLLM release serves it")]
     target = _parsed(registry.release)
     if version is not None and target is not None and version[:2] <= target[:2]:
-        return [error("model", f"architecture {shown} is not supported by vLLM "
-                      f"{vllm_version} (not in the registry of vLLM {registry.release} "
-                      "or older): it refuses to start unless the installed transformers "
-                      "implements it (vLLM's Transformers backend)",
-                      hint="choose a model of a supported architecture or a newer vLLM")]
+        # A warning, not an error: vLLM also serves architectures through adapters (a
+        # *ForSequenceClassification or *Model of a registered *ForCausalLM) and its
+        # Transformers backend, which this list cannot tell.
+        return [warning("model", f"architecture {shown} is not in the registry of vLLM "
+                        f"{registry.release} or older (this worker runs {vllm_version}): it "
+                        "starts only through an adapter or the installed transformers "
+                        "(vLLM's Transformers backend)",
+                        hint="choose a model of a supported architecture or a newer vLLM")]
     which = (f"vLLM {vllm_version} is newer than {registry.release}" if version is not None
              else "the vLLM release is not known")
     return [warning("model", f"architecture {shown} is not in vLLM {registry.release}'s "

@@ -34,9 +34,10 @@ def check_reference(ref: str, metadata: ModelMetadata, hub: HubAnswer | None) ->
     """Errors where the model certainly cannot be found; a warning where it was not checked."""
     if metadata.config is not None:
         return []
-    if looks_like_path(ref):
-        return [error("model", f"model {ref!r} resolves nowhere: there is no folder there",
-                      hint="fix the path (relative paths are from the garden file's folder)")]
+    if looks_like_path(ref):  # a warning: the path may exist where workers run, not here
+        return [warning("model", f"model {ref!r} is not a folder on this machine: vLLM will "
+                        "not find it unless it exists where the worker runs",
+                        hint="fix the path (relative paths are from the garden file's folder)")]
     if not HF_ID.match(ref):  # certain too, but kept a warning: see docs/preflight.md
         return [warning("model", f"model {ref!r} is neither a local folder nor a Hugging Face "
                         "id (org/name): vLLM will not find it", hint="write a Hugging Face id "
