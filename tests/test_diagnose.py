@@ -247,3 +247,21 @@ def test_a_hostile_log_never_raises_and_never_yields_absurd_numbers(line):
     for name, value in diagnosis.facts().items():
         if isinstance(value, (int, float)):
             assert abs(value) <= 1 << 44, (name, value)
+
+
+def test_gated_and_not_found_are_told_apart():
+    # huggingface_hub's not-found text mentions gated repos, and the Hub answers 401 for a
+    # repository that does not exist: neither makes it gated. A GatedRepoError does, even
+    # when vLLM then reports an invalid repository id.
+    not_found = ("huggingface_hub.errors.RepositoryNotFoundError: 401 Client Error. "
+                 "(Request ID: x)\nRepository Not Found for url: https://huggingface.co/api/"
+                 "models/org/nope/revision/main.\nIf you are trying to access a private or "
+                 "gated repo, make sure you are authenticated.\n")
+    assert diagnose(not_found).cause == Cause.MODEL_NOT_FOUND
+    gated = ("huggingface_hub.errors.GatedRepoError: 401 Client Error. (Request ID: y)\n"
+             "Access to model meta-llama/Llama-3.1-8B is restricted. You must have access to "
+             "it and be authenticated to access it. Please log in.\n"
+             "ValueError: Invalid repository ID or local directory specified: "
+             "'meta-llama/Llama-3.1-8B'.\n")
+    found = diagnose(gated)
+    assert found.cause == Cause.GATED_MODEL and "meta-llama/Llama-3.1-8B" in found.message

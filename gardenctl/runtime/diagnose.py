@@ -192,9 +192,13 @@ _NOT_FOUND = re.compile(
     r"identifier|does not appear to have a file named config\.json|"
     r"Repo id must (?:be in the form|use alphanumeric)|Invalid rev id|"
     r"No such file or directory: '[^']*config\.json'")
+# Certain signs of a gated repository (checked before "not found", which often follows them),
+# and a bare 401/403 (checked after: the Hub answers 401 for a repository that does not exist
+# too, and every not-found message says "If you are trying to access a private or gated repo").
 _GATED = re.compile(
-    r"gated repo|GatedRepoError|Cannot access gated repo|Access to model \S+ is restricted|"
-    r"\b401 Client Error|\b403 Client Error|is gated\. You must be authenticated")
+    r"GatedRepoError|Cannot access gated repo|Access to model \S+ is restricted|"
+    r"You are trying to access a gated repo|is gated\. You must be authenticated")
+_REFUSED = re.compile(r"\b401 Client Error|\b403 Client Error")
 _UNRECOGNISED = re.compile(r"error: unrecognized arguments: (.+)")
 _PORT_BIND = re.compile(r"error while attempting to bind on address \(([^)]*)\): "
                         r"\[?(?:Errno 98\]?\s*)?address already in use", re.I)
@@ -543,6 +547,7 @@ _RULES: Sequence[tuple[re.Pattern[str], Rule]] = (
     (_HUB_UNREACHABLE, _hub_unreachable),
     (_GATED, _gated),  # before not-found: a gated repo's 401 is often followed by one
     (_NOT_FOUND, _not_found),
+    (_REFUSED, _gated),
     (_UNRECOGNISED, _unrecognised),
     (_PORT_BIND, _port_bind),
     (_PORT, _port),
