@@ -73,10 +73,12 @@ def gather_estimates(models: Sequence[ModelSpec], estimator: str,
         request = estimate_request(model, version)
         if (request, note) not in known:
             estimate = estimate_memory(request, cache[key], estimator)
-            if note:  # one warning: why no release was found, and what was assumed
+            if note:  # one warning: what was assumed, and why no release was found
                 assumed = [w for w in estimate.warnings if w.startswith("assumed vLLM")]
                 rest = tuple(w for w in estimate.warnings if w not in assumed)
-                estimate = replace(estimate, warnings=("; ".join([note, *assumed]), *rest))
+                said = (f"assumed vLLM {estimate.vllm_version}: {note}; declare it with "
+                        "defaults.vllm_version" if assumed else note)
+                estimate = replace(estimate, warnings=(said, *rest))
             known[(request, note)] = estimate
         estimates[model.name] = known[(request, note)]
     return estimates

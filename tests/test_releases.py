@@ -213,7 +213,8 @@ def test_gather_estimates_prefers_the_declared_version_and_adds_the_detection_no
     assert asked == ["a", "b"]
     assert result["a"].vllm_version == "0.17.0" and not result["a"].graphs_in_budget
     assert result["b"].vllm_version == "0.32.0"
-    assert result["b"].warnings[0].startswith("the vLLM release could not be detected; assumed")
+    assert result["b"].warnings[0].startswith(
+        "assumed vLLM 0.32.0: the vLLM release could not be detected; declare it")
     assert plain["a"].vllm_version == "0.17.0"  # the declared version without a version_of
     assert not any("could not be detected" in w for w in plain["b"].warnings)
 
