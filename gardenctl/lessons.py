@@ -29,7 +29,7 @@ from typing import Any
 from gardenctl.estimate.types import MemoryEstimate
 from gardenctl.observe import ObservedWorker
 from gardenctl.spec.models import ModelSpec
-from gardenctl.units import GiB, MiB
+from gardenctl.units import MiB, format_gib
 
 KV_TOO_SMALL = "kv_cache_too_small"
 NO_CACHE_BLOCKS = "no_cache_blocks"
@@ -159,14 +159,14 @@ def _budget_wanted(cause: str, worker: ObservedWorker, model: ModelSpec,
         # vLLM's figure is for one sequence; the worker must hold min_concurrency of them
         short = min(bound, int(needed) * model.min_concurrency - int(available))
         grow = max(GROWTH_FLOOR, math.ceil(short * (1 + GROWTH_MARGIN)))
-        return budget + grow, (f"the KV cache could not hold one sequence ({_gib(needed)} "
-                               f"needed, {_gib(available)} available)")
+        return budget + grow, (f"the KV cache could not hold one sequence ({format_gib(needed)} "
+                               f"needed, {format_gib(available)} available)")
     if cause == NO_CACHE_BLOCKS:
         available = int(worker.fact("kv_available_bytes") or 0)
         short = min(bound, estimate.kv_cache.bytes - min(0, available))
         grow = max(GROWTH_FLOOR, math.ceil(short * (1 + GROWTH_MARGIN)))
-        return budget + grow, (f"no memory was left for the KV cache ({_gib(available)} "
-                               f"available, {_gib(estimate.kv_cache.bytes)} needed)")
+        return budget + grow, (f"no memory was left for the KV cache ({format_gib(available)} "
+                               f"available, {format_gib(estimate.kv_cache.bytes)} needed)")
     if cause == FREE_MEMORY:
         free = worker.fact("free_bytes")
         if free is None:
@@ -174,8 +174,8 @@ def _budget_wanted(cause: str, worker: ObservedWorker, model: ModelSpec,
         fits = math.floor(int(free) * (1 - FREE_MARGIN))
         if fits >= budget:
             return None, ""  # only ever shrinks: a log cannot raise a claim this way
-        return fits, (f"only {_gib(free)} was free on the GPU at start-up, "
-                      f"{_gib(budget)} was asked")
+        return fits, (f"only {format_gib(free)} was free on the GPU at start-up, "
+                      f"{format_gib(budget)} was asked")
     return None, ""
 
 
@@ -200,7 +200,3 @@ def _round_up(fraction: float) -> float:
 
 def _round_down(fraction: float) -> float:
     return math.floor(fraction * 1000) / 1000
-
-
-def _gib(n: Any) -> str:
-    return f"{float(n) / GiB:.2f} GiB"

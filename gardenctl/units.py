@@ -77,3 +77,9 @@ def ceil_to(value: float, step: float) -> float:
 def floor_to(value: float, step: float) -> float:
     scaled = value / step
     return round(math.floor(round(scaled, 9)) * step, 10)
+
+
+def format_gib(n_bytes: int | float) -> str:
+    """Bytes as GiB with two decimals, e.g. ``format_gib(1.5 * GiB) == '1.50 GiB'``: the unit
+    and precision of vLLM's own memory lines, so a message can be compared with its log."""
+    return f"{float(n_bytes) / GiB:.2f} GiB"

@@ -28,6 +28,7 @@ from gardenctl.profiles.model import (
     other_settings,
 )
 from gardenctl.profiles.store import ProfileStore
+from gardenctl.units import format_gib
 from gardenctl.vocab import Phase
 from gardenctl.workers import DesiredWorker
 
@@ -200,11 +201,12 @@ def claim_note(measured: Measured, claim_bytes: int, min_concurrency: int,
     notes = []
     if measured.gpu_used_bytes is not None and measured.gpu_used_bytes > claim_bytes * 1.02:
         over = measured.gpu_used_bytes - claim_bytes
-        notes.append(f"holds {_gib(over)} more than it claimed: its neighbours are at risk")
+        notes.append(f"holds {format_gib(over)} more than it claimed: its neighbours are at risk")
     elif measured.gpu_used_bytes is not None and measured.gpu_used_bytes < claim_bytes * 0.75:
-        notes.append(f"holds {_gib(measured.gpu_used_bytes)}, far less than the "
-                     f"{_gib(claim_bytes)} it claimed: "
-                     f"{_gib(claim_bytes - measured.gpu_used_bytes)} could serve other models")
+        notes.append(f"holds {format_gib(measured.gpu_used_bytes)}, far less than the "
+                     f"{format_gib(claim_bytes)} it claimed: "
+                     f"{format_gib(claim_bytes - measured.gpu_used_bytes)} could serve other "
+                     "models")
     if measured.max_concurrency is not None and measured.max_concurrency < min_concurrency:
         notes.append(f"maximum concurrency {measured.max_concurrency:.2f} is below "
                      f"min_concurrency {min_concurrency}")
@@ -212,14 +214,12 @@ def claim_note(measured: Measured, claim_bytes: int, min_concurrency: int,
         needed = (measured.non_kv_bytes + context_bytes
                   + math.ceil(min_concurrency * max_model_len * kv_bytes_per_token))
         if needed < claim_bytes * 0.75 and not notes:
-            notes.append(f"needs {_gib(needed)} for min_concurrency {min_concurrency} but "
-                         f"claims {_gib(claim_bytes)}: {_gib(claim_bytes - needed)} could serve "
-                         f"other models")
+            notes.append(f"needs {format_gib(needed)} for min_concurrency {min_concurrency} but "
+                         f"claims {format_gib(claim_bytes)}: "
+                         f"{format_gib(claim_bytes - needed)} could serve other models")
     return notes
 
 
-def _gib(n: int | float) -> str:
-    return f"{n / (1024 ** 3):.2f} GiB"
 
 
 def import_log(path: str | Path, store: ProfileStore, *, gpu_name: str,

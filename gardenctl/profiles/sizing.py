@@ -19,7 +19,7 @@ from gardenctl.estimate.types import Item, MemoryEstimate
 from gardenctl.inventory.model import Inventory
 from gardenctl.profiles.model import Profile, ProfileKey, make_key, other_settings
 from gardenctl.spec.models import ModelSpec
-from gardenctl.units import GiB
+from gardenctl.units import format_gib
 from gardenctl.workers import vllm_argv
 
 # Bytes per token read back from a log carry the rounding of "X.XX GiB" and of whole blocks;
@@ -59,8 +59,8 @@ def measured_note(profile: Profile) -> str:
 
 def hint_note(profile: Profile, estimate: MemoryEstimate) -> str:
     return (f"hint only ({measured_note(profile)}; another release or GPU): non-KV "
-            f"{_gib(profile.sizing_non_kv_bytes)} measured there vs "
-            f"{_gib(estimate.budget_bytes - estimate.kv_cache.bytes)} estimated here")
+            f"{format_gib(profile.sizing_non_kv_bytes)} measured there vs "
+            f"{format_gib(estimate.budget_bytes - estimate.kv_cache.bytes)} estimated here")
 
 
 def size_from_profile(estimate: MemoryEstimate, profile: Profile) -> MemoryEstimate:
@@ -92,16 +92,16 @@ def size_from_profile(estimate: MemoryEstimate, profile: Profile) -> MemoryEstim
         estimate,
         kv_bytes_per_token=per_token,
         kv_bytes_per_token_source=per_token_source,
-        weights=Item(weights, f"measured: 'Model loading took {_gib(profile.weights_bytes)}' "
+        weights=Item(weights, f"measured: 'Model loading took {format_gib(profile.weights_bytes)}' "
                               f"({note})"),
         kv_cache=Item(kv, f"{per_token:,} B/token ({per_token_source}) x "
                           f"{math.ceil(tokens):,} tokens"),
-        activation=Item(activation, f"{note}: non-KV {_gib(non_kv)} ({samples}, the largest) "
+        activation=Item(activation, f"{note}: non-KV {format_gib(non_kv)} ({samples}, the largest) "
                                     f"less weights, graphs and non-torch"),
         cuda_graph=Item(graph_in if graphs_inside else graph_bytes,
-                        f"{note}: graph pool {_gib(graph_bytes)}"
+                        f"{note}: graph pool {format_gib(graph_bytes)}"
                         + ("" if graphs_inside else " (outside the budget in this release)")
-                        + (f", {_gib(profile.graph_overflow_bytes)} of it beyond vLLM's "
+                        + (f", {format_gib(profile.graph_overflow_bytes)} of it beyond vLLM's "
                            f"estimate, outside the budget"
                            if graphs_inside and profile.graph_overflow_bytes else "")),
         non_torch=Item(non_torch, estimate.non_torch.source),
@@ -117,7 +117,7 @@ def _per_token(estimate: MemoryEstimate, profile: Profile) -> tuple[int, str]:
     exact = estimate.kv_bytes_per_token
     if exact and abs(measured - exact) <= PER_TOKEN_AGREEMENT * exact:
         return exact, f"the model's figure, confirmed by {measured:,} B/token measured"
-    return measured, (f"measured: {_gib(profile.kv_cache_bytes)} for "
+    return measured, (f"measured: {format_gib(profile.kv_cache_bytes)} for "
                       f"{profile.kv_cache_tokens:,} tokens; the model's layout gave {exact:,}")
 
 
@@ -125,8 +125,6 @@ def keys_summary(profiles: Sequence[Profile]) -> list[str]:
     return [p.key.describe() for p in profiles]
 
 
-def _gib(n: int | float) -> str:
-    return f"{n / GiB:.2f} GiB"
 
 
 def gpu_name_for(model: ModelSpec, inventory: Inventory) -> str | None:
@@ -171,4 +169,3 @@ def sized_estimates(models: Sequence[ModelSpec], estimates: Mapping[str, MemoryE
             result[model.name] = replace(estimate, memory_note=hint_note(choice.hints[0],
                                                                          estimate))
     return result
-
