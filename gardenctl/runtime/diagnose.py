@@ -420,8 +420,13 @@ def _tp_heads(lines: list[_Line], at: int, match: re.Match[str]) -> Diagnosis:
         evidence=_evidence(lines[at]), tensor_parallel_size=tp, attention_heads=count)
 
 
+def _quoted_names(match: re.Match[str]) -> str:
+    """The architecture names a message quotes (['A', 'B'] -> "A, B"), else its text."""
+    return ", ".join(re.findall(r"'([^']+)'", match.group(1))) or match.group(1)
+
+
 def _architecture(lines: list[_Line], at: int, match: re.Match[str]) -> Diagnosis:
-    names = ", ".join(re.findall(r"'([^']+)'", match.group(1))) or match.group(1)
+    names = _quoted_names(match)
     return Diagnosis(
         Cause.ARCHITECTURE_UNSUPPORTED,
         f"the installed vLLM does not support the model's architecture {names}",
@@ -431,7 +436,7 @@ def _architecture(lines: list[_Line], at: int, match: re.Match[str]) -> Diagnosi
 
 
 def _architecture_inspect(lines: list[_Line], at: int, match: re.Match[str]) -> Diagnosis:
-    names = ", ".join(re.findall(r"'([^']+)'", match.group(1))) or match.group(1)
+    names = _quoted_names(match)
     return Diagnosis(
         Cause.ARCHITECTURE_UNSUPPORTED,
         f"vLLM could not load the model class for {names} (its import failed; the log shows why)",
