@@ -102,6 +102,18 @@ def test_changed_worker_that_no_longer_fits_keeps_its_running_place():
     assert result.ledgers[0].claimed_after_bytes == 12 * GiB
 
 
+def test_a_worker_whose_node_is_gone_is_placed_elsewhere_or_unplaced_never_kept():
+    # its node left the cluster (Ray): the inventory has no GPU of it any more
+    lost = [Holding("g/a/0", "a", "gone", (0,), 0.5, 12 * GiB, "s"),
+            Holding("g/b/0", "b", "gone", (1,), 0.5, 12 * GiB, "s")]
+    result = place([request("g/a/0", 6, sizing="s"),
+                    request("g/b/0", 6, sizing="s", pin_node="gone")],
+                   inventory(("n", 1, 24)), policy(), lost)
+    assert gpus_of(result, "g/a/0") == ("n", (0,))
+    (unplaced,) = result.unplaced
+    assert unplaced.worker_id == "g/b/0" and not unplaced.kept_previous
+
+
 def test_replicas_spread_over_the_gpus_the_garden_already_uses():
     reqs = [request("g/big/0", 12), request("g/other/0", 12), request("g/m/0", 4),
             request("g/m/1", 4)]

@@ -61,8 +61,9 @@ def place(
         if _may_stay(holding, request, present):
             kept.append(m.Assignment(holding.worker_id, holding.model, holding.node, holding.gpus,
                                      holding.utilization, holding.claim_bytes, kept=True))
-        else:
-            changed[holding.worker_id] = holding
+        elif all((holding.node, index) in present for index in holding.gpus):
+            changed[holding.worker_id] = holding  # may stay where it is until the new one fits
+        # else its GPUs are gone (a node that left the cluster): nothing of it can stay
     kept_ids = {a.worker_id for a in kept}
     pending = sorted((r for r in requests if r.worker_id not in kept_ids), key=placement_order)
 
