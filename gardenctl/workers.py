@@ -212,6 +212,8 @@ def vllm_argv(model: ModelSpec, *, port: int, utilization: float, max_model_len:
             "--tensor-parallel-size", str(model.tensor_parallel_size),
             "--gpu-memory-utilization", f"{utilization:.3f}",
             "--shutdown-timeout", str(int(model.shutdown_timeout))]
+    if model.tensor_parallel_size > 1:  # never vLLM's Ray executor (docs/vllm.md section 15)
+        argv += ["--distributed-executor-backend", "mp"]
     if model.revision:
         argv += ["--revision", model.revision]
     if model.dtype != "auto":

@@ -79,9 +79,11 @@ def release_of(version: str | None) -> str:
     return f"{int(major)}.{int(minor)}.{int(patch or 0)}"
 
 
-# Flags that are in the key already, or that change nothing on the GPU.
+# Flags that are in the key already (--distributed-executor-backend follows from the tensor
+# parallel size: gardenctl sets mp for TP > 1), or that change nothing on the GPU.
 KEYED_OR_IRRELEVANT = frozenset({
     "--host", "--port", "--served-model-name", "--max-model-len", "--tensor-parallel-size",
+    "--distributed-executor-backend",
     "--gpu-memory-utilization", "--shutdown-timeout", "--revision", "--dtype", "--quantization",
     "--kv-cache-dtype", "--max-num-seqs", "--max-num-batched-tokens", "--enforce-eager",
     "--trust-remote-code", "--api-key", "--model", "--model-tag",

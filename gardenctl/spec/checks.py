@@ -74,7 +74,7 @@ _DEVICES_INSTEAD = "pin the model's GPUs with placement.gpus and placement.node 
 # What `args` may not contain, by vLLM's long flag name (short spellings: SHORT_FLAGS).
 # Considered and allowed: --decode-context-parallel-size (reuses the tensor-parallel GPUs),
 # --mm-ipc-gpu-memory-gb (carved out of the KV cache, inside the budget), --cpu-offload-gb and
-# --kv-offloading-size (host memory), --distributed-executor-backend, the multi-node flags
+# --kv-offloading-size (host memory), the multi-node flags
 # (--nnodes, --node-rank, --headless, --master-*: they spread a worker, never add GPUs here),
 # and the --no- twins of the refused data-parallel and elastic-EP switches (they turn it off).
 ARG_RULES: dict[str, Refusal] = {
@@ -99,6 +99,12 @@ ARG_RULES: dict[str, Refusal] = {
     "--no-trust-remote-code": _managed("trust_remote_code"),
     "--shutdown-timeout": _managed("shutdown_timeout"),
     "--model": _managed("model"),
+    # Tensor-parallel workers run vLLM's multiprocessing backend on the plan's GPUs: its Ray
+    # backend (chosen by vLLM itself inside a Ray placement group) asks Ray for whole GPUs of
+    # its own and ignores the plan's shares (docs/vllm.md section 15).
+    "--distributed-executor-backend": Refusal(
+        "is set by gardenctl (mp, for tensor_parallel_size > 1): a worker's ranks run as "
+        "processes on the GPUs the plan gave it", "remove it from args"),
     # Secrets: argv is readable by every local user (ps, /proc).
     "--api-key": _secret(API_KEY_ENV),
     "--hf-token": _secret("HF_TOKEN"),
