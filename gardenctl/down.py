@@ -8,20 +8,34 @@ from concurrent.futures import ThreadPoolExecutor
 from gardenctl.errors import GardenError
 from gardenctl.execute import StepResult
 from gardenctl.observe import History, ObservedWorker
-from gardenctl.runtime.local import LocalRuntime
+from gardenctl.runtime.base import Runtime
+from gardenctl.spec.models import Garden
 from gardenctl.state import StateDir
 from gardenctl.vocab import Outcome, StepKind
 
 
-def workers_of(state: StateDir, garden: str) -> list[ObservedWorker]:
-    runtime = LocalRuntime(state, node="")
+def open_for_down(spec: Garden | None, state: StateDir, garden: str) -> Runtime:
+    """The runtime that holds the garden's workers: the state directory's processes, or the
+    Ray cluster its file (or --runtime) names; it may update the records of ``garden`` only."""
+    from gardenctl.runtime import open_runtime, runtime_spec
+
+    if runtime_spec(spec).kind == "ray":
+        from gardenctl.inventory.model import Inventory
+
+        return open_runtime(spec, Inventory((), source="none"), state, gardens={garden})
+    from gardenctl.runtime.local import LocalRuntime
+
+    return LocalRuntime(state, node="")
+
+
+def workers_of(runtime: Runtime, garden: str) -> list[ObservedWorker]:
     return [w for w in runtime.observe(confirm_health=False).workers if w.garden == garden]
 
 
-def stop_garden(state: StateDir, garden: str, workers: list[ObservedWorker]) -> list[StepResult]:
+def stop_garden(state: StateDir, runtime: Runtime, garden: str,
+                workers: list[ObservedWorker]) -> list[StepResult]:
     """Stop ``workers`` (the garden's) and remember it, so that plans say the workers are down
     because of `down`, not because they are new."""
-    runtime = LocalRuntime(state, node="")
     before = state.read_history(garden)
     state.write_history(garden, History(
         applied_at=before.applied_at, applied_by=before.applied_by,

@@ -144,6 +144,7 @@ def make_plan(loaded: LoadedGarden, inventory: Inventory, observed: Observed,
     steps = reconcile(desired, mine, placement.unplaced, rollouts, world)
     warnings = [w for name in sorted(estimates) for w in _prefixed(name, estimates[name].warnings)]
     warnings += [issue.format() for issue in loaded.warnings]
+    warnings += list(inventory.notes)  # e.g. a declared node that is not in the Ray cluster
     warnings += [f"{s.worker_id}: {s.cause}" for s in steps if s.kind == StepKind.WAIT]
     summaries = tuple(summarise(m.name, m.model, m.replicas, estimates[m.name]) for m in models)
     return Plan(

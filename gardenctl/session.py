@@ -44,11 +44,14 @@ class Session:
     new_lessons: list[Lesson] = field(default_factory=list)  # learned by the last pass
     _stack: ExitStack = field(default_factory=ExitStack)
 
-    def lock(self, garden: str) -> None:
+    def lock(self, garden: str, spec: Garden | None = None) -> None:
         """Take ``garden``'s writer lock for the rest of the session (LockHeldError if another
-        apply, down or watch of it holds it)."""
+        apply, down or watch of it holds it); ``spec``: the garden, whose runtime may lock
+        across machines too (a Ray cluster)."""
+        from gardenctl.runtime import garden_lock
+
         if garden not in self.locked:
-            self._stack.enter_context(self.state.lock(garden, self.command))
+            self._stack.enter_context(garden_lock(spec, garden, self.state, self.command))
             self.locked.add(garden)
 
     def close(self) -> None:
@@ -60,15 +63,21 @@ class Session:
     def bind(self, inventory: Inventory, garden: Garden | None) -> base.Runtime:
         """Open the runtime for this inventory; again when the node it names changes (a
         declared inventory renamed while watch runs)."""
-        from gardenctl.runtime import open_probe, open_runtime
+        from gardenctl.runtime import open_probe, open_runtime, runtime_spec
 
-        node = inventory.nodes[0].name if len(inventory.nodes) == 1 else None
-        if self.runtime is None or getattr(self.runtime, "node", None) != node:
+        spec = runtime_spec(garden)
+        if spec.kind == "ray":  # one cluster per process (runtime.ray.connect)
+            node: str | None = "ray"
+            current = "ray" if getattr(self.runtime, "name", "") == "ray" else None
+        else:
+            node = inventory.nodes[0].name if len(inventory.nodes) == 1 else None
+            current = getattr(self.runtime, "node", None)
+        if self.runtime is None or current != node:
             close = getattr(self.probe, "close", None)
             if close:
                 close()
             self.runtime = open_runtime(garden, inventory, self.state, gardens=self.locked)
-            self.probe = open_probe(inventory)
+            self.probe = open_probe(inventory, garden)
         return self.runtime
 
     def plan(self, garden_path: str, inventory_path: str | None, *,
@@ -76,7 +85,7 @@ class Session:
         from gardenctl.spec.loader import load_garden
 
         loaded = load_garden(garden_path)
-        self.lock(loaded.garden.name)
+        self.lock(loaded.garden.name, loaded.garden)
         return self.plan_loaded(loaded, inventory_path, detect=detect)
 
     def plan_loaded(self, loaded: LoadedGarden, inventory_path: str | None,
@@ -141,14 +150,14 @@ class Session:
         from gardenctl.profiles.learn import learn_ready
         from gardenctl.profiles.store import ProfileStore
 
-        if not self.state.exists:
+        if not self.state.exists or self.runtime is None:
             return []
         garden = result.loaded.garden.name
         workers = (observed or result.observed).of_garden(garden).workers
         versions = {name: None if e.vllm_version_assumed else e.vllm_version
                     for name, e in result.estimates.items()}
         try:
-            learned = learn_ready(workers, self.state.log_path, result.inventory,
+            learned = learn_ready(workers, self.runtime.startup_log, result.inventory,
                                   ProfileStore.in_state(self.state.root), versions,
                                   seen=self.learned_runs)
         except StateError as exc:  # learning is a refinement: apply and watch go on

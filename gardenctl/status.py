@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gardenctl.backoff import BackoffPolicy, failures_in_a_row
 from gardenctl.errors import GardenError
@@ -20,6 +20,9 @@ from gardenctl.plan.model import Plan, Step
 from gardenctl.profiles.learn import Measured
 from gardenctl.state import StateDir
 from gardenctl.vocab import StepKind
+
+if TYPE_CHECKING:
+    from gardenctl.runtime.base import Runtime
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ def gather_status(garden_path: str, inventory_path: str | None, state_path: str 
     from gardenctl.inventory import resolve_inventory
     from gardenctl.planner import used_by_others
     from gardenctl.spec.loader import load_garden
-    from gardenctl.workflow import plan_read_only
+    from gardenctl.workflow import plan_read_only, read_only_runtime
 
     state = StateDir(state_path)
     report = StatusReport(garden=None, garden_file=garden_path, in_sync=None)
@@ -163,10 +166,11 @@ def gather_status(garden_path: str, inventory_path: str | None, state_path: str 
             used = sum(p.used_bytes or 0 for p in gpu.processes if p.pid in pids)
         report.gpus.append(GpuStatus(gpu.node, gpu.index, gpu.name, gpu.total_bytes,
                                      others.get(gpu.key, 0), claimed, used))
-    report.workers = [replace(row, memory=_memory(row, plan, result, state))
+    runtime = read_only_runtime(loaded, inventory, state)  # reads the workers' logs
+    report.workers = [replace(row, memory=_memory(row, plan, result, runtime))
                       for row in worker_rows(plan, mine, now)]
     report.watch = _watch_info(state, loaded.garden.name)
-    report.log_tails = _ended_tails(state, mine)
+    report.log_tails = _ended_tails(runtime, mine)
     return report
 
 
@@ -211,7 +215,8 @@ def _row(current: ObservedWorker | None, step: Step | None, now: float,
         failures, until)
 
 
-def _memory(row: WorkerStatusRow, plan: Plan, result: Any, state: StateDir) -> WorkerMemory:
+def _memory(row: WorkerStatusRow, plan: Plan, result: Any,
+            runtime: Runtime | None) -> WorkerMemory:
     """Claimed / measured / estimated for one row (measured only for a worker that runs)."""
     from gardenctl.profiles.learn import claim_note, measure_worker
 
@@ -219,7 +224,8 @@ def _memory(row: WorkerStatusRow, plan: Plan, result: Any, state: StateDir) -> W
     worker = result.observed.get(row.worker_id)
     measured = None
     if worker is not None and worker.running and worker.garden == result.loaded.garden.name:
-        measured = measure_worker(worker, state.log_path(row.worker_id), result.inventory)
+        startup = runtime.startup_log(row.worker_id) if runtime is not None else None
+        measured = measure_worker(worker, startup, result.inventory)
     notes: tuple[str, ...] = ()
     if measured is not None and summary is not None:
         estimate = result.estimates.get(row.model)
@@ -271,11 +277,11 @@ def _watch_info(state: StateDir, garden: str) -> WatchInfo | None:
     return WatchInfo(running, pid, data.get("last_applied"), data.get("last_attempted"))
 
 
-def _ended_tails(state: StateDir, observed: Observed) -> dict[str, list[str]]:
+def _ended_tails(runtime: Runtime | None, observed: Observed) -> dict[str, list[str]]:
     """The last lines of each ended worker's log (what it said as it died)."""
-    from gardenctl.runtime.local import last_lines, read_tail
-
-    return {w.worker_id: last_lines(read_tail(str(state.log_path(w.worker_id))), 3).splitlines()
+    if runtime is None:
+        return {}
+    return {w.worker_id: (runtime.read_log(w.worker_id, limit=16 * 1024) or "").splitlines()[-3:]
             for w in observed.workers if w.phase.dead}
 
 

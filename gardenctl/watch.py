@@ -298,7 +298,7 @@ class Watcher:
         refused_before = self.last_attempted is not None and not self.last_attempted[2]
         if self.last_good is None:
             try:
-                self.session.lock(candidate.garden.name)
+                self.session.lock(candidate.garden.name, candidate.garden)
             except LockHeldError as exc:
                 self.fatal = exc
                 self.request_stop()

@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from gardenctl.estimate.types import MemoryEstimate
 from gardenctl.inventory.model import Inventory
@@ -19,6 +20,9 @@ from gardenctl.reconcile import Circumstances
 from gardenctl.spec.loader import LoadedGarden
 from gardenctl.state import StateDir
 from gardenctl.vocab import Phase
+
+if TYPE_CHECKING:
+    from gardenctl.runtime.base import Runtime
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ def busy_ports(loaded: LoadedGarden, inventory: Inventory, observed: Observed) -
     garden runs here (the local runtime on a one-node inventory): the ports other programs
     listen on, and those of other gardens' workers (a loading worker may not listen yet). A
     dead worker of the garden owns no port: whoever listens on it now is another program."""
-    if loaded.garden.runtime.kind != "local" or len(inventory.nodes) != 1:
+    if len(inventory.nodes) != 1 or _runtime_kind(loaded) != "local":
         return {}
     from gardenctl.runtime.processes import listening_ports
 
@@ -144,22 +148,31 @@ def busy_gpus(garden: str, observed: Observed) -> dict[tuple[str, int], str]:
     return busy
 
 
+def read_only_runtime(loaded: LoadedGarden, inventory: Inventory, state: StateDir,
+                      notes: list[str] | None = None) -> Runtime | None:
+    """The garden's runtime opened read-only (it changes no record), or None where no runtime
+    applies here (a fleet of several declared nodes planned from a laptop; why, in ``notes``)
+    or where nothing was ever started (the local runtime with no state directory; a Ray
+    cluster keeps its own state, so an empty state directory sees it all)."""
+    from gardenctl.errors import GardenError
+    from gardenctl.runtime import open_runtime, runtime_spec
+
+    if runtime_spec(loaded.garden).kind == "local" and not state.exists:
+        return None
+    try:
+        return open_runtime(loaded.garden, inventory, state, writable=False)
+    except GardenError as exc:
+        if notes is not None:
+            notes.append(str(exc))
+        return None
+
+
 def observe_without_lock(loaded: LoadedGarden, inventory: Inventory,
                          state: StateDir) -> Observed:
-    """What runs now, for read-only commands (plan, status): no lock, nothing changed.
-
-    Nothing is observed where no runtime applies here (a fleet of several declared nodes
-    planned from a laptop) or where nothing was ever started (no state directory)."""
-    from gardenctl.errors import GardenError
-    from gardenctl.runtime import open_runtime
-
-    if not state.exists:
-        return Observed()
-    try:
-        runtime = open_runtime(loaded.garden, inventory, state, writable=False)
-    except GardenError as exc:
-        return Observed(notes=(str(exc),))
-    return runtime.observe()
+    """What runs now, for read-only commands (plan, status): no lock, nothing changed."""
+    notes: list[str] = []
+    runtime = read_only_runtime(loaded, inventory, state, notes)
+    return runtime.observe() if runtime is not None else Observed(notes=tuple(notes))
 
 
 def plan_read_only(loaded: LoadedGarden, inventory: Inventory, state: StateDir, *,
@@ -173,4 +186,10 @@ def plan_read_only(loaded: LoadedGarden, inventory: Inventory, state: StateDir, 
 
 
 __all__ = ["PlanResult", "busy_gpus", "busy_ports", "circumstances", "compute_plan",
-           "measured_sizing", "observe_without_lock", "plan_read_only"]
+           "measured_sizing", "observe_without_lock", "plan_read_only", "read_only_runtime"]
+
+
+def _runtime_kind(loaded: LoadedGarden) -> str:
+    from gardenctl.runtime import runtime_spec
+
+    return runtime_spec(loaded.garden).kind

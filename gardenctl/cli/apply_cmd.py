@@ -9,7 +9,14 @@ from typing import Any
 import click
 
 from gardenctl.cli import EXIT_ERROR, EXIT_INTERRUPTED
-from gardenctl.cli.options import echo_json, garden_file, inventory_file, output_format, state_dir
+from gardenctl.cli.options import (
+    echo_json,
+    garden_file,
+    inventory_file,
+    output_format,
+    runtime_choice,
+    state_dir,
+)
 
 APPLY_FORMAT_VERSION = 2
 _MARKS = {"held": "HELD", "skipped": "SKIP"}
@@ -20,6 +27,7 @@ _MARKS = {"held": "HELD", "skipped": "SKIP"}
 @garden_file
 @inventory_file
 @state_dir
+@runtime_choice
 @output_format("text", "json")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def apply(plan_file: str | None, garden_path: str, inventory_path: str | None,

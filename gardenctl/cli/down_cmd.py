@@ -7,7 +7,7 @@ import sys
 import click
 
 from gardenctl.cli import EXIT_ERROR
-from gardenctl.cli.options import echo_json, garden_file, output_format, state_dir
+from gardenctl.cli.options import echo_json, garden_file, output_format, runtime_choice, state_dir
 
 DOWN_FORMAT_VERSION = 1
 
@@ -15,6 +15,7 @@ DOWN_FORMAT_VERSION = 1
 @click.command()
 @garden_file
 @state_dir
+@runtime_choice
 @click.option("--garden", "garden_name", default=None,
               help="The garden's name, when its file is gone or broken.")
 @output_format("text", "json")
@@ -23,14 +24,18 @@ def down(garden_path: str, state_path: str | None, garden_name: str | None, outp
          yes: bool) -> None:
     """Stop every worker of the garden (SIGTERM, grace period, SIGKILL of the process group)
     and remove their records. Takes the state lock."""
-    from gardenctl.down import stop_garden, workers_of
+    from gardenctl.down import open_for_down, stop_garden, workers_of
     from gardenctl.session import open_session
     from gardenctl.text import shown
 
-    name = _checked_name(garden_name) if garden_name else _garden_name(garden_path)
+    spec = _garden_spec(garden_path, required=not garden_name)
+    name = _checked_name(garden_name) if garden_name else spec.name if spec else ""
+    if spec is not None and spec.name != name:
+        spec = None  # --garden names another garden than the file: its runtime is unknown
     with open_session(state_path, "gardenctl down") as session:
-        session.lock(name)
-        targets = workers_of(session.state, name)
+        session.lock(name, spec)
+        runtime = open_for_down(spec, session.state, name)
+        targets = workers_of(runtime, name)
         if not targets:
             if output == "json":
                 echo_json({"format_version": DOWN_FORMAT_VERSION, "garden": name, "results": []})
@@ -46,7 +51,7 @@ def down(garden_path: str, state_path: str | None, garden_name: str | None, outp
                 raise click.UsageError("down stops workers: pass --yes when not at a terminal")
             if not click.confirm("Stop them?", default=False, err=True):
                 raise click.exceptions.Exit(EXIT_ERROR)
-        results = stop_garden(session.state, name, targets)
+        results = stop_garden(session.state, runtime, name, targets)
     if output == "json":
         echo_json({"format_version": DOWN_FORMAT_VERSION, "garden": name,
                    "results": [r.to_json() for r in results]})
@@ -71,12 +76,15 @@ def _checked_name(name: str) -> str:
     return name
 
 
-def _garden_name(garden_path: str) -> str:
+def _garden_spec(garden_path: str, *, required: bool):
+    """The garden the file declares; None when it is unreadable and --garden names it."""
     from gardenctl.errors import GardenError
     from gardenctl.spec.loader import load_garden
 
     try:
-        return load_garden(garden_path).garden.name
+        return load_garden(garden_path).garden
     except GardenError as exc:
+        if not required:
+            return None
         raise GardenError(f"cannot tell which garden to stop: {str(exc).splitlines()[0]}; "
                           "pass --garden NAME") from None

@@ -6,7 +6,13 @@ import os
 
 import click
 
-from gardenctl.cli.options import DEFAULT_GARDEN, echo_json, inventory_file, output_format
+from gardenctl.cli.options import (
+    DEFAULT_GARDEN,
+    echo_json,
+    inventory_file,
+    output_format,
+    runtime_choice,
+)
 
 INVENTORY_FORMAT_VERSION = 1
 
@@ -16,6 +22,7 @@ INVENTORY_FORMAT_VERSION = 1
               help=f"Use this garden's declared inventory (default: ./{DEFAULT_GARDEN} if it "
               "exists and declares one).")
 @inventory_file
+@runtime_choice
 @output_format("text", "json")
 def inventory(garden_path: str | None, inventory_path: str | None, output: str) -> None:
     """List GPUs: from --inventory FILE, else the garden's declared `inventory:`, else this

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from gardenctl.cli.options import DEFAULT_GARDEN, state_dir
+from gardenctl.cli.options import DEFAULT_GARDEN, runtime_choice, state_dir
 
 
 @click.command()
@@ -19,6 +19,7 @@ from gardenctl.cli.options import DEFAULT_GARDEN, state_dir
               type=click.Path(dir_okay=False), help="Garden file, to complete short names.")
 @click.option("--previous", is_flag=True, help="The log of the run before (after a restart).")
 @state_dir
+@runtime_choice
 def logs(worker: str, follow: bool, count: int, garden_path: str, state_path: str | None,
          previous: bool) -> None:
     """Print the last lines of WORKER's log: garden/model/replica, or model/replica or model
@@ -28,6 +29,10 @@ def logs(worker: str, follow: bool, count: int, garden_path: str, state_path: st
 
     state = StateDir(state_path)
     worker_id = _full_id(worker, garden_path, state)
+    runtime = _cluster_runtime(garden_path, worker_id, state)
+    if runtime is not None:
+        _print_from_runtime(runtime, worker_id, count, follow, previous)
+        return
     path = state.log_path(worker_id)
     if previous:
         path = path.with_name(path.name + ".1")
@@ -43,6 +48,74 @@ def logs(worker: str, follow: bool, count: int, garden_path: str, state_path: st
             _follow(handle, path)
         except KeyboardInterrupt:
             return
+
+
+FOLLOW_BYTES = 64 * 1024  # the window of the log's tail that `logs -f` reads on a Ray node
+
+
+def _cluster_runtime(garden_path: str, worker_id: str, state):
+    """The Ray runtime when the worker's garden runs on a cluster (its logs are on its node),
+    else None (the log is a file in the state directory)."""
+    from gardenctl.errors import GardenError
+    from gardenctl.runtime import runtime_spec
+
+    garden = None
+    if os.path.exists(garden_path):
+        from gardenctl.spec.loader import load_garden
+
+        try:
+            garden = load_garden(garden_path).garden
+        except GardenError:
+            garden = None
+    if garden is not None and garden.name != worker_id.split("/")[0]:
+        garden = None
+    if runtime_spec(garden).kind != "ray":
+        return None
+    from gardenctl.inventory.model import Inventory
+    from gardenctl.runtime import open_runtime
+
+    return open_runtime(garden, Inventory((), source="none"), state, writable=False)
+
+
+def _print_from_runtime(runtime, worker_id: str, count: int, follow: bool,
+                        previous: bool) -> None:
+    """Print the worker's log as its runtime reads it on the worker's node."""
+    from gardenctl.errors import GardenError
+
+    text = runtime.read_log(worker_id, previous=previous)
+    if text is None:
+        raise GardenError(f"no log for {worker_id} in the Ray cluster (is its actor running?)")
+    lines = text.splitlines()
+    for line in lines[-count:] if count else []:
+        click.echo(line)
+    if not follow:
+        return
+    try:
+        while True:
+            time.sleep(0.5)
+            now = runtime.read_log(worker_id, previous=previous, limit=FOLLOW_BYTES)
+            if now is None:
+                click.echo("--- gardenctl: the worker's actor is gone ---")
+                return
+            fresh = now.splitlines()
+            for line in _new_lines(lines, fresh):
+                click.echo(line)
+            lines = fresh
+    except KeyboardInterrupt:
+        return
+
+
+def _new_lines(before: list[str], after: list[str]) -> list[str]:
+    """The lines of ``after`` that follow what ``before`` ended with (a window of the log's
+    tail that moved on); all of ``after`` when they share nothing (a new run)."""
+    if not before:
+        return after
+    for end in range(len(after) - 1, -1, -1):  # where before's last line is in after
+        if after[end] == before[-1]:
+            start = max(0, end + 1 - len(before))
+            if after[start:end + 1] == before[len(before) - (end + 1 - start):]:
+                return after[end + 1:]
+    return after
 
 
 def _follow(handle, path) -> None:

@@ -62,3 +62,23 @@ def state_dir(func: Callable) -> Callable:
         help="Where worker records, logs and the lock live (default: $GARDENCTL_STATE_DIR, "
         "else $XDG_STATE_HOME/gardenctl, else ~/.local/state/gardenctl).",
     )(func)
+
+
+def _set_runtime(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        import os
+
+        os.environ["GARDENCTL_RUNTIME"] = value  # read by gardenctl.runtime.runtime_spec
+
+
+def runtime_choice(func: Callable) -> Callable:
+    return click.option(
+        "--runtime",
+        type=click.Choice(["local", "ray"]),
+        default=None,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_runtime,
+        help="Run on this runtime instead of the garden's `runtime.kind` (ray: the cluster at "
+        "runtime.address, else $RAY_ADDRESS, else auto).",
+    )(func)

@@ -5,13 +5,21 @@ from __future__ import annotations
 import click
 
 from gardenctl.cli import EXIT_CHANGES, EXIT_ERROR
-from gardenctl.cli.options import echo_json, garden_file, inventory_file, output_format, state_dir
+from gardenctl.cli.options import (
+    echo_json,
+    garden_file,
+    inventory_file,
+    output_format,
+    runtime_choice,
+    state_dir,
+)
 
 
 @click.command()
 @garden_file
 @inventory_file
 @state_dir
+@runtime_choice
 @output_format("text", "json")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
               help="Also save the plan as JSON; `gardenctl apply PLAN` executes exactly it.")

@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from gardenctl.cli.options import echo_json, garden_file, inventory_file, output_format, state_dir
+from gardenctl.cli.options import (
+    echo_json,
+    garden_file,
+    inventory_file,
+    output_format,
+    runtime_choice,
+    state_dir,
+)
 
 STATUS_FORMAT_VERSION = 2
 BAR = 40
@@ -17,6 +24,7 @@ BAR = 40
 @garden_file
 @inventory_file
 @state_dir
+@runtime_choice
 @output_format("text", "json")
 def status(garden_path: str, inventory_path: str | None, state_path: str | None,
            output: str) -> None:
@@ -63,8 +71,9 @@ def render_status(report: Any) -> str:
     if not report.workers:
         lines.append("No workers.")
         return "\n".join(lines)
-    header = ("WORKER", "GPUS", "PORT", "PHASE", "RESTARTS", "UPTIME", "LAST ERROR / NEXT")
-    rows = [(shown(w.worker_id), ",".join(map(str, w.gpus)), str(w.port), _phase(w),
+    header = ("WORKER", "NODE", "GPUS", "PORT", "PHASE", "RESTARTS", "UPTIME",
+              "LAST ERROR / NEXT")
+    rows = [(shown(w.worker_id), shown(w.node), ",".join(map(str, w.gpus)), str(w.port), _phase(w),
              str(w.restarts), _duration(w.uptime_s), shown(_last(w))[:90])
             for w in report.workers]
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]

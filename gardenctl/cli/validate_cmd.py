@@ -87,7 +87,8 @@ def _fit_issues(loaded, garden_path: str, inventory_path: str | None, summary: d
     inventory = None
     if inventory_path is not None or garden.inventory is not None:
         try:
-            inventory = resolve_inventory(garden, garden_path, inventory_path)
+            inventory = resolve_inventory(garden, garden_path, inventory_path,
+                                          declared_only=True)
         except SpecError as exc:  # a broken --inventory file: its own located issues
             return list(exc.issues)
     state = StateDir()  # the release cache of apply and watch is read; nothing is run

@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from gardenctl.cli.options import garden_file, inventory_file, output_format, state_dir
+from gardenctl.cli.options import (
+    garden_file,
+    inventory_file,
+    output_format,
+    runtime_choice,
+    state_dir,
+)
 
 if TYPE_CHECKING:
     from gardenctl.session import Session
@@ -17,6 +23,7 @@ if TYPE_CHECKING:
 @garden_file
 @inventory_file
 @state_dir
+@runtime_choice
 @output_format("text", "json")
 @click.option("--resync", default=30.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds between full re-convergence passes (jittered by 10%).")
@@ -64,7 +71,7 @@ def _lock_now(session: Session, garden_path: str) -> None:
     from gardenctl.spec.loader import load_garden
 
     try:
-        name = load_garden(garden_path).garden.name
+        garden = load_garden(garden_path).garden
     except SpecError:
         return
-    session.lock(name)
+    session.lock(garden.name, garden)

@@ -96,10 +96,11 @@ def measured_from(report: StartupReport, *, utilization: float | None,
         cuda_graph_estimated_bytes=report.cuda_graph_estimated_bytes)
 
 
-def measure_worker(worker: ObservedWorker, log_path: str | Path | None,
+def measure_worker(worker: ObservedWorker, startup_log: str | None,
                    inventory: Inventory | None) -> Measured | None:
-    """What ``worker`` took, from its current run's log and NVML; None without a log."""
-    report = read_start_up(log_path) if log_path else None
+    """What ``worker`` took, from the head of its current run's log (``startup_log``, from the
+    runtime, wherever the log lives) and NVML; None without a log."""
+    report = read_startup(startup_log) if startup_log else None
     gpu = inventory.gpu(worker.node, worker.gpus[0]) if inventory and worker.gpus else None
     used = gpu_used_by(worker, inventory) if inventory is not None else None
     if report is None:
@@ -167,9 +168,10 @@ def learn_ready(workers: Iterable[ObservedWorker], logs: Any, inventory: Invento
                 seen: set[tuple[str, float]] | None = None) -> list[Profile]:
     """Record a profile for every ready worker whose run was not learned yet.
 
-    ``logs(worker_id)`` gives a worker's current log path; ``versions`` the release each
-    model was planned for (the log's banner wins when it has one); ``seen`` remembers runs
-    already learned by this process (a watch), so logs are read once per run."""
+    ``logs(worker_id)`` gives the head of a worker's current log (Runtime.startup_log);
+    ``versions`` the release each model was planned for (the log's banner wins when it has
+    one); ``seen`` remembers runs already learned by this process (a watch), so logs are read
+    once per run."""
     learned = []
     for worker in workers:
         if worker.phase != Phase.READY or worker.started_at is None:

@@ -117,7 +117,17 @@ class Runtime(Protocol):
         ...
 
     def log_path(self, worker_id: str) -> str | None:
-        """Where the worker's output goes, if the runtime keeps it in a file."""
+        """Where the worker's output goes, if the runtime keeps it in a file on this machine."""
+        ...
+
+    def read_log(self, worker_id: str, *, previous: bool = False,
+                 limit: int = ...) -> str | None:
+        """The worker's log, its last ``limit`` bytes (``previous``: of the run before), or
+        None when it has none; wherever the runtime keeps it."""
+        ...
+
+    def startup_log(self, worker_id: str) -> str | None:
+        """The head of the current run's log, where vLLM writes its start-up figures."""
         ...
 
     def dead_workers(self) -> set[tuple[str, int | None]]:

@@ -30,8 +30,7 @@ from gardenctl.runtime import base
 from gardenctl.runtime import processes as procs
 from gardenctl.runtime.environment import worker_environment
 from gardenctl.runtime.health import latest_milestone, probe_liveness, probe_ready
-from gardenctl.runtime.records import ALIVE, RecordedRuntime
-from gardenctl.spec.models import env_reference
+from gardenctl.runtime.records import ALIVE, RecordedRuntime, api_key_of
 from gardenctl.state import StateDir, WorkerRecord
 from gardenctl.vocab import Cause, Phase
 from gardenctl.workers import SPEC_HASH_ENV, STATE_ENV, WORKER_ID_ENV, DesiredWorker
@@ -142,21 +141,9 @@ class LocalRuntime(RecordedRuntime):
         full_env = worker_environment(self.environ, env, {
             WORKER_ID_ENV: worker.worker_id, SPEC_HASH_ENV: worker.spec_hash,
             STATE_ENV: self.state_id, "PYTHONUNBUFFERED": "1"})
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            header = (f"=== gardenctl: starting {worker.worker_id} (spec {worker.spec_hash}) at "
-                      f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} ===\n")
-            os.write(fd, header.encode())
-            try:
-                child = subprocess.Popen(
-                    [executable, *worker.argv[1:]], env=full_env, stdin=subprocess.DEVNULL,
-                    stdout=fd, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                )
-            except OSError as exc:
-                raise base.SpawnError(Cause.SPAWN_FAILED, f"could not start {worker.argv[0]}: "
-                                      f"{exc.strerror}") from None
-        finally:
-            os.close(fd)
+        header = (f"=== gardenctl: starting {worker.worker_id} (spec {worker.spec_hash}) at "
+                  f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} ===\n")
+        child = procs.start_group([executable, *worker.argv[1:]], full_env, log_path, header)
         return child, log_path
 
     def _exit_code(self, record: WorkerRecord) -> object:
@@ -170,19 +157,12 @@ class LocalRuntime(RecordedRuntime):
             return ALIVE
         return record.exit_code  # not our child: the code is unknown unless recorded
 
-    def _api_key(self, record: WorkerRecord) -> str | None:
-        value = dict(record.spec.env).get("VLLM_API_KEY")
-        if value is None:
-            return None
-        ref = env_reference(value)
-        return self.environ.get(ref) if ref else value
-
     # -- the process side of records (see runtime.records) ---------------------------------
 
     def _probe_ready(self, record: WorkerRecord) -> bool:
         spec = record.spec
-        return self.probe(spec.host, spec.port, spec.served_model_name, self._api_key(record),
-                          self.probe_timeout)
+        return self.probe(spec.host, spec.port, spec.served_model_name,
+                          api_key_of(record, self.environ), self.probe_timeout)
 
     def _probe_health(self, record: WorkerRecord) -> str | None:
         spec = record.spec

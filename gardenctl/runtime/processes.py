@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -132,6 +135,30 @@ def marked_group_leaders(state: str) -> list[MarkedProcess]:
         except (ProcessLookupError, psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return sorted(found, key=lambda p: p.pid)
+
+
+def start_group(argv: Sequence[str], env: Mapping[str, str], log_path: Path, header: str,
+                preexec: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (never through a shell) as the leader of a new session, with exactly
+    ``env``, stdin from /dev/null and stdout+stderr appended to ``log_path`` (0600) after
+    ``header``. SpawnError when the program cannot be started."""
+    from gardenctl.runtime.base import SpawnError
+    from gardenctl.vocab import Cause
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, header.encode())
+        try:
+            return subprocess.Popen(
+                list(argv), env=dict(env), stdin=subprocess.DEVNULL, stdout=fd,
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                preexec_fn=preexec,  # noqa: PLW1509 - only prctl, on the launcher thread
+            )
+        except OSError as exc:
+            raise SpawnError(Cause.SPAWN_FAILED, f"could not start {argv[0]}: "
+                             f"{exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def signal_process(pid: int, sig: int) -> bool:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Protocol
 
 from gardenctl.observe import ObservedWorker
 from gardenctl.plan.model import Launch
 from gardenctl.runtime import base
 from gardenctl.runtime.diagnose import NO_ERROR_MESSAGE, diagnose
+from gardenctl.spec.models import env_reference
 from gardenctl.state import WorkerRecord
 from gardenctl.vocab import Cause, Phase
 from gardenctl.workers import DesiredWorker
@@ -27,6 +28,7 @@ from gardenctl.workers import DesiredWorker
 ALIVE = object()  # what _exit_code returns for a process that still runs
 CONFIRM_INTERVAL = 0.5  # seconds between the re-probes of a failing worker in one observation
 RUN_LOG_BYTES = 4 * 1024 * 1024  # how much of a run's log diagnose reads (its last 4 MiB)
+STARTUP_LOG_BYTES = 8 * 1024 * 1024  # the head of a run's log where vLLM writes its start-up
 STATUS_TAIL_LINES = 25  # the log tail a status shows
 
 
@@ -44,6 +46,29 @@ def read_run_log(path: str | None, limit: int = RUN_LOG_BYTES) -> str:
     if size > limit:  # started mid-line: drop the partial first line
         data = data[data.find(b"\n") + 1:]
     return data.decode("utf-8", "replace")
+
+
+def read_log_head(path: str | os.PathLike[str], limit: int = STARTUP_LOG_BYTES) -> str:
+    """The first ``limit`` bytes of a run's log (to a line end), or "" if unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError:
+        return ""
+    if len(data) > limit:
+        data = data[:limit]
+        data = data[:data.rfind(b"\n") + 1]
+    return data.decode("utf-8", "replace")
+
+
+def api_key_of(record: WorkerRecord, environ: Mapping[str, str]) -> str | None:
+    """The worker's VLLM_API_KEY (its `env`, a ${NAME} reference resolved in ``environ``), which
+    its /v1/models needs."""
+    value = dict(record.spec.env).get("VLLM_API_KEY")
+    if value is None:
+        return None
+    ref = env_reference(value)
+    return environ.get(ref) if ref else value
 
 
 class RecordStore(Protocol):
@@ -128,6 +153,11 @@ class RecordedRuntime:
         """The live processes of the worker (its process group)."""
         raise NotImplementedError
 
+    def _unknown_exit(self, record: WorkerRecord) -> str:
+        """Why a run ended whose exit status nobody can tell."""
+        return ("its process is gone (exit status unknown: it was not started by this "
+                "gardenctl process)")
+
     def _exit_time(self, record: WorkerRecord) -> float:
         """When a run found gone ended, as well as the runtime can tell (the same answer to
         every observer, so that a plan made read-only matches the apply that follows it)."""
@@ -198,8 +228,7 @@ class RecordedRuntime:
         elif diagnosis.cause != Cause.UNKNOWN:
             error, cause = diagnosis.message, diagnosis.cause
         elif exit_code is None:
-            error, cause = ("its process is gone (exit status unknown: it was not started by "
-                            "this gardenctl process)"), Cause.EXITED
+            error, cause = self._unknown_exit(record), Cause.EXITED
         elif diagnosis.message != NO_ERROR_MESSAGE:  # the last error line the log has
             error, cause = f"exited with code {exit_code}: {diagnosis.message}", Cause.EXITED
         else:
@@ -221,6 +250,29 @@ class RecordedRuntime:
                                  signal=-code if code is not None and code < 0 else None,
                                  log_tail=tail,
                                  diagnosis=diagnose(self._run_log(record)) if tail else None)
+
+    def log_path(self, worker_id: str) -> str | None:
+        record = self.store.read_record(worker_id)
+        return record.log_path if record is not None and record.log_path else None
+
+    def read_log(self, worker_id: str, *, previous: bool = False,
+                 limit: int = RUN_LOG_BYTES) -> str | None:
+        """The worker's log (its last ``limit`` bytes; ``previous``: the run before), or None
+        when it has none."""
+        path = self.log_path(worker_id)
+        if path:
+            if previous:
+                path = path + ".1"
+            return read_run_log(path, limit) if os.path.exists(path) else None
+        record = self.store.read_record(worker_id)
+        return self._log_tail(record) if record is not None and not previous else None
+
+    def startup_log(self, worker_id: str) -> str | None:
+        """The head of the current run's log, where vLLM writes its start-up figures."""
+        path = self.log_path(worker_id)
+        if path:
+            return read_log_head(path) if os.path.exists(path) else None
+        return self.read_log(worker_id)
 
     def probe_health(self, worker_id: str) -> str | None:
         record = self.store.read_record(worker_id)
@@ -315,4 +367,5 @@ class RecordedRuntime:
         return record.observed(record.phase, self._members(record, True), health=health)
 
 
-__all__ = ["ALIVE", "MemoryStore", "RecordStore", "RecordedRuntime"]
+__all__ = ["ALIVE", "MemoryStore", "RecordStore", "RecordedRuntime", "api_key_of",
+           "read_log_head", "read_run_log"]
