@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Ray reads this when it is first imported: its test clusters (tests/ray_helpers.py) then bind
+# every node to 127.0.0.1, not the machine's outward address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @dataclass(frozen=True)
@@ -81,3 +84,15 @@ def gardenctl_process(workdir: Path):
         return CliResult(completed.returncode, completed.stdout, completed.stderr)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray cluster of several nodes on this machine (tests/ray_helpers.py): `node-a`
+    for the runtime contract tests, n1-n3 for the end-to-end gardens."""
+    pytest.importorskip("ray", reason="the Ray extra is not installed (pip install -e '.[ray]')")
+    from ray_helpers import RayTestCluster
+
+    cluster = RayTestCluster({"node-a": 2, "n1": 2, "n2": 2, "n3": 2})
+    yield cluster
+    cluster.shutdown()

@@ -1,5 +1,6 @@
-"""The Runtime contract: the same tests hold for the in-memory fake and for the local runtime
-running real stand-in vLLM processes (tests marked e2e start real processes)."""
+"""The Runtime contract: the same tests hold for the in-memory fake, for the local runtime
+running real stand-in vLLM processes, and for the Ray runtime running them from worker actors on
+a real multi-node Ray cluster on this machine (tests marked e2e start real processes)."""
 
 from __future__ import annotations
 
@@ -37,15 +38,21 @@ def make_worker(env: dict | None = None, args: str = "[]", max_model_len: int = 
     return plan_for(text).steps[0].worker
 
 
-@pytest.fixture(params=["fake", pytest.param("local", marks=pytest.mark.e2e)])
+@pytest.fixture(params=["fake", pytest.param("local", marks=pytest.mark.e2e),
+                        pytest.param("ray", marks=pytest.mark.e2e)])
 def runtime(request, tmp_path):
     if request.param == "fake":
         yield FakeRuntime(node="node-a")
         return
-    local = LocalRuntime(StateDir(tmp_path / "state"), node="node-a")
-    yield local
-    for worker in local.observe(confirm_health=False).workers:
-        local.stop(worker.worker_id, grace=2)
+    if request.param == "ray":  # node-a is a node of the test cluster (tests/conftest.py)
+        from gardenctl.runtime.ray.runtime import RayRuntime
+
+        real = RayRuntime(request.getfixturevalue("ray_cluster").handle)
+    else:
+        real = LocalRuntime(StateDir(tmp_path / "state"), node="node-a")
+    yield real
+    for worker in real.observe(confirm_health=False).workers:
+        real.stop(worker.worker_id, grace=2)
 
 
 def wait_for(runtime, worker_id, phases=(Phase.READY, Phase.FAILED, Phase.CRASHED),
