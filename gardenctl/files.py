@@ -41,3 +41,15 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int = 0o600) -> None
 def write_json_atomic(path: str | Path, document: Any, mode: int = 0o600) -> None:
     text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
     write_bytes_atomic(path, text.encode("utf-8"), mode)
+
+
+def rotate(path: Path, kept: int) -> Path:
+    """Make room for a new ``path`` (a log of one run): path -> path.1 -> ... -> path.<kept-1>,
+    the oldest dropped. Returns ``path``."""
+    for n in range(kept - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{n + 1}"))
+    if path.exists():
+        path.replace(path.with_name(f"{path.name}.1"))
+    return path

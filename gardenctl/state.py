@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from gardenctl.errors import LockHeldError, StateError
-from gardenctl.files import write_json_atomic
+from gardenctl.files import rotate, write_json_atomic
 from gardenctl.lessons import Lesson
 from gardenctl.observe import History, ObservedWorker, Rejection
 from gardenctl.phases import check_transition, ended_phase
@@ -275,14 +275,7 @@ class StateDir:
         """Rotate the worker's log (keeping LOGS_KEPT older runs) and return the fresh path."""
         garden, _ = _split(worker_id)
         self._garden_dir(garden, "logs")
-        path = self.log_path(worker_id)
-        for n in range(LOGS_KEPT - 1, 0, -1):
-            older = path.with_name(f"{path.name}.{n}")
-            if older.exists():
-                older.replace(path.with_name(f"{path.name}.{n + 1}"))
-        if path.exists():
-            path.replace(path.with_name(f"{path.name}.1"))
-        return path
+        return rotate(self.log_path(worker_id), LOGS_KEPT)
 
     # -- records ---------------------------------------------------------------------------
 

@@ -294,10 +294,13 @@ class Garden:
                 env = process.environ()
             except (psutil.Error, OSError):
                 continue
-            if (env.get(WORKER_ID_ENV, "").startswith(self.name + "/")
-                    and env.get(STATE_ENV) == str(self.state.resolve())):
+            if env.get(WORKER_ID_ENV, "").startswith(self.name + "/") and self.owns(env):
                 found.append(process)
         return found
+
+    def owns(self, env: dict[str, str]) -> bool:
+        """Was the marked process started by this garden's runtime (its state directory)?"""
+        return env.get(STATE_ENV) == str(self.state.resolve())
 
     def process_groups(self) -> dict[str, set[int]]:
         """Worker id -> pids of the live processes carrying its marker."""

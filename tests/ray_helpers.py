@@ -115,20 +115,9 @@ class RayGarden(Garden):
         lines += [f"  - {json.dumps(m)}" for m in models]
         self.file.write_text("\n".join(lines) + "\n")
 
-    def processes(self) -> list[psutil.Process]:
-        """Live processes carrying the marker of one of this garden's workers on the cluster."""
-        found = []
-        for process in psutil.process_iter():
-            try:
-                if process.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                env = process.environ()
-            except (psutil.Error, OSError):
-                continue
-            if (env.get(WORKER_ID_ENV, "").startswith(self.name + "/")
-                    and env.get(STATE_ENV, "").startswith("ray:")):
-                found.append(process)
-        return found
+    def owns(self, env: dict[str, str]) -> bool:
+        """Workers on the cluster are marked by it, not by a state directory."""
+        return env.get(STATE_ENV, "").startswith("ray:")
 
     def leader(self, worker_id: str) -> psutil.Process | None:
         """The worker's `vllm serve` process (its process group's leader)."""

@@ -43,19 +43,24 @@ MODELS = [
 ]
 
 
+SHARE = model("share", placement={"node": "n2", "gpus": [1]})  # shares pinned's GPU
+
+
 def test_a_garden_over_three_nodes_runs_where_planned_edits_one_worker_and_goes_down(garden):
-    run = garden.applied(MODELS)
+    run = garden.applied([*MODELS, SHARE])
     workers = garden.workers()
     where = {w["model"]: (w["node"], w["gpus"], w["phase"]) for w in workers.values()}
-    assert where["pinned"] == ("n2", [1], "ready"), run
+    assert where["pinned"] == where["share"] == ("n2", [1], "ready"), run
     assert where["wide"] == ("n1", [0, 1], "ready")
     assert where["roam"][2] == "ready"
     # each process got the plan's GPUs, not Ray's choice; TP runs vLLM's own multiprocessing
     assert environ_of(garden, garden.worker_id("pinned"))["CUDA_VISIBLE_DEVICES"] == "1"
+    assert environ_of(garden, garden.worker_id("share"))["CUDA_VISIBLE_DEVICES"] == "1"
     assert environ_of(garden, garden.worker_id("wide"))["CUDA_VISIBLE_DEVICES"] == "0,1"
     wide = garden.leader(garden.worker_id("wide")).cmdline()
     assert wide[wide.index("--distributed-executor-backend") + 1] == "mp"
-    # Ray's accounting holds exactly the GPUs the workers use: other Ray work gets the others
+    # Ray's accounting holds exactly the GPUs the workers use (a shared one once): other Ray
+    # work gets the others
     used: dict[str, set[int]] = {node: set() for node in MAIN_NODES}
     for node, gpus, _ in where.values():
         used[node].update(gpus)
@@ -70,7 +75,7 @@ def test_a_garden_over_three_nodes_runs_where_planned_edits_one_worker_and_goes_
 
     # an edit of one model replaces its worker only
     before = garden.pids()
-    garden.write([*MODELS[:2], {**MODELS[2], "max_model_len": 1024}])
+    garden.write([*MODELS[:2], {**MODELS[2], "max_model_len": 1024}, SHARE])
     run, report = garden.apply_json()
     assert run.code == 0, run
     after = garden.pids()
@@ -125,11 +130,17 @@ def test_a_fresh_controller_sees_the_garden_from_the_cluster_and_waits_for_its_l
     refused = garden.run("apply", "--yes", env=elsewhere)
     assert refused.code != 0
     assert "holds the lock of garden" in refused.err and "Ray cluster" in refused.err
+    # watch keeps the garden converged on the cluster: a killed worker is started again
+    pinned = garden.worker_id("pinned")
+    os.kill(before[pinned], signal.SIGKILL)
+    assert wait_until(lambda: garden.pids().get(pinned, before[pinned]) != before[pinned], 60)
+    assert wait_until(lambda: garden.workers()[pinned]["phase"] == "ready", 60)
     watcher.send_signal(signal.SIGKILL)  # no clean-up: the lock goes with its holder
     watcher.wait(30)
     assert wait_until(lambda: "lock" not in garden.cluster.worker_actors(garden.name), 60)
+    again = garden.pids()
     assert garden.run("apply", "--yes", env=elsewhere).code == 0
-    assert garden.pids() == before
+    assert garden.pids() == again
 
 
 def test_a_lost_node_is_drift_the_next_apply_repairs_on_another_node(tmp_path, ray_cluster):

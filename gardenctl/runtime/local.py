@@ -37,7 +37,6 @@ from gardenctl.workers import SPEC_HASH_ENV, STATE_ENV, WORKER_ID_ENV, DesiredWo
 
 LOG_TAIL_BYTES = 16 * 1024
 STOP_MARGIN = 10.0  # seconds beyond the worker's shutdown_timeout before SIGKILL
-KILL_WAIT = 5.0
 
 
 def resolve_command(argv0: str) -> str:
@@ -222,17 +221,11 @@ class LocalRuntime(RecordedRuntime):
             procs.signal_process(pid, signal.SIGTERM)
         if leaders and not self._wait_gone(list(leaders.values()), grace):
             outcome = "killed"
-        survivors = members_now()
-        if survivors:
+        killed, survivors = procs.kill_survivors(members_now)
+        if killed:
             outcome = "killed"
-            procs.kill_members(sorted(survivors))
-            deadline = time.monotonic() + KILL_WAIT
-            while survivors and time.monotonic() < deadline:
-                time.sleep(0.05)
-                survivors = members_now()
-            if survivors:
-                raise base.StopError(f"{worker_id}: processes {sorted(survivors)} survived "
-                                     "SIGKILL")
+        if survivors:
+            raise base.StopError(f"{worker_id}: processes {survivors} survived SIGKILL")
         self._reap(worker_id)
         self._after_stop(worker_id, record, keep, reason, cause)
         detail = {"gone": "already exited", "stopped": "exited after SIGTERM",

@@ -174,6 +174,25 @@ def kill_members(pids: list[int]) -> None:
         signal_process(pid, signal.SIGKILL)
 
 
+KILL_WAIT = 5.0  # seconds SIGKILLed members may take to be gone
+
+
+def kill_survivors(members_now: Callable[[], set[int]]) -> tuple[bool, list[int]]:
+    """SIGKILL what ``members_now`` still finds of a worker, and wait until nothing of it is
+    left: (whether anything had to be killed, the pids that survived SIGKILL)."""
+    import time
+
+    survivors = members_now()
+    if not survivors:
+        return False, []
+    kill_members(sorted(survivors))
+    deadline = time.monotonic() + KILL_WAIT
+    while survivors and time.monotonic() < deadline:
+        time.sleep(0.05)
+        survivors = members_now()
+    return True, sorted(survivors)
+
+
 def listening_ports() -> dict[int, str]:
     """TCP ports something on this machine listens on, each with who ("pid 123 (python3)"
     where visible, else "another program"); empty where that cannot be read."""

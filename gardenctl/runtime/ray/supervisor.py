@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from gardenctl.files import rotate
 from gardenctl.runtime import base
 from gardenctl.runtime import processes as procs
 from gardenctl.runtime.environment import worker_environment
@@ -38,8 +39,7 @@ from gardenctl.runtime.health import latest_milestone, probe_liveness, probe_rea
 from gardenctl.runtime.records import read_log_head, read_run_log
 from gardenctl.vocab import Cause
 
-LOGS_KEPT = 3
-KILL_WAIT = 5.0
+LOGS_KEPT = 3  # a worker's log files kept on its node: this run's and two before
 PR_SET_PDEATHSIG = 1
 
 
@@ -170,14 +170,7 @@ class WorkerSupervisor:
     def _new_log(self) -> Path:
         folder = self.log_dir / self.worker_id.replace("/", "__")
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = folder / "vllm.log"
-        for n in range(LOGS_KEPT - 1, 0, -1):
-            older = path.with_name(f"{path.name}.{n}")
-            if older.exists():
-                older.replace(path.with_name(f"{path.name}.{n + 1}"))
-        if path.exists():
-            path.replace(path.with_name(f"{path.name}.1"))
-        return path
+        return rotate(folder / "vllm.log", LOGS_KEPT)
 
     # -- what it is doing ------------------------------------------------------------------
 
@@ -262,17 +255,12 @@ class WorkerSupervisor:
                 child.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 outcome = "killed"
-        survivors = members_now()
-        if survivors:
+        killed, survivors = procs.kill_survivors(members_now)
+        if killed:
             outcome = "killed"
-            procs.kill_members(sorted(survivors))
-            deadline = time.monotonic() + KILL_WAIT
-            while survivors and time.monotonic() < deadline:
-                time.sleep(0.05)
-                survivors = members_now()
-            if survivors:
-                return {"error": f"{self.worker_id}: processes {sorted(survivors)} survived "
-                                 f"SIGKILL on node {self.node}"}
+        if survivors:
+            return {"error": f"{self.worker_id}: processes {survivors} survived SIGKILL on node "
+                             f"{self.node}"}
         try:
             child.wait(timeout=1)
         except subprocess.TimeoutExpired:
