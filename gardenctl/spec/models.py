@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     WithJsonSchema,
+    model_validator,
 )
 
 from gardenctl.units import VALID_SIZE_HINT, parse_size
@@ -342,6 +343,44 @@ class RuntimeSpec(_Strict):
     address: str | None = Field(None, description="Ray cluster address (kind: ray), e.g. auto.")
 
 
+def _check_key_reference(value: Any) -> Any:
+    if not isinstance(value, str) or ENV_REFERENCE.match(value) is None:
+        raise ValueError(  # the value is not repeated: it is a secret
+            "the gateway's api_key must be an environment reference like ${GATEWAY_API_KEY}: "
+            "a key written in the file is readable by whoever reads the file")
+    return value
+
+
+class GatewaySpec(_Strict):
+    """`gardenctl gateway`: one OpenAI-compatible endpoint that routes each request to a ready
+    worker of the model it names."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Address the gateway listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    api_key: Annotated[str, BeforeValidator(_check_key_reference)] | None = Field(
+        None,
+        description=(
+            "Clients must send `Authorization: Bearer KEY`; only as an environment reference "
+            "(${NAME}), resolved when the gateway starts. Workers get their own VLLM_API_KEY."
+        ),
+    )
+    connect_timeout: Seconds = Field(
+        5.0, gt=0, description="Seconds to connect to a worker before trying another replica."
+    )
+    read_timeout: Seconds = Field(
+        600.0, gt=0,
+        description="Seconds a worker may stay silent (before its answer or between two chunks).",
+    )
+
+    @model_validator(mode="after")
+    def _key_beyond_loopback(self) -> GatewaySpec:
+        if self.host not in LOOPBACK_HOSTS and self.api_key is None:
+            raise ValueError(
+                f"host {self.host} exposes every model beyond this machine without an API key; "
+                "set api_key: \"${GATEWAY_API_KEY}\" or listen on 127.0.0.1")
+        return self
+
+
 class Garden(_Strict):
     """A garden: the models a team wants served, and where they may run."""
 
@@ -350,6 +389,9 @@ class Garden(_Strict):
     placement: PlacementPolicy = Field(default_factory=PlacementPolicy)
     inventory: InventorySpec | None = None
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    gateway: GatewaySpec | None = Field(
+        None, description="`gardenctl gateway`: one OpenAI endpoint for every model."
+    )
     models: list[ModelSpec] = Field(default_factory=list)
 
     def resolved_models(self) -> list[ModelSpec]:
