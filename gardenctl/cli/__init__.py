@@ -39,6 +39,8 @@ COMMANDS = {
                  "Memory profiles learned from real starts; import more from vLLM logs."),
     "watch": ("gardenctl.cli.watch_cmd:watch",
               "Re-converge on every save of the file, on crashes and on a resync."),
+    "gateway": ("gardenctl.cli.gateway_cmd:gateway",
+                "Serve every model on one OpenAI-compatible endpoint (foreground)."),
 }
 
 EXIT_OK = 0

@@ -1,0 +1,7 @@
+"""The gateway: one OpenAI-compatible endpoint in front of a garden's workers.
+
+`gardenctl gateway` serves `/v1/*` and routes each request by its `model` (a served name) to a
+ready worker of that model (`upstream`), found by observing the garden's runtime read-only
+(`discovery`); errors in OpenAI's format (`errors`); Prometheus metrics (`metrics`); the HTTP
+side (`routes`, `app`) on aiohttp. Only the CLI imports this package (and so aiohttp).
+"""

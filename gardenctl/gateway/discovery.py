@@ -1,0 +1,145 @@
+"""Which workers the gateway may send requests to: the garden file and the runtime, re-read.
+
+`Discovery.refresh()` is blocking (it reads the file, and the runtime's records and probes):
+the gateway calls it in a thread, about once a second. The file is parsed again only when its
+bytes change; a version that cannot be used keeps the last good one (like `watch`). The
+runtime is opened read-only, as `gardenctl status` opens it: it changes no record and takes no
+lock, so the gateway runs beside `apply` and `watch`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gardenctl.errors import GardenError
+from gardenctl.gateway.upstream import Replica, RoutingTable
+from gardenctl.observe import ObservedWorker
+from gardenctl.runtime.health import connect_host
+from gardenctl.spec.models import GatewaySpec, env_reference
+from gardenctl.vocab import Phase
+
+if TYPE_CHECKING:
+    from gardenctl.inventory.model import Inventory
+    from gardenctl.runtime.base import Runtime
+    from gardenctl.spec.loader import LoadedGarden
+    from gardenctl.state import StateDir
+
+API_KEY_ENV = "VLLM_API_KEY"
+
+
+@dataclass(frozen=True)
+class GardenView:
+    """One observation: what to serve, the gateway's settings, and what went wrong."""
+
+    table: RoutingTable = field(default_factory=RoutingTable)
+    settings: GatewaySpec = field(default_factory=GatewaySpec)
+    client_key: str | None = field(default=None, repr=False)  # resolved gateway api_key
+    missing_key: str | None = None  # the api_key's variable, when it is not set
+    usable: bool = False  # a version of the file was read (else /health answers 503)
+    problems: tuple[str, ...] = ()  # this refresh's trouble: a broken edit, no runtime
+
+
+def routing_table(garden: str, declared: Iterable[str], workers: Iterable[ObservedWorker],
+                  environ: Mapping[str, str]) -> RoutingTable:
+    """The ready workers of ``garden`` by served name, each with its own API key resolved."""
+    ready: dict[str, list[Replica]] = {}
+    for worker in sorted(workers, key=lambda w: w.worker_id):
+        if worker.garden != garden or worker.phase != Phase.READY:
+            continue
+        spec = worker.spec
+        ready.setdefault(spec.served_model_name, []).append(Replica(
+            worker.worker_id, spec.served_model_name, connect_host(spec.host), spec.port,
+            worker_key(spec.env, environ)))
+    return RoutingTable(garden, frozenset(declared),
+                        {name: tuple(replicas) for name, replicas in sorted(ready.items())})
+
+
+def worker_key(env: Iterable[tuple[str, str]], environ: Mapping[str, str]) -> str | None:
+    """The worker's VLLM_API_KEY as it was started: a ${NAME} resolved here, or a literal."""
+    value = dict(env).get(API_KEY_ENV)
+    if value is None:
+        return None
+    ref = env_reference(value)
+    return environ.get(ref) if ref else value
+
+
+class Discovery:
+    def __init__(self, garden_path: str, inventory_path: str | None, state_path: str | None,
+                 environ: Mapping[str, str] | None = None) -> None:
+        from gardenctl.state import StateDir
+
+        self.garden_path = garden_path
+        self.inventory_path = inventory_path
+        self.state: StateDir = StateDir(state_path)
+        self.environ = os.environ if environ is None else environ
+        self._text: bytes | None = None
+        self._loaded: LoadedGarden | None = None
+        self._inventory: Inventory | None = None
+        self._runtime: Runtime | None = None
+        self._file_problem: str | None = None
+
+    def refresh(self) -> GardenView:
+        problems = self._reload()
+        loaded = self._loaded
+        if loaded is None:
+            return GardenView(problems=tuple(problems))
+        garden = loaded.garden
+        settings = garden.gateway or GatewaySpec()
+        client_key, missing = None, None
+        if settings.api_key is not None:
+            variable = env_reference(settings.api_key) or ""
+            client_key = self.environ.get(variable) or None
+            missing = None if client_key else variable
+        declared = [m.served_model_name or m.name for m in loaded.models()]
+        workers: list[ObservedWorker] = []
+        runtime = self._open_runtime(problems)
+        if runtime is not None:
+            workers = list(runtime.observe(confirm_health=False).workers)
+        table = routing_table(garden.name, declared, workers, self.environ)
+        return GardenView(table, settings, client_key, missing, True, tuple(problems))
+
+    def _reload(self) -> list[str]:
+        """Parse the file again if its bytes changed; what went wrong, once per version."""
+        from gardenctl.inventory import resolve_inventory
+        from gardenctl.spec.loader import load_garden
+
+        try:
+            text = Path(self.garden_path).read_bytes()
+        except OSError as exc:
+            return self._problem(f"cannot read {self.garden_path}: {exc.strerror or exc}")
+        if text == self._text:
+            return []
+        self._text = text
+        try:
+            loaded = load_garden(self.garden_path)
+            inventory = resolve_inventory(loaded.garden, self.garden_path, self.inventory_path)
+        except GardenError as exc:
+            kept = "; serving the last good version" if self._loaded is not None else ""
+            return self._problem(f"{self.garden_path} cannot be used{kept}: {exc}", force=True)
+        if self._loaded is None or (loaded.garden.name, loaded.garden.runtime) != (
+                self._loaded.garden.name, self._loaded.garden.runtime):
+            self._runtime = None  # another garden or runtime: open it again
+        self._loaded, self._inventory, self._file_problem = loaded, inventory, None
+        return []
+
+    def _problem(self, text: str, *, force: bool = False) -> list[str]:
+        if text == self._file_problem and not force:
+            return []
+        self._file_problem = text
+        return [text]
+
+    def _open_runtime(self, problems: list[str]) -> Runtime | None:
+        from gardenctl.workflow import read_only_runtime
+
+        if self._runtime is None and self._loaded is not None and self._inventory is not None:
+            notes: list[str] = []
+            self._runtime = read_only_runtime(self._loaded, self._inventory, self.state, notes)
+            problems += notes
+        return self._runtime
+
+
+__all__ = ["Discovery", "GardenView", "routing_table", "worker_key"]
