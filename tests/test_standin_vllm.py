@@ -7,6 +7,7 @@ group is SIGKILLed when the test ends, whatever happened.
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import importlib.util
 import json
 import os
@@ -27,6 +28,7 @@ import pytest
 from gardenctl.measure.vllm_log import read_startup
 from gardenctl.testing import standin_args
 from gardenctl.testing.standin_engine import (
+    CUDA_CONTEXT_BYTES,
     NON_TORCH_BYTES,
     EngineSettings,
     GiB,
@@ -214,20 +216,237 @@ def test_api_key_protects_v1_routes_and_is_never_logged(start_standin, key_sourc
         assert "'api_key': '***'" in standin.log()
 
 
-def test_sleep_routes_need_sleep_mode_and_dev_mode(start_standin):
-    without_dev_mode = start_standin("--enable-sleep-mode")
-    with_dev_mode = start_standin("--enable-sleep-mode", env={"VLLM_SERVER_DEV_MODE": "1"})
-    without_dev_mode.wait_ready()
-    with_dev_mode.wait_ready()
+# --- streaming (SSE) and sleep mode, through http.client -----------------------------------
 
-    assert without_dev_mode.request("POST", "/sleep?level=1")[0] == 404
-    assert with_dev_mode.request("GET", "/is_sleeping") == (200, {"is_sleeping": False})
-    assert with_dev_mode.request("POST", "/sleep?level=1")[0] == 200
-    assert with_dev_mode.request("GET", "/is_sleeping") == (200, {"is_sleeping": True})
-    assert with_dev_mode.request("POST", "/v1/completions", {"prompt": "x"})[0] == 503
-    assert with_dev_mode.request("POST", "/wake_up")[0] == 200
-    assert with_dev_mode.request("GET", "/is_sleeping") == (200, {"is_sleeping": False})
-    assert "Sleep mode freed" in with_dev_mode.log()
+DEV_MODE = {"VLLM_SERVER_DEV_MODE": "1", "STANDIN_VLLM_SLEEP_DELAY": "0.05",
+            "STANDIN_VLLM_WAKE_DELAY": "0.05", "STANDIN_VLLM_WAKE_DELAY_LEVEL2": "0.1"}
+SLOW_TOKENS = {"STANDIN_VLLM_TOKEN_DELAY": "0.01"}  # 1000 tokens: a 10 s stream
+
+
+def open_stream(standin: Standin, path: str, body: dict[str, Any],
+                headers: dict[str, str] | None = None
+                ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    connection = http.client.HTTPConnection("127.0.0.1", standin.port, timeout=10)
+    connection.request("POST", path, json.dumps(body),
+                       {"Content-Type": "application/json", **(headers or {})})
+    return connection, connection.getresponse()
+
+
+def next_event(response: http.client.HTTPResponse) -> str:
+    """The next SSE event's data ("" at the end of the body); asserts vLLM's framing."""
+    line = response.readline().decode()
+    if not line:
+        return ""
+    assert line.startswith("data: ") and line.endswith("\n"), line
+    assert response.readline() == b"\n"
+    return line[len("data: "):-1]
+
+
+def read_events(response: http.client.HTTPResponse) -> list[str]:
+    events = []
+    while event := next_event(response):
+        events.append(event)
+    return events
+
+
+def sleep_request(standin: Standin, method: str, path: str) -> tuple[int, Any]:
+    connection = http.client.HTTPConnection("127.0.0.1", standin.port, timeout=10)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    return response.status, json.loads(body) if body else None
+
+
+def test_chat_stream_sends_one_vllm_chunk_per_token_then_usage_and_done(start_standin):
+    standin = start_standin("--served-model-name", "chat")
+    standin.wait_ready()
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi there"}],
+            "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+
+    connection, response = open_stream(standin, "/v1/chat/completions", body)
+    raw_first = response.readline()
+    events = [raw_first.decode()[len("data: "):-1]] if response.readline() == b"\n" else []
+    events += read_events(response)
+    connection.close()
+    plain = standin.request("POST", "/v1/chat/completions", {**body, "stream": False,
+                                                            "stream_options": None})
+
+    assert response.status == 200
+    assert response.getheader("Content-Type") == "text/event-stream; charset=utf-8"
+    assert response.getheader("Transfer-Encoding") == "chunked"
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert raw_first.startswith(b'data: {"id":"chatcmpl-')  # compact JSON, as pydantic dumps
+    assert [list(chunk) for chunk in chunks[:1]] == [
+        ["id", "object", "created", "model", "choices", "prompt_token_ids", "prompt_text"]]
+    assert chunks[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": None, "finish_reason": None}]
+    assert {chunk["id"] for chunk in chunks} == {chunks[0]["id"]}
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    assert {chunk["model"] for chunk in chunks} == {"chat"}
+    tokens = chunks[1:-1]
+    assert [c["choices"][0]["delta"] for c in tokens] == [
+        {"content": "hi"}, {"content": " there"}, {"content": " hi"}]
+    assert [c["choices"][0]["finish_reason"] for c in tokens] == [None, None, "length"]
+    content = "".join(c["choices"][0]["delta"]["content"] for c in tokens)
+    assert content == plain[1]["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": 2, "total_tokens": 5, "completion_tokens": 3}
+
+
+def test_completion_stream_has_text_chunks_and_no_usage_unless_asked(start_standin):
+    standin = start_standin()
+    standin.wait_ready()
+
+    connection, response = open_stream(standin, "/v1/completions",
+                                       {"prompt": "red green", "max_tokens": 4, "stream": True})
+    events = read_events(response)
+    connection.close()
+
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert len(chunks) == 4  # one per token, no usage chunk
+    assert [c["choices"][0]["text"] for c in chunks] == [" red", " green", " red", " green"]
+    assert chunks[0]["object"] == "text_completion" and chunks[0]["id"].startswith("cmpl-")
+    assert chunks[-1]["choices"][0] == {"index": 0, "text": " green", "logprobs": None,
+                                        "finish_reason": "length", "stop_reason": None,
+                                        "prompt_token_ids": None, "token_ids": None}
+
+
+def test_client_disconnect_mid_stream_aborts_the_request(start_standin):
+    standin = start_standin("--enable-log-requests", env=SLOW_TOKENS)
+    standin.wait_ready()
+
+    connection, response = open_stream(
+        standin, "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "go"}], "max_tokens": 1000, "stream": True},
+        headers={"X-Request-Id": "gone-early"})
+    first = json.loads(next_event(response))  # arrives while 999 tokens are still to come
+    response.close()  # the socket closes with the last reference to it
+    connection.close()
+
+    assert first["id"] == "chatcmpl-gone-early"
+    standin.wait_for_log("Request chatcmpl-gone-early aborted.")
+    assert "Aborted request(s) chatcmpl-gone-early-" in standin.log()
+
+
+def test_sleep_routes_exist_only_in_dev_mode(start_standin):
+    standin = start_standin("--enable-sleep-mode")
+    standin.wait_ready()
+
+    assert sleep_request(standin, "POST", "/sleep?level=1")[0] == 404
+    assert sleep_request(standin, "POST", "/wake_up")[0] == 404
+    assert sleep_request(standin, "GET", "/is_sleeping") == (404, {"detail": "Not Found"})
+
+
+def freed_line(freed: int, still_used: int) -> str:
+    """vLLM 0.32's line: format_gib is round(bytes / GiB, 2) printed with %s."""
+    return (f"Sleep mode freed {round(freed / GiB, 2)} GiB memory, "
+            f"{round(still_used / GiB, 2)} GiB memory is still in use.")
+
+
+def test_sleep_frees_weights_and_kv_cache_and_queues_requests_until_woken(start_standin):
+    standin = start_standin("--enable-sleep-mode", "--enable-log-requests",
+                            "--gpu-memory-utilization", "0.5", "--max-model-len", "4096",
+                            env={**DEV_MODE, "STANDIN_VLLM_GPU_MEMORY": "24GiB",
+                                 "STANDIN_VLLM_WEIGHTS": "2GiB"})
+    standin.wait_ready()
+    report = read_startup(standin.log())
+    pooled = report.weights_bytes + report.kv_cache_bytes
+    kept = CUDA_CONTEXT_BYTES[1] + NON_TORCH_BYTES[1] + report.cuda_graph_bytes
+
+    assert sleep_request(standin, "GET", "/is_sleeping") == (200, {"is_sleeping": False})
+    assert sleep_request(standin, "POST", "/sleep") == (200, {"status": "sleeping", "level": 1})
+    assert sleep_request(standin, "GET", "/is_sleeping") == (200, {"is_sleeping": True})
+    assert freed_line(pooled, kept) in standin.log()
+    assert (f"is backed up in CPU and the rest {report.kv_cache_bytes / GiB:.2f} GiB is "
+            "discarded directly.") in standin.log()
+    assert standin.health() == 200
+
+    answers: list[tuple[int, Any]] = []
+    waiting = threading.Thread(target=lambda: answers.append(standin.request(
+        "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2},
+        headers={"X-Request-Id": "queued"})))
+    waiting.start()
+    standin.wait_for_log("Received request cmpl-queued-0")
+    assert not answers  # queued, not refused: vLLM 0.32 pauses the scheduler
+    assert sleep_request(standin, "POST", "/wake_up") == (200, {"status": "awake", "tags": None})
+    waiting.join(10)
+
+    assert answers and answers[0][0] == 200
+    assert answers[0][1]["choices"][0]["text"] == " x x"
+    assert sleep_request(standin, "GET", "/is_sleeping") == (200, {"is_sleeping": False})
+    log = standin.log()
+    assert "wake up the engine with tags: None" in log
+    assert "seconds to wake up tags {'weights', 'kv_cache'}." in log
+    assert log.index("seconds to fall asleep.") < log.index("setting pause state to UNPAUSED")
+
+
+def test_level_2_discards_weights_and_wakes_by_tags(start_standin):
+    standin = start_standin("--enable-sleep-mode", "--enforce-eager", env=DEV_MODE)
+    standin.wait_ready()
+    report = read_startup(standin.log())
+
+    assert sleep_request(standin, "POST", "/sleep?level=2") == (
+        200, {"status": "sleeping", "level": 2})
+    weights = sleep_request(standin, "POST", "/wake_up?tags=weights")
+    still_asleep = sleep_request(standin, "GET", "/is_sleeping")
+    kv_cache = sleep_request(standin, "POST", "/wake_up?tags=kv_cache")
+
+    assert weights == (200, {"status": "sleeping", "tags": ["weights"]})
+    assert still_asleep == (200, {"is_sleeping": True})
+    assert kv_cache == (200, {"status": "awake", "tags": ["kv_cache"]})
+    assert sleep_request(standin, "GET", "/is_sleeping") == (200, {"is_sleeping": False})
+    log = standin.log()
+    pooled = report.weights_bytes + report.kv_cache_bytes
+    assert f"sleep freed {pooled / GiB:.2f} GiB memory in total, of which 0.00 GiB" in log
+    assert freed_line(pooled, CUDA_CONTEXT_BYTES[1] + NON_TORCH_BYTES[1]) in log
+    assert "seconds to wake up tags ['weights']." in log
+    assert "seconds to wake up tags ['kv_cache']." in log
+
+
+def test_dev_mode_without_sleep_mode_pauses_but_frees_nothing(start_standin):
+    standin = start_standin(env=DEV_MODE)
+    standin.wait_ready()
+
+    assert sleep_request(standin, "POST", "/sleep?level=1")[0] == 200
+    assert sleep_request(standin, "GET", "/is_sleeping") == (200, {"is_sleeping": True})
+    assert "Sleep mode freed 0.0 GiB memory" in standin.log()
+    assert sleep_request(standin, "POST", "/wake_up")[0] == 200
+
+
+def test_bad_sleep_level_or_mode_is_400(start_standin):
+    standin = start_standin("--enable-sleep-mode", env=DEV_MODE)
+    standin.wait_ready()
+
+    level = sleep_request(standin, "POST", "/sleep?level=3")
+    mode = sleep_request(standin, "POST", "/sleep?mode=later")
+
+    assert level[0] == 400 and level[1]["error"]["param"] == "query.level"
+    assert "less than or equal to 2" in level[1]["error"]["message"]
+    assert mode[0] == 400 and mode[1]["error"]["param"] == "query.mode"
+    assert sleep_request(standin, "GET", "/is_sleeping") == (200, {"is_sleeping": False})
+
+
+def test_sleep_aborts_a_running_stream_with_finish_reason_abort(start_standin):
+    standin = start_standin("--enable-sleep-mode", env={**DEV_MODE, **SLOW_TOKENS})
+    standin.wait_ready()
+    connection, response = open_stream(
+        standin, "/v1/completions", {"prompt": "go", "max_tokens": 1000, "stream": True})
+    first = json.loads(next_event(response))
+
+    assert sleep_request(standin, "POST", "/sleep?level=1&mode=abort")[0] == 200
+    rest = read_events(response)
+    connection.close()
+
+    assert first["choices"][0]["finish_reason"] is None
+    assert rest[-1] == "[DONE]"
+    last = json.loads(rest[-2])["choices"][0]
+    assert (last["text"], last["finish_reason"]) == ("", "abort")
+    assert len(rest) < 1000
 
 
 def test_startup_log_reports_memory_computed_from_flags(start_standin):
@@ -434,7 +653,7 @@ def test_sigterm_lets_in_flight_request_finish_then_exits_0(start_standin):
     client = threading.Thread(target=lambda: replies.append(
         standin.request("POST", "/v1/completions", {"prompt": "slow"})))
     client.start()
-    standin.wait_for_log("Received request cmpl-standin-0")
+    standin.wait_for_log("Received request cmpl-")
 
     standin.process.send_signal(signal.SIGTERM)
     standin.wait_for_log("Waiting up to 5 s for 1 in-flight request(s) to finish")
@@ -673,12 +892,22 @@ class cuda:
     def is_available():
         return True
 
+    @staticmethod
+    def empty_cache():
+        pass
+
 uint8 = "uint8"
 _used = 0
 
 class _Block:
     def __init__(self, n):
         self.n = n
+
+    def __del__(self):
+        global _used
+        _used -= self.n
+        with open(os.environ["FAKE_TORCH_LOG"] + ".freed", "a") as log:
+            log.write(f"{self.n}\\n")
 
     def numel(self):
         return self.n
@@ -738,6 +967,25 @@ def test_main_process_allocates_without_a_child(start_standin, fake_torch):
 
     assert {pid for pid, *_ in allocations(env)} == {standin.process.pid}
     assert sum(n for *_, n in allocations(env)) == 2 * GiB + KV_GRAPHS_INSIDE + GiB // 4
+
+
+@pytest.mark.parametrize("in_child", ["0", "1"], ids=["main-process", "engine-core-child"])
+def test_sleep_frees_and_wake_up_restores_real_memory(start_standin, fake_torch, in_child):
+    env = {**fake_torch(100 * GiB), **DEV_MODE, "STANDIN_VLLM_SPAWN_CHILD": in_child}
+    standin = start_standin(*RELEASE_FLAGS, "--enable-sleep-mode", env=env)
+    standin.wait_ready()
+    report = read_startup(standin.log())
+    freed_path = Path(env["FAKE_TORCH_LOG"] + ".freed")
+
+    assert sleep_request(standin, "POST", "/sleep?level=1")[0] == 200
+    freed = [int(n) for n in freed_path.read_text().split()]
+    assert sorted(freed) == sorted([report.weights_bytes, report.kv_cache_bytes])
+    assert sleep_request(standin, "POST", "/wake_up")[0] == 200
+
+    allocated = [n for *_, n in allocations(env)]
+    assert allocated[-2:] == [report.weights_bytes, report.kv_cache_bytes]
+    assert sum(allocated) - sum(freed) == (
+        report.weights_bytes + report.kv_cache_bytes + report.cuda_graph_bytes)
 
 
 @pytest.mark.parametrize("spawn_child", ["0", "1"])

@@ -123,6 +123,10 @@ class StandinEnv:
     weights_bytes: int = 1024**3
     kv_bytes_per_token: int = 131_072
     request_delay: float = 0.0
+    token_delay: float = 0.005  # seconds between two generated tokens
+    sleep_delay: float = 0.1  # seconds POST /sleep takes at level 1 or 2
+    wake_delay: float = 0.3  # seconds POST /wake_up takes to restore level-1 weights
+    wake_delay_level2: float = 0.9  # ... and level-2 weights
     dry_run: bool = False
     vllm_version: tuple[int, ...] = (0, 32, 0)
     activation_bytes: int = int(0.77 * 1024**3)
@@ -164,6 +168,10 @@ _VARIABLES: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("weights_bytes", "STANDIN_VLLM_WEIGHTS", _parse_size, _SIZE),
     ("kv_bytes_per_token", "STANDIN_VLLM_KV_BYTES_PER_TOKEN", _parse_size, _SIZE),
     ("request_delay", "STANDIN_VLLM_REQUEST_DELAY", _parse_seconds, _SECONDS),
+    ("token_delay", "STANDIN_VLLM_TOKEN_DELAY", _parse_seconds, _SECONDS),
+    ("sleep_delay", "STANDIN_VLLM_SLEEP_DELAY", _parse_seconds, _SECONDS),
+    ("wake_delay", "STANDIN_VLLM_WAKE_DELAY", _parse_seconds, _SECONDS),
+    ("wake_delay_level2", "STANDIN_VLLM_WAKE_DELAY_LEVEL2", _parse_seconds, _SECONDS),
     ("dry_run", "STANDIN_VLLM_DRY_RUN", _parse_bool, _BOOLEAN),
     ("vllm_version", "STANDIN_VLLM_VERSION", _parse_version,
      "a vLLM release from 0.8 on, like 0.32.0 or 0.10.2"),

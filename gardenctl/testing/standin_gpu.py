@@ -66,9 +66,10 @@ class LocalGpu:
         self._torch = torch
         self._oom: type[BaseException] = getattr(torch, "OutOfMemoryError",
                                                  torch.cuda.OutOfMemoryError)
-        self._held: list[Any] = []
+        self._held: list[tuple[str, Any]] = []  # (tag, block)
+        self._released: list[tuple[str, int]] = []  # (tag, bytes) given back by a sleep
 
-    def allocate(self, n_bytes: int) -> None:
+    def allocate(self, n_bytes: int, tag: str = "") -> None:
         """Allocate and keep ``n_bytes`` on cuda:0; raises GpuOutOfMemory."""
         if n_bytes <= 0:
             return
@@ -76,11 +77,35 @@ class LocalGpu:
             block = self._torch.empty(n_bytes, dtype=self._torch.uint8, device="cuda:0")
         except self._oom as error:
             raise GpuOutOfMemory(_one_line(str(error))) from None
-        self._held.append(block)
+        self._held.append((tag, block))
+
+    def release(self, tags: Sequence[str]) -> None:
+        """Free the blocks allocated under ``tags`` (sleep mode), remembering their sizes."""
+        kept = []
+        for tag, block in self._held:
+            if tag in tags:
+                self._released.append((tag, int(block.numel())))
+            else:
+                kept.append((tag, block))
+        self._held = kept
+        empty_cache = getattr(getattr(self._torch, "cuda", None), "empty_cache", None)
+        if callable(empty_cache):
+            empty_cache()  # give the freed blocks back to the driver, as vLLM's cumem does
+
+    def restore(self, tags: Sequence[str]) -> None:
+        """Allocate again what ``release`` freed under ``tags``; raises GpuOutOfMemory."""
+        waiting = [(tag, n) for tag, n in self._released if tag in tags]
+        self._released = [(tag, n) for tag, n in self._released if tag not in tags]
+        for index, (tag, n_bytes) in enumerate(waiting):
+            try:
+                self.allocate(n_bytes, tag)
+            except GpuOutOfMemory:
+                self._released.extend(waiting[index:])  # what did not fit stays asleep
+                raise
 
     @property
     def held_bytes(self) -> int:
-        return sum(int(block.numel()) for block in self._held)
+        return sum(int(block.numel()) for _, block in self._held)
 
 
 def child_main(argv: Sequence[str]) -> int:
@@ -89,6 +114,7 @@ def child_main(argv: Sequence[str]) -> int:
     parser.add_argument("title", nargs="?")
     parser.add_argument("--status-fd", type=int, required=True)
     parser.add_argument("--bytes", type=int, nargs="*", default=[])
+    parser.add_argument("--tags", nargs="*", default=[])
     parser.add_argument("--overrun", type=int, default=0)
     args = parser.parse_args(argv)
     status = os.fdopen(args.status_fd, "w", buffering=1)
@@ -104,13 +130,25 @@ def child_main(argv: Sequence[str]) -> int:
         return 2
     say("torch-ok")
     try:
-        for n_bytes in args.bytes:
-            gpu.allocate(n_bytes)
+        tags = args.tags if len(args.tags) == len(args.bytes) else [""] * len(args.bytes)
+        for n_bytes, tag in zip(args.bytes, tags, strict=True):
+            gpu.allocate(n_bytes, tag)
         say("allocated")
         for line in sys.stdin:
-            if line.strip() == "overrun":
+            command, *tags = line.split()
+            if command == "overrun":
                 gpu.allocate(args.overrun)
                 say("overrun-ok")
+            elif command == "release":
+                gpu.release(tags)
+                say("released")
+            elif command == "restore":
+                try:
+                    gpu.restore(tags)
+                except GpuOutOfMemory as error:
+                    say(f"restore-oom {error}")  # the engine stays up, asleep
+                else:
+                    say("restored")
     except GpuOutOfMemory as error:
         say(f"oom {error}")
         return 1
@@ -122,18 +160,20 @@ def child_main(argv: Sequence[str]) -> int:
 class ChildGpu:
     """The EngineCore child that allocates, seen from the stand-in's main process."""
 
-    def __init__(self, sizes: Sequence[int], overrun: int) -> None:
+    def __init__(self, sizes: Sequence[tuple[str, int]], overrun: int) -> None:
         read_fd, write_fd = os.pipe()
         code = (f"import sys; sys.path.insert(0, {_ROOT!r}); "
                 "from gardenctl.testing.standin_gpu import child_main; "
                 "sys.exit(child_main(sys.argv[1:]))")
         self.process = subprocess.Popen(
             [sys.executable, "-c", code, ENGINE_CORE_TITLE, "--status-fd", str(write_fd),
-             "--bytes", *(str(n) for n in sizes), "--overrun", str(overrun)],
+             "--bytes", *(str(n) for _, n in sizes), "--tags", *(t for t, _ in sizes),
+             "--overrun", str(overrun)],
             stdin=subprocess.PIPE, pass_fds=(write_fd,), text=True,
         )
         os.close(write_fd)
         self._events: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._commands = threading.Lock()  # one sleep-mode command at a time
         self._reader = threading.Thread(target=self._read, args=(read_fd,), daemon=True,
                                         name="engine-core-status")
         self._reader.start()
@@ -145,8 +185,9 @@ class ChildGpu:
                 self._events.put((kind, rest))
         self._events.put(("exit", ""))
 
-    def wait_for(self, wanted: str, stopped: Callable[[], bool]) -> tuple[str, str]:
-        """The next event: ``wanted``, ``oom``, ``error``, ``exit`` or ``stopped``."""
+    def wait_for(self, wanted: str, stopped: Callable[[], bool],
+                 also: Sequence[str] = ()) -> tuple[str, str]:
+        """The next event: ``wanted``, ``oom``, ``error``, ``exit``, ``stopped`` or ``also``."""
         while True:
             try:
                 kind, rest = self._events.get(timeout=_POLL_S)
@@ -157,8 +198,30 @@ class ChildGpu:
             if kind == "exit":
                 code = self.process.wait()
                 return "exit", f"EngineCore exited with status {code}"
-            if kind in (wanted, "oom", "error"):
+            if kind in (wanted, "oom", "error", *also):
                 return kind, rest
+
+    def release(self, tags: Sequence[str]) -> None:
+        """Sleep mode: the child frees its blocks under ``tags``."""
+        with self._commands:
+            self._send("release " + " ".join(tags))
+            self.wait_for("released", lambda: False)
+
+    def restore(self, tags: Sequence[str]) -> None:
+        """Wake-up: the child allocates them again; raises GpuOutOfMemory if they do not fit."""
+        with self._commands:
+            self._send("restore " + " ".join(tags))
+            kind, detail = self.wait_for("restored", lambda: False, also=("restore-oom",))
+            if kind != "restored":
+                raise GpuOutOfMemory(detail or "EngineCore exited")
+
+    def _send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # the child is gone: wait_for reports it
 
     def request_overrun(self) -> None:
         assert self.process.stdin is not None

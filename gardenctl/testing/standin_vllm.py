@@ -19,8 +19,12 @@ start-up lines of the release named by STANDIN_VLLM_VERSION (0.8 to 0.33):
   ``Application startup complete.``. Until then every route answers 503 (vLLM refuses
   connections instead; see ``standin_http``). Start-up fails like vLLM's when the simulated
   memory does not fit, e.g. a --max-model-len too long for the KV cache.
-- HTTP: /health, /version, /v1/models, /v1/completions, /v1/chat/completions, and the sleep
-  routes; --api-key or $VLLM_API_KEY protects /v1 routes. Secrets are never printed.
+- HTTP: /health, /version, /v1/models, /v1/completions, /v1/chat/completions (both stream
+  with "stream": true: Server-Sent Events framed byte for byte like vLLM 0.32's, one chunk
+  per token; see ``standin_http``), and with VLLM_SERVER_DEV_MODE=1 the sleep routes
+  (``/sleep?level=0|1|2&mode=abort|wait|keep``, ``/wake_up?tags=``, ``/is_sleeping``; see
+  ``standin_sleep``); --api-key or $VLLM_API_KEY protects /v1 routes. Secrets are never
+  printed. /v1/embeddings is not served (404), as for a generate model in vLLM.
 - Shutdown: SIGTERM or SIGINT stops accepting, lets in-flight requests finish for at most
   --shutdown-timeout seconds (default 0), stops the EngineCore child if any, exits 0.
 
@@ -71,15 +75,24 @@ Environment (set them through a model's ``env:`` in a garden file):
                                     cache + graph bytes reported, before ready, held until exit:
                                     in the EngineCore child with STANDIN_VLLM_SPAWN_CHILD=1 (a
                                     Python child that imports torch), else in this process.
-                                    Without PyTorch or CUDA: error at start, exit 2
+                                    Without PyTorch or CUDA: error at start, exit 2. A
+                                    sleep (--enable-sleep-mode) frees the weights and KV
+                                    cache blocks; a wake-up allocates them again
   STANDIN_VLLM_OVERRUN=SIZE         with ALLOCATE: once ready, allocate SIZE more (a worker that
                                     takes more than it claimed); if torch runs out of memory the
                                     engine dies like vLLM's (OutOfMemoryError logged, /health
                                     503, exit STANDIN_VLLM_EXIT_CODE)
-  STANDIN_VLLM_REQUEST_DELAY=0      seconds each completion takes (to test draining)
+  STANDIN_VLLM_REQUEST_DELAY=0      seconds before a completion's first token (to test draining)
+  STANDIN_VLLM_TOKEN_DELAY=0.005    seconds between two tokens; max_tokens (default 16) tokens
+                                    are made, the prompt's words cycled, streamed or not
+  STANDIN_VLLM_SLEEP_DELAY=0.1      seconds POST /sleep?level=1|2 takes (level 0: none)
+  STANDIN_VLLM_WAKE_DELAY=0.3       seconds POST /wake_up takes to bring level-1 weights back
+                                    (vLLM's blog: 0.26 s for Qwen3-0.6B, 3-6 s large models)
+  STANDIN_VLLM_WAKE_DELAY_LEVEL2=0.9  the same after a level-2 sleep (blog: 0.85 s)
   STANDIN_VLLM_DRY_RUN=1            parse the arguments, print them as JSON, exit 0
-  vLLM's own: VLLM_API_KEY, VLLM_SERVER_DEV_MODE (sleep routes need it with
-  --enable-sleep-mode), VLLM_KEEP_ALIVE_ON_ENGINE_DEATH, VLLM_LOGGING_LEVEL=DEBUG (adds the
+  vLLM's own: VLLM_API_KEY, VLLM_SERVER_DEV_MODE (the sleep routes exist only with it, as in
+  vLLM 0.32; without --enable-sleep-mode a sleep pauses but frees nothing),
+  VLLM_KEEP_ALIVE_ON_ENGINE_DEATH, VLLM_LOGGING_LEVEL=DEBUG (adds the
   DEBUG profile and free-memory lines), VLLM_USE_V1=0 (the V0 engine, releases <= 0.10.2),
   VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS.
 
@@ -122,6 +135,7 @@ from gardenctl.testing.standin_http import (
     create_http_server,
 )
 from gardenctl.testing.standin_log import VllmLog
+from gardenctl.testing.standin_sleep import Scheduler, SleepMemory
 
 ENGINE_CORE_TITLE = "VLLM::EngineCore"
 ENGINE_CORE_MAX_LIFETIME_S = 3600
@@ -170,21 +184,46 @@ def version_text(env: StandinEnv) -> str:
 def api_settings(
     args: argparse.Namespace, env: StandinEnv, settings: EngineSettings
 ) -> ApiSettings:
-    profile = profile_memory(settings)
-    tp_key = 1 if settings.tensor_parallel_size == 1 else 2
     return ApiSettings(
         model=args.model,
         served_model_names=standin_args.served_model_names(args),
         max_model_len=settings.max_model_len,
         api_keys=standin_args.api_keys(args, env.api_key),
-        sleep_routes=args.enable_sleep_mode and env.server_dev_mode,
+        # vLLM 0.32 registers the dev routes (sleep ones included) with VLLM_SERVER_DEV_MODE=1
+        # alone; --enable-sleep-mode decides only whether a sleep frees memory.
+        sleep_routes=env.server_dev_mode,
         request_delay=env.request_delay,
         access_log=not args.disable_uvicorn_access_log,
         log_requests=args.enable_log_requests,
         version=version_text(env),
-        sleep_freed_bytes=profile.weights + max(0, profile.kv_cache),
-        sleep_kept_bytes=CUDA_CONTEXT_BYTES[tp_key] + NON_TORCH_BYTES[tp_key],
+        token_delay=env.token_delay,
+        force_include_usage=args.enable_force_include_usage,
+        sse_keep_alive_interval=_seconds(args.sse_keep_alive_interval),
     )
+
+
+def _seconds(value: object) -> float:
+    try:
+        return max(0.0, float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def sleep_scheduler(args: argparse.Namespace, env: StandinEnv, settings: EngineSettings,
+                    log: VllmLog) -> Scheduler:
+    """The scheduler, with the memory a sleep frees: one rank's, from the start-up profile."""
+    profile = profile_memory(settings)
+    tp_key = 1 if settings.tensor_parallel_size == 1 else 2
+    memory = SleepMemory(
+        weights=profile.weights, kv_cache=max(0, profile.kv_cache),
+        cuda_graphs=profile.cuda_graphs,
+        fixed=CUDA_CONTEXT_BYTES[tp_key] + NON_TORCH_BYTES[tp_key],
+        sleep_mode=bool(args.enable_sleep_mode),
+        offload_cudagraph=bool(args.sleep_mode_offload_cudagraph),
+        version=env.vllm_version,
+    )
+    return Scheduler(log, memory, sleep_delay=env.sleep_delay, wake_delay=env.wake_delay,
+                     wake_delay_level2=env.wake_delay_level2)
 
 
 class ShutdownRequest:
@@ -225,12 +264,14 @@ def spawn_engine_core() -> subprocess.Popen:
                             stdin=subprocess.DEVNULL)
 
 
-def allocation_sizes(result: StartupResult) -> tuple[int, ...]:
-    """What a successful start reported (weights, KV cache, graph pool), to really allocate."""
+def allocation_sizes(result: StartupResult) -> tuple[tuple[str, int], ...]:
+    """What a successful start reported, to really allocate: (sleep-mode tag, bytes) pairs."""
     profile = result.profile
     if result.failure is not None or profile is None:
         return ()
-    return tuple(n for n in (profile.weights, profile.kv_cache, profile.cuda_graphs) if n > 0)
+    sizes = (("weights", profile.weights), ("kv_cache", profile.kv_cache),
+             ("cudagraph", profile.cuda_graphs))
+    return tuple((tag, n) for tag, n in sizes if n > 0)
 
 
 def real_out_of_memory(error: str) -> EngineFailure:
@@ -282,8 +323,10 @@ class StandinServer:
             except standin_gpu.GpuUnavailable as error:
                 return self._gpu_unavailable(str(error))
         api = api_settings(self.args, self.env, self.settings)
+        self.scheduler = sleep_scheduler(self.args, self.env, self.settings, self.log)
         try:
-            server = create_http_server(self.args.host, self.args.port, api, self.engine, self.log)
+            server = create_http_server(self.args.host, self.args.port, api, self.engine, self.log,
+                                        self.scheduler)
         except OSError as error:
             if error.errno != errno.EADDRINUSE:
                 raise
@@ -360,13 +403,13 @@ class StandinServer:
         self.stop_request.wait()
         return 0
 
-    def _allocate(self, sizes: Sequence[int]) -> int | None:
+    def _allocate(self, sizes: Sequence[tuple[str, int]]) -> int | None:
         """Really allocate what the log reported; an exit code if that failed, else None."""
         error: str | None = None
         if self.local_gpu is not None:
             try:
-                for n_bytes in sizes:
-                    self.local_gpu.allocate(n_bytes)
+                for tag, n_bytes in sizes:
+                    self.local_gpu.allocate(n_bytes, tag)
             except standin_gpu.GpuOutOfMemory as oom:
                 error = str(oom)
         elif self.child_gpu is not None:
@@ -378,6 +421,7 @@ class StandinServer:
             if kind != "allocated":
                 error = detail
         if error is None:
+            self.scheduler.gpu = self.local_gpu or self.child_gpu  # sleep mode frees it
             return None
         return self._fail(real_out_of_memory(error))
 
