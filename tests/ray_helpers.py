@@ -89,15 +89,17 @@ class RayGarden(Garden):
     """A Garden whose file runs it on the test cluster, over the nodes it declares."""
 
     def __init__(self, root: Path, cluster: RayTestCluster, *, nodes: dict[str, int],
-                 **options: Any) -> None:
+                 gpu_memory: str = GPU_MEMORY, **options: Any) -> None:
         super().__init__(root, **options)
         self.cluster = cluster
         self.node_gpus = nodes
+        self.gpu_memory = gpu_memory
         self.env["RAY_ADDRESS"] = cluster.address
 
     def write(self, models: list[dict], *, comment: str = "",
               defaults: dict | None = None) -> None:
-        env = {"STANDIN_VLLM_READY_DELAY": READY_DELAY, "STANDIN_VLLM_GPU_MEMORY": GPU_MEMORY}
+        env = {"STANDIN_VLLM_READY_DELAY": READY_DELAY,
+               "STANDIN_VLLM_GPU_MEMORY": self.gpu_memory}
         settings = {"vllm_command": list(STANDIN), "max_model_len": 2048,
                     "shutdown_timeout": "5s", "start_timeout": "60s", **(defaults or {})}
         settings["env"] = {**env, **settings.get("env", {})}
@@ -110,7 +112,7 @@ class RayGarden(Garden):
                  "  nodes:"]
         for node, count in self.node_gpus.items():
             lines.append(f"    - {{name: {node}, gpus: [{{name: simulated, memory: "
-                         f"{GPU_MEMORY}, count: {count}}}]}}")
+                         f"{self.gpu_memory}, count: {count}}}]}}")
         lines.append("models:")
         lines += [f"  - {json.dumps(m)}" for m in models]
         self.file.write_text("\n".join(lines) + "\n")

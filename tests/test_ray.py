@@ -24,7 +24,8 @@ MAIN_NODES = {"n1": 2, "n2": 2, "n3": 2}
 @pytest.fixture
 def garden(tmp_path: Path, ray_cluster: RayTestCluster):
     """A garden over n1-n3, torn down (and checked to leave nothing behind) afterwards."""
-    ray_garden = RayGarden(tmp_path / "g", ray_cluster, nodes=MAIN_NODES)
+    # 24 GiB GPUs: two of the small test models share one (a claim is about 6 GiB)
+    ray_garden = RayGarden(tmp_path / "g", ray_cluster, nodes=MAIN_NODES, gpu_memory="24GiB")
     yield ray_garden
     left = ray_garden.tear_down()
     assert not left, "gardenctl down left workers running:\n" + "\n".join(left)
@@ -165,3 +166,20 @@ def test_a_lost_node_is_drift_the_next_apply_repairs_on_another_node(tmp_path, r
             if node in ray_cluster.nodes:
                 ray_cluster.remove_node(node)
     assert not left, left
+
+
+def test_two_nodes_of_one_name_are_refused_saying_how_to_name_them(ray_cluster):
+    from gardenctl.errors import InventoryError
+
+    twins = [ray_cluster.cluster.add_node(num_cpus=0, num_gpus=0,
+                                          labels={"gardenctl/node": "twin"}) for _ in range(2)]
+    ray_cluster.cluster.wait_for_nodes()
+    try:
+        with pytest.raises(InventoryError) as refused:
+            ray_cluster.handle.nodes()
+        assert "both called 'twin'" in str(refused.value)
+        assert "ray start --labels gardenctl/node=<name>" in str(refused.value)
+    finally:
+        for twin in twins:
+            ray_cluster.cluster.remove_node(twin)
+    assert wait_until(lambda: "twin" not in ray_cluster.handle.nodes(), 60)

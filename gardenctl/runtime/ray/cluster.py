@@ -144,7 +144,7 @@ class RayCluster:
                 raise InventoryError(
                     f"two nodes of the Ray cluster are both called {name!r} ({found[name].address}"
                     f" and {node.address}); give each a unique name with `ray start --labels "
-                    f"'{{\"{NODE_LABEL}\": \"<name>\"}}'`")
+                    f"{NODE_LABEL}=<name>`")
             found[name] = node
         self._nodes = dict(sorted(found.items()))
         return self._nodes
