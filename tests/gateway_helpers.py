@@ -26,6 +26,13 @@ def standin_streams() -> bool:
     return STREAM_MARK in inspect.getsource(standin_http)
 
 
+def standin_backlog() -> int:
+    """How many connections the stand-in's listen queue holds (socketserver's default: 5)."""
+    from gardenctl.testing import standin_http
+
+    return int(standin_http.StandinHTTPServer.request_queue_size)
+
+
 def write_garden(garden: Garden, models: list[dict], gateway: dict | None = None,
                  **write: Any) -> None:
     """garden.yaml with ``models`` and, when given, a `gateway:` section."""

@@ -28,6 +28,8 @@ log = logging.getLogger("gardenctl.gateway")
 EJECT_S = 5.0  # a replica that refused a connection is tried last for this long
 MAX_BODY_BYTES = 64 * 1024**2  # request bodies (long prompts, embedding batches)
 SHUTDOWN_S = 10.0  # on SIGTERM / Ctrl-C, requests in flight get this long to finish
+BACKLOG = 2048  # the listen queue, as uvicorn's (vLLM's) default: a burst of clients is queued,
+# not dropped (a dropped handshake waits for the client's retransmission, seconds later)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,8 @@ def serve(gateway: Gateway, options: GatewayOptions) -> None:
     served = gateway.view.table.served_names()
     log.info("serving %s", ", ".join(served) if served else "no model yet (none is ready)")
     web.run_app(build_app(gateway), host=options.host, port=options.port, print=None,
-                access_log=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_S)
+                access_log=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_S,
+                backlog=BACKLOG)
 
 
 __all__ = ["GATEWAY", "Gateway", "GatewayOptions", "build_app", "serve"]
