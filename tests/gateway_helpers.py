@@ -4,7 +4,6 @@ of a Garden (tests/e2e_helpers.py) of stand-in workers, clients for it, and its 
 from __future__ import annotations
 
 import http.client
-import inspect
 import json
 import re
 import subprocess
@@ -16,21 +15,6 @@ import openai
 from e2e_helpers import Garden, free_port, wait_until
 
 START_TIMEOUT = 30.0
-STREAM_MARK = "text/event-stream"  # what a stand-in that streams must send
-
-
-def standin_streams() -> bool:
-    """Does the stand-in vLLM server answer "stream": true with server-sent events yet?"""
-    from gardenctl.testing import standin_http
-
-    return STREAM_MARK in inspect.getsource(standin_http)
-
-
-def standin_backlog() -> int:
-    """How many connections the stand-in's listen queue holds (socketserver's default: 5)."""
-    from gardenctl.testing import standin_http
-
-    return int(standin_http.StandinHTTPServer.request_queue_size)
 
 
 def write_garden(garden: Garden, models: list[dict], gateway: dict | None = None,

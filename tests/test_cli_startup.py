@@ -11,7 +11,7 @@ from textwrap import dedent
 from gardenctl.cli import COMMANDS
 
 HEAVY = ["torch", "vllm", "ray", "transformers", "huggingface_hub", "pynvml", "pydantic", "yaml",
-         "jsonschema", "psutil", "watchfiles", "numpy"]
+         "jsonschema", "psutil", "watchfiles", "numpy", "aiohttp", "openai"]
 
 
 def run_python(code: str) -> dict:

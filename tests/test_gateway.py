@@ -12,7 +12,7 @@ import threading
 import openai
 import pytest
 from e2e_helpers import garden_at, model, wait_until
-from gateway_helpers import Gateway, standin_backlog, standin_streams, write_garden
+from gateway_helpers import Gateway, write_garden
 
 pytestmark = pytest.mark.e2e
 
@@ -22,10 +22,8 @@ KEYS = {"GW_KEY": GATEWAY_KEY, "WORKER_KEY": WORKER_KEY}
 SLOW = {"STANDIN_VLLM_REQUEST_DELAY": "0.5"}  # a request stays outstanding for a while
 MODELS = [model("alpha"), model("beta", replicas=2, env=SLOW),
           model("secured", env={"VLLM_API_KEY": "${WORKER_KEY}"})]
-NOT_STREAMING = "the stand-in does not stream yet (gardenctl/testing/standin_http.py)"
 # 200 connections at once overflow a listen queue of socketserver's default 5: the kernel drops
 # handshakes and a stream can wait many seconds for a retransmission (vLLM's uvicorn: 2048)
-SMALL_BACKLOG = "the stand-in listens with a queue shorter than 200 connections"
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +207,6 @@ def test_health_is_503_until_the_garden_file_can_be_read(garden):
 
 # -- streaming: these run once the stand-in streams -----------------------------------------
 
-@pytest.mark.skipif(not standin_streams(), reason=NOT_STREAMING)
 def test_a_streamed_chat_arrives_chunk_by_chunk(served):
     stream = served.client(GATEWAY_KEY).chat.completions.create(
         model="alpha", messages=[{"role": "user", "content": "a b c"}], max_tokens=6,
@@ -221,7 +218,6 @@ def test_a_streamed_chat_arrives_chunk_by_chunk(served):
         ["a", "b", "c", "a", "b", "c"]
 
 
-@pytest.mark.skipif(not standin_streams(), reason=NOT_STREAMING)
 def test_a_client_that_goes_away_ends_the_upstream_request(served):
     import http.client
 
@@ -241,8 +237,6 @@ def test_a_client_that_goes_away_ends_the_upstream_request(served):
     assert served.metric("gardenctl_gateway_requests_total", model="alpha", code="499") >= 1
 
 
-@pytest.mark.skipif(not standin_streams(), reason=NOT_STREAMING)
-@pytest.mark.skipif(standin_backlog() < 200, reason=SMALL_BACKLOG)
 def test_200_concurrent_streams_all_complete(served):
     async def one(client: openai.AsyncOpenAI, i: int) -> str:
         stream = await client.chat.completions.create(

@@ -208,6 +208,10 @@ class InFlight:
 
 class StandinHTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # an unfinished request never holds the process open
+    # vLLM serves through uvicorn, whose listen backlog is 2048 (socketserver's default is 5:
+    # 200 clients connecting at once would have their handshakes dropped and retried for
+    # seconds, which a real vLLM never does)
+    request_queue_size = 2048
 
     def __init__(
         self, address: tuple[str, int], api: ApiSettings, engine: EngineState, log: VllmLog,
