@@ -84,6 +84,7 @@ class _WriterLockBody:
         return self.holder
 
 
+_Supervisor: Any = ray.remote(WorkerSupervisor)
 _GpuLease: Any = ray.remote(num_cpus=0)(_GpuLeaseBody)
 _WriterLock: Any = ray.remote(num_cpus=0)(_WriterLockBody)
 
@@ -109,7 +110,6 @@ class RayCluster:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._nodes: dict[str, RayNode] | None = None
         self._lease_lock = threading.Lock()
 
     @classmethod
@@ -127,10 +127,8 @@ class RayCluster:
 
     # -- nodes -----------------------------------------------------------------------------
 
-    def nodes(self, fresh: bool = True) -> dict[str, RayNode]:
-        """The cluster's alive nodes by name (label gardenctl/node, else hostname)."""
-        if self._nodes is not None and not fresh:
-            return self._nodes
+    def nodes(self) -> dict[str, RayNode]:
+        """The cluster's alive nodes by name (label gardenctl/node, else hostname), now."""
         found: dict[str, RayNode] = {}
         for entry in ray.nodes():
             if not entry.get("Alive"):
@@ -146,11 +144,7 @@ class RayCluster:
                     f" and {node.address}); give each a unique name with `ray start --labels "
                     f"{NODE_LABEL}=<name>`")
             found[name] = node
-        self._nodes = dict(sorted(found.items()))
-        return self._nodes
-
-    def node(self, name: str) -> RayNode | None:
-        return self.nodes(fresh=self._nodes is None).get(name)
+        return dict(sorted(found.items()))
 
     def probe_all_gpus(self, nodes: list[RayNode],
                        timeout: float = 30.0) -> dict[str, dict[str, Any]]:
@@ -207,9 +201,8 @@ class RayCluster:
         old = self.worker(worker_id)
         if old is not None:
             self.kill(old)
-        actor_class = ray.remote(WorkerSupervisor)
         try:
-            return actor_class.options(
+            return _Supervisor.options(
                 name=worker_id, namespace=garden_namespace(_garden_of(worker_id)),
                 lifetime="detached", num_cpus=0, num_gpus=0, max_restarts=0,
                 max_concurrency=8, scheduling_strategy=_pinned(node),
