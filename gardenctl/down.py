@@ -20,9 +20,7 @@ def open_for_down(spec: Garden | None, state: StateDir, garden: str) -> Runtime:
     from gardenctl.runtime import open_runtime, runtime_spec
 
     if runtime_spec(spec).kind == "ray":
-        from gardenctl.inventory.model import Inventory
-
-        return open_runtime(spec, Inventory((), source="none"), state, gardens={garden})
+        return open_runtime(spec, None, state, gardens={garden})
     from gardenctl.runtime.local import LocalRuntime
 
     return LocalRuntime(state, node="")

@@ -71,10 +71,9 @@ def _cluster_runtime(garden_path: str, worker_id: str, state):
         garden = None
     if runtime_spec(garden).kind != "ray":
         return None
-    from gardenctl.inventory.model import Inventory
     from gardenctl.runtime import open_runtime
 
-    return open_runtime(garden, Inventory((), source="none"), state, writable=False)
+    return open_runtime(garden, None, state, writable=False)
 
 
 def _print_from_runtime(runtime, worker_id: str, count: int, follow: bool,

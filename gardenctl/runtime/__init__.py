@@ -30,11 +30,12 @@ def runtime_spec(garden: Garden | None) -> RuntimeSpec:
     return spec
 
 
-def open_runtime(garden: Garden | None, inventory: Inventory, state: StateDir, *,
+def open_runtime(garden: Garden | None, inventory: Inventory | None, state: StateDir, *,
                  writable: bool = True, gardens: Container[str] | None = None) -> Runtime:
-    """The runtime a garden asks for. ``writable``: the caller holds the lock of ``gardens``
-    (None: every garden's), whose records alone it updates (read-only commands pass False and
-    change no record)."""
+    """The runtime a garden asks for (a Ray cluster needs no ``inventory``: it is the cluster's
+    own; the local runtime runs on the one node of ``inventory``). ``writable``: the caller
+    holds the lock of ``gardens`` (None: every garden's), whose records alone it updates
+    (read-only commands pass False and change no record)."""
     spec = runtime_spec(garden)
     if spec.kind == "ray":
         from gardenctl.runtime.ray import connect
@@ -43,6 +44,8 @@ def open_runtime(garden: Garden | None, inventory: Inventory, state: StateDir, *
         return RayRuntime(connect(spec.address), writable=writable, gardens=gardens)
     from gardenctl.runtime.local import LocalRuntime
 
+    if inventory is None:
+        raise GardenError("the local runtime needs the inventory of the machine it runs on")
     if len(inventory.nodes) != 1:
         names = ", ".join(n.name for n in inventory.nodes)
         raise GardenError(

@@ -14,6 +14,7 @@ aligned with that GPU (`RayCluster.lease_gpus`), so other Ray work never lands o
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Container, Mapping
@@ -55,8 +56,6 @@ class KvRecordStore:
         return _decode(data) if data is not None else None
 
     def write_record(self, record: WorkerRecord) -> None:
-        import json
-
         self.cluster.kv_put(RECORD_PREFIX + record.worker_id,
                             json.dumps(record.to_json(), sort_keys=True).encode())
 
@@ -79,8 +78,6 @@ class KvRecordStore:
 
 
 def _decode(data: bytes) -> WorkerRecord | None:
-    import json
-
     try:
         return WorkerRecord.from_json(json.loads(data))
     except (ValueError, TypeError, KeyError):
@@ -103,15 +100,16 @@ class RayRuntime(RecordedRuntime):
 
     # -- the process side of records (see runtime.records) ---------------------------------
 
-    def _call(self, record: WorkerRecord, method: str, *args: Any, **kw: Any) -> Any:
-        actor = self.cluster.worker(record.worker_id)
+    def _call(self, worker_id: str, method: str, *args: Any, **kw: Any) -> Any:
+        """Call a method of the worker's actor; ActorGone when it has none, or it is dead."""
+        actor = self.cluster.worker(worker_id)
         if actor is None:
             raise ActorGone("it has no actor")
         return self.cluster.call(actor, method, *args, **kw)
 
     def _exit_code(self, record: WorkerRecord) -> object:
         try:
-            state, code, when = self._call(record, "exit_code", record.pid)
+            state, code, when = self._call(record.worker_id, "exit_code", record.pid)
         except ActorGone:
             return None
         if state == "alive":
@@ -134,7 +132,7 @@ class RayRuntime(RecordedRuntime):
     def _probe_ready(self, record: WorkerRecord) -> bool:
         spec = record.spec
         try:
-            return bool(self._call(record, "probe_ready", spec.host, spec.port,
+            return bool(self._call(record.worker_id, "probe_ready", spec.host, spec.port,
                                    spec.served_model_name, api_key_of(record, self.environ),
                                    1.0))
         except ActorGone:
@@ -143,27 +141,21 @@ class RayRuntime(RecordedRuntime):
     def _probe_health(self, record: WorkerRecord) -> str | None:
         spec = record.spec
         try:
-            answer: str | None = self._call(record, "probe_health", spec.host, spec.port,
-                                            spec.liveness.timeout)
+            answer: str | None = self._call(record.worker_id, "probe_health", spec.host,
+                                            spec.port, spec.liveness.timeout)
         except ActorGone as exc:
             return str(exc)
         return answer
 
     def _log_tail(self, record: WorkerRecord) -> str:
-        return self._read(record, LOG_TAIL_BYTES)
+        return self.read_log(record.worker_id, limit=LOG_TAIL_BYTES) or ""
 
     def _run_log(self, record: WorkerRecord) -> str:
-        return self._read(record, RUN_LOG_BYTES)
-
-    def _read(self, record: WorkerRecord, limit: int, previous: bool = False) -> str:
-        try:
-            return str(self._call(record, "read_log", limit, previous))
-        except ActorGone:
-            return ""
+        return self.read_log(record.worker_id) or ""
 
     def _milestone(self, record: WorkerRecord) -> str:
         try:
-            return str(self._call(record, "milestone"))
+            return str(self._call(record.worker_id, "milestone"))
         except ActorGone:
             return ""
 
@@ -171,7 +163,7 @@ class RayRuntime(RecordedRuntime):
         if not alive:
             return ()
         try:
-            return tuple(self._call(record, "members"))
+            return tuple(self._call(record.worker_id, "members"))
         except ActorGone:
             return ()
 
@@ -258,7 +250,7 @@ class RayRuntime(RecordedRuntime):
     def adopt(self, worker: ObservedWorker, desired: DesiredWorker) -> None:
         """Record a worker whose actor runs but has no record, as the garden wants it."""
         try:
-            info = self._call_id(worker.worker_id, "info")
+            info = self._call(worker.worker_id, "info")
         except ActorGone:
             return
         if not info.get("alive") or info.get("pid") is None:
@@ -271,25 +263,19 @@ class RayRuntime(RecordedRuntime):
             record.mark_ready(self.clock())
         self._record_new_run(record)
 
-    def _call_id(self, worker_id: str, method: str, *args: Any) -> Any:
-        actor = self.cluster.worker(worker_id)
-        if actor is None:
-            raise ActorGone("it has no actor")
-        return self.cluster.call(actor, method, *args)
-
     def log_path(self, worker_id: str) -> str | None:
         return None  # on its node: read it with read_log
 
     def read_log(self, worker_id: str, *, previous: bool = False,
                  limit: int = RUN_LOG_BYTES) -> str | None:
         try:
-            return str(self._call_id(worker_id, "read_log", limit, previous))
+            return str(self._call(worker_id, "read_log", limit, previous))
         except ActorGone:
             return None
 
     def startup_log(self, worker_id: str) -> str | None:
         try:
-            return str(self._call_id(worker_id, "startup_log"))
+            return str(self._call(worker_id, "startup_log"))
         except ActorGone:
             return None
 
@@ -316,7 +302,7 @@ class RayRuntime(RecordedRuntime):
         """A worker actor with no record (its record was lost, or its start was interrupted
         before the record was written): what its actor says of it."""
         try:
-            info = self._call_id(worker_id, "info")
+            info = self._call(worker_id, "info")
         except ActorGone:
             return None
         if not info.get("alive") or info.get("pid") is None:
