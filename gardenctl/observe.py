@@ -212,7 +212,8 @@ class Observed:
         return [
             Holding(worker_id=w.worker_id, model=w.model, node=w.node, gpus=w.gpus,
                     utilization=w.utilization, claim_bytes=w.claim_bytes,
-                    sizing_hash=w.sizing_hash)
+                    sizing_hash=w.sizing_hash,
+                    asleep_bytes=w.spec.standby.asleep_bytes if w.spec.standby else None)
             for w in self.workers if w.running or (w.has_record and w.phase.dead)
         ]
 

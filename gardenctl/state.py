@@ -214,6 +214,27 @@ def _from_version_1(data: dict[str, Any]) -> WorkerRecord:
     )
 
 
+@dataclass(frozen=True)
+class StandbyView:
+    """The gateway's view of one standby worker: awake, asleep, waking or sleeping (being put
+    to sleep), how often it was woken, when last, and how long that wake-up took."""
+
+    state: str
+    wakes: int = 0
+    last_wake: float | None = None  # wall time the last wake-up finished
+    last_wake_s: float | None = None  # how long it took
+    pid: int | None = None  # the worker's process this is about (a restart starts afresh)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"state": self.state, "wakes": self.wakes, "last_wake": self.last_wake,
+                "last_wake_s": self.last_wake_s, "pid": self.pid}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StandbyView:
+        return cls(str(data["state"]), int(data.get("wakes") or 0), data.get("last_wake"),
+                   data.get("last_wake_s"), data.get("pid"))
+
+
 def _one_part(garden: str) -> str:
     """A garden name as a folder name: never a path out of the state directory (the spec's
     name pattern is checked before; this is the last line)."""
@@ -352,6 +373,21 @@ class StateDir:
     def write_lessons(self, garden: str, lessons: dict[str, Lesson]) -> None:
         document = {"lessons": {name: lessons[name].to_json() for name in sorted(lessons)}}
         write_json_atomic(self.garden_file(garden, "lessons.json"), document)
+
+    # -- standby (written by the gateway, read by status) ------------------------------------
+
+    def read_standby(self, garden: str) -> dict[str, StandbyView]:
+        """What the gateway last said of each standby worker ({} when no gateway wrote)."""
+        path = self.root / "gardens" / _one_part(garden) / "standby.json"
+        try:
+            data = json.loads(path.read_text())
+            return {str(k): StandbyView.from_json(v) for k, v in data["workers"].items()}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return {}
+
+    def write_standby(self, garden: str, views: dict[str, StandbyView]) -> None:
+        document = {"workers": {k: views[k].to_json() for k in sorted(views)}}
+        write_json_atomic(self.garden_file(garden, "standby.json"), document)
 
     # -- locks -----------------------------------------------------------------------------
 

@@ -46,8 +46,12 @@ MEMORY_CAP_HOOK_DIR = str(Path(__file__).resolve().parent / "runtime" / "memcap"
 SIZING_FIELDS = (
     "model", "revision", "max_model_len", "min_concurrency", "tensor_parallel_size", "dtype",
     "quantization", "kv_cache_dtype", "gpu_memory_utilization", "max_num_seqs",
-    "max_num_batched_tokens", "enforce_eager", "args",
+    "max_num_batched_tokens", "enforce_eager", "args", "standby",
 )
+# A standby worker's vLLM needs sleep mode, and its /sleep and /wake_up routes exist only in
+# vLLM's development mode (docs/vllm.md section 11).
+SLEEP_MODE_FLAG = "--enable-sleep-mode"
+SLEEP_ROUTES_ENV = "VLLM_SERVER_DEV_MODE"
 
 
 def make_worker_id(garden: str, model: str, replica: int) -> str:
@@ -66,6 +70,18 @@ class Liveness:
     def of(cls, model: ModelSpec) -> Liveness:
         probe = model.liveness
         return cls(probe.period, probe.failure_threshold, probe.timeout)
+
+
+@dataclass(frozen=True)
+class Standby:
+    """How a standby worker sleeps (see gardenctl.placement.standby): the gateway wakes it for
+    a request and puts it to sleep when idle or when another needs its GPU memory."""
+
+    level: int  # vLLM's sleep level: 1 (weights to host RAM) or 2 (weights dropped)
+    asleep_bytes: int  # per GPU, what stays on the GPU while it sleeps (planned)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"level": self.level, "asleep_bytes": self.asleep_bytes}
 
 
 @dataclass(frozen=True)
@@ -89,12 +105,15 @@ class DesiredWorker:
     start_timeout: float
     shutdown_timeout: float
     liveness: Liveness = field(default_factory=Liveness)
+    standby: Standby | None = None  # None: always awake
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["gpus"] = list(self.gpus)
         data["argv"] = list(self.argv)
         data["env"] = dict(self.env)
+        if self.standby is None:
+            del data["standby"]  # records and plans of always-awake workers stay as they were
         return data
 
     @classmethod
@@ -106,10 +125,14 @@ class DesiredWorker:
         values["argv"] = tuple(str(a) for a in values["argv"])
         values["env"] = tuple(sorted((str(k), str(v)) for k, v in dict(values["env"]).items()))
         values["liveness"] = Liveness(**data["liveness"]) if data.get("liveness") else Liveness()
+        standby = data.get("standby")
+        values["standby"] = (Standby(int(standby["level"]), int(standby["asleep_bytes"]))
+                             if standby else None)
         return cls(**values)
 
 
-_FIELDS = tuple(name for name in DesiredWorker.__dataclass_fields__ if name != "liveness")
+_FIELDS = tuple(name for name in DesiredWorker.__dataclass_fields__
+                if name not in ("liveness", "standby"))
 
 
 def _digest(document: object) -> str:
@@ -122,6 +145,10 @@ def sizing_hash(model: ModelSpec, policy: PlacementPolicy) -> str:
                     if model.gpu_memory_utilization == "auto" else None)
     values = tuple(tuple(v) if isinstance(v, list) else v
                    for v in (getattr(model, name) for name in SIZING_FIELDS))
+    # standby changes what the worker books (asleep + wake slot); its level and idle timeout
+    # do not move it
+    values = tuple(model.standby.mode if name == "standby" and model.standby else v
+                   for name, v in zip(SIZING_FIELDS, values, strict=True))
     return _sizing_digest(values, policy_knobs)
 
 
@@ -163,6 +190,7 @@ def build_requests(garden: Garden, models: Sequence[ModelSpec],
                 pin_gpus=tuple(pin.gpus) if pin and pin.gpus is not None else None,
                 sizing_hash=model_sizing,
                 spread=model.spread_replicas,
+                standby_level=model.standby.level if model.standby else 0,
             ))
     return requests
 
@@ -230,6 +258,8 @@ def vllm_argv(model: ModelSpec, *, port: int, utilization: float, max_model_len:
         argv.append("--enforce-eager")
     if model.trust_remote_code:
         argv.append("--trust-remote-code")
+    if model.standby is not None:
+        argv.append(SLEEP_MODE_FLAG)
     return argv + list(model.args)
 
 
@@ -266,6 +296,8 @@ def worker_env(model: ModelSpec, gpus: Sequence[int],
         "VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS": "1",
     }
     env.update(model.env)
+    if model.standby is not None:
+        env[SLEEP_ROUTES_ENV] = "1"
     if cap_bytes is not None:
         env[MEMORY_CAP_ENV] = str(cap_bytes)
         theirs = model.env.get("PYTHONPATH", "")
@@ -321,5 +353,8 @@ def desired_workers(garden: Garden, models: Sequence[ModelSpec], placement: Plac
             start_timeout=model.start_timeout,
             shutdown_timeout=model.shutdown_timeout,
             liveness=Liveness.of(model),
+            standby=(Standby(model.standby.level, assignment.asleep_bytes)
+                     if model.standby is not None and assignment.asleep_bytes is not None
+                     else None),
         ))
     return workers

@@ -17,6 +17,7 @@ from gardenctl.execute.results import StepResult
 from gardenctl.observe import Rejection
 from gardenctl.plan.model import Launch, Step
 from gardenctl.runtime import base
+from gardenctl.runtime.sleepmode import SleepModeError
 from gardenctl.spec.models import env_reference
 from gardenctl.units import format_size
 from gardenctl.vocab import Cause, Outcome, Phase, StepKind
@@ -176,6 +177,7 @@ def spawn_step(ctx: Context, step: Step, env: dict[str, str], because: str = "")
                         cause=_end_cause(step))
         if isinstance(stopped, StepResult):
             return replace(stopped, elapsed=ctx.clock() - started)
+    _sleep_neighbours(ctx, worker)
     short = _wait_free_memory(ctx, worker)
     if short:
         ctx.runtime.fail(worker, launch, short, Cause.FREE_MEMORY_CHECK)
@@ -194,6 +196,28 @@ def spawn_step(ctx: Context, step: Step, env: dict[str, str], because: str = "")
     if not ctx.wait:
         return _result(step, Outcome.SPAWNED, "spawned; loading", ctx.clock() - started)
     return _wait_ready(ctx, step, worker, started, ctx.clock)
+
+
+def _sleep_neighbours(ctx: Context, worker: DesiredWorker) -> None:
+    """A standby worker starts awake, in its GPUs' wake slot: the plan counts on the other
+    standby workers there being asleep then, so any the gateway woke are put to sleep first
+    (once their requests in flight are done)."""
+    if worker.standby is None:
+        return
+    mine = set(worker.gpus)
+    for other in ctx.runtime.observe(confirm_health=False).workers:
+        spec = other.spec
+        if (spec.standby is None or other.worker_id == worker.worker_id
+                or other.phase != Phase.READY or spec.node != worker.node
+                or not mine & set(spec.gpus)):
+            continue
+        if ctx.runtime.is_sleeping(other.worker_id) is False:
+            ctx.progress.update(worker.worker_id, "waiting",
+                                f"putting {other.worker_id} to sleep to make room", 0.0)
+            try:
+                ctx.runtime.put_to_sleep(other.worker_id)
+            except SleepModeError:
+                pass  # the free-memory check that follows says whether there is room
 
 
 def _spawn_when_gpu_free(ctx: Context, worker: DesiredWorker, env: dict[str, str],
@@ -235,7 +259,9 @@ def _wait_ready(ctx: Context, step: Step, worker: DesiredWorker, began: float,
         elapsed = now() - began
         if status.phase == Phase.READY:
             ctx.progress.update(worker.worker_id, "ready", "", elapsed)
-            return _result(step, Outcome.READY, f"ready after {elapsed:.1f}s", elapsed)
+            settled = status.detail.split("; ", 1)[1] if "; " in status.detail else ""
+            return _result(step, Outcome.READY, f"ready after {elapsed:.1f}s"
+                           + (f"; {settled}" if settled else ""), elapsed)
         if status.ended:
             ctx.progress.update(worker.worker_id, "failed", status.detail, elapsed)
             return _ended(step, status, elapsed)

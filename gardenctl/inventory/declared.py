@@ -24,7 +24,7 @@ def inventory_from_spec(spec: InventorySpec, source: str) -> Inventory:
                         used_bytes=group.used,
                     )
                 )
-        nodes.append(Node(name=node.name, gpus=tuple(gpus)))
+        nodes.append(Node(name=node.name, gpus=tuple(gpus), host_memory_bytes=node.host_memory))
     return Inventory(nodes=tuple(nodes), source=source)
 
 

@@ -39,6 +39,7 @@ class Gpu:
 class Node:
     name: str
     gpus: tuple[Gpu, ...]
+    host_memory_bytes: int | None = None  # host RAM (None: unknown, not checked)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,18 @@ def discover_local_gpus(nvml: Any = None, node_name: str | None = None) -> Inven
             "NVML found no GPU on this machine. Declare the hardware in the garden's "
             "`inventory:` section or pass --inventory FILE."
         )
-    return Inventory(nodes=(Node(name=node, gpus=gpus),), source="nvml", used_includes_ours=True)
+    return Inventory(nodes=(Node(name=node, gpus=gpus, host_memory_bytes=_host_memory()),),
+                     source="nvml", used_includes_ours=True)
+
+
+def _host_memory() -> int | None:
+    """This machine's RAM (level-1 standby models keep their weights there while asleep)."""
+    import psutil
+
+    try:
+        return int(psutil.virtual_memory().total)
+    except OSError:
+        return None
 
 
 def _read_gpu(nvml: Any, node: str, index: int) -> Gpu:

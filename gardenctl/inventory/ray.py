@@ -23,7 +23,8 @@ def cluster_inventory(cluster: RayCluster, declared: Inventory | None) -> Invent
         probe = probes.get(name, {"error": "no answer"})
         fallback = declared.node(name) if declared is not None else None
         if "gpus" in probe:
-            found.append(Node(name, tuple(_gpu(name, g) for g in probe["gpus"])))
+            found.append(Node(name, tuple(_gpu(name, g) for g in probe["gpus"]),
+                              fallback.host_memory_bytes if fallback is not None else None))
         elif fallback is not None:
             found.append(fallback)
             measured_all = False

@@ -41,6 +41,17 @@ class GpuAccount:
     kept: int = 0  # claims of workers that already run
     new_sum: int = 0  # claims of workers this plan adds
     new_max: int = 0
+    wake: dict[str, int] = field(default_factory=dict)  # standby worker -> awake - asleep
+
+    @property
+    def wake_slot(self) -> int:
+        """Memory kept free for waking standby workers: the largest (awake - asleep) here."""
+        return max(self.wake.values(), default=0)
+
+    def standby_cost(self, awake: int, asleep: int) -> int:
+        """What one more standby worker takes from this GPU's free memory: its asleep bytes,
+        and whatever its wake-up needs beyond the wake slot already kept here."""
+        return asleep + max(0, awake - asleep - self.wake_slot)
 
     @property
     def claimed(self) -> int:
@@ -51,9 +62,12 @@ class Pool:
     """The GPUs being planned, with sorted indexes of free memory."""
 
     def __init__(self, gpus: list[Gpu], others: dict[GpuKey, int], reserve: int,
-                 min_available_fraction: float) -> None:
+                 min_available_fraction: float,
+                 host_free: dict[str, int] | None = None) -> None:
         self.reserve = reserve
         self.threshold = min_available_fraction
+        # per node: host RAM level-1 sleeping workers may still take (absent: not checked)
+        self.host_free: dict[str, int] = dict(host_free or {})
         self.accounts: dict[GpuKey, GpuAccount] = {}
         self.free: dict[GpuKey, int] = {}
         self.used: dict[int, list[tuple[int, str, int]]] = {}  # total -> [(free, node, index)]
@@ -174,6 +188,17 @@ class Pool:
         else:
             saturated = self.saturated[total]
             saturated.pop(bisect.bisect_left(saturated, (-limit, free, node, index)))
+
+    def add_standby(self, key: GpuKey, worker_id: str, model: str, awake: int, asleep: int,
+                    new: bool = True) -> None:
+        """Book a standby worker: asleep bytes plus its growth of the GPU's wake slot."""
+        account = self.accounts[key]
+        self.add_claim(key, worker_id, model, account.standby_cost(awake, asleep), new=new)
+        account.wake[worker_id] = awake - asleep
+
+    def take_host(self, node: str, amount: int) -> None:
+        if amount and node in self.host_free:
+            self.host_free[node] -= amount
 
     def most_free(self, count: int) -> list[GpuKey]:
         """The ``count`` GPUs with the most free memory (ties: lowest node, index)."""

@@ -23,6 +23,25 @@ class WorkerRequest:
     pin_gpus: tuple[int, ...] | None = None
     sizing_hash: str = ""  # what sizes the worker: changes force a new placement
     spread: bool = False  # never on a GPU that holds a replica of the same model
+    # standby (sleep mode): 0 = always awake, else the sleep level (1: weights to host RAM)
+    standby_level: int = 0
+
+    @property
+    def asleep_bytes(self) -> int | None:
+        """Per GPU while asleep (None: never sleeps): what vLLM's sleep mode leaves on the GPU,
+        the CUDA context, non-torch memory and the CUDA-graph pool (docs/vllm.md section 11)."""
+        if not self.standby_level:
+            return None
+        e = self.estimate
+        return (e.cuda_context.bytes + e.non_torch.bytes + e.cuda_graph.bytes
+                + e.graph_overflow_bytes)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host RAM the worker takes while asleep: its weights, all ranks, at level 1."""
+        if self.standby_level != 1:
+            return 0
+        return self.estimate.weights.bytes * self.tensor_parallel_size
 
 
 @dataclass(frozen=True)
@@ -36,6 +55,7 @@ class Holding:
     utilization: float
     claim_bytes: int  # per GPU
     sizing_hash: str = ""
+    asleep_bytes: int | None = None  # a standby worker's bytes per GPU while asleep
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,7 @@ class Assignment:
     utilization: float
     claim_bytes: int  # per GPU: ceil(utilization x total) + CUDA context
     kept: bool  # True: stays where it runs now
+    asleep_bytes: int | None = None  # standby: per GPU while asleep (claim_bytes: awake)
 
 
 @dataclass(frozen=True)
@@ -83,6 +104,7 @@ PINNED_GPU_MISSING = "pinned_gpu_missing"
 REPLICAS_APART = "replicas_apart"
 NO_GPUS = "no_gpus"
 MORE_GPUS = "more_gpus_tried"
+HOST_MEMORY = "host_memory"
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,18 @@ class LedgerRow:
     claimed_after_bytes: int
     workers_before: tuple[tuple[str, int], ...]  # (worker_id, claim bytes)
     workers_after: tuple[tuple[str, int], ...]
+    # Standby workers after the plan, (worker_id, awake claim, asleep bytes): each is counted
+    # asleep in claimed_after_bytes, plus one wake slot, the largest (awake - asleep) of them.
+    # Any set of them whose (awake - asleep) sum stays within the slot may be awake at once.
+    standby_after: tuple[tuple[str, int, int], ...] = ()
+
+    @property
+    def wake_slot_bytes(self) -> int:
+        return max((awake - asleep for _, awake, asleep in self.standby_after), default=0)
+
+    @property
+    def asleep_after_bytes(self) -> int:
+        return sum(asleep for _, _, asleep in self.standby_after)
 
     @property
     def free_after_bytes(self) -> int:

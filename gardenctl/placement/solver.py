@@ -15,6 +15,8 @@ Pure: values in, values out. The rules, in order:
 5. A worker whose new version does not fit while its old version runs keeps the old one's place
    (reported as unplaced with `kept_previous`), so a bad edit never takes a model down.
 6. Under the `fill` policy, the spare memory of each GPU is then shared among its new workers.
+7. Standby workers (sleep mode) are booked asleep plus one wake slot per GPU and placed by
+   placement.standby; level 1 also takes host RAM on its node.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from gardenctl.placement import model as m
 from gardenctl.placement.choose import STRATEGIES, choose, claims_by_size
 from gardenctl.placement.ledger import GpuKey, Pool
 from gardenctl.placement.reasons import reasons
+from gardenctl.placement.standby import choose_standby, host_budget, host_reason, standby_of
 from gardenctl.placement.utilization import UTILIZATION_STEP, claim_bytes
 from gardenctl.spec.models import PlacementPolicy
 from gardenctl.units import floor_to
@@ -60,20 +63,21 @@ def place(
             continue
         if _may_stay(holding, request, present):
             kept.append(m.Assignment(holding.worker_id, holding.model, holding.node, holding.gpus,
-                                     holding.utilization, holding.claim_bytes, kept=True))
+                                     holding.utilization, holding.claim_bytes, kept=True,
+                                     asleep_bytes=standby_of(request, holding.claim_bytes)))
         elif all((holding.node, index) in present for index in holding.gpus):
             changed[holding.worker_id] = holding  # may stay where it is until the new one fits
         # else its GPUs are gone (a node that left the cluster): nothing of it can stay
     kept_ids = {a.worker_id for a in kept}
     pending = sorted((r for r in requests if r.worker_id not in kept_ids), key=placement_order)
 
+    hosts = host_budget({n.name: n.host_memory_bytes for n in inventory.nodes},
+                        policy.standby_host_fraction)
     held_back: dict[str, m.Holding] = {}
     while True:
-        pool = Pool(gpus, others, policy.reserve, policy.min_available_gpu_fraction)
+        pool = Pool(gpus, others, policy.reserve, policy.min_available_gpu_fraction, hosts)
         for assignment in kept:
-            for index in assignment.gpus:
-                pool.add_claim((assignment.node, index), assignment.worker_id, assignment.model,
-                               assignment.claim_bytes, new=False)
+            _book(pool, assignment, by_id[assignment.worker_id], new=False)
         for holding in held_back.values():
             for index in holding.gpus:
                 pool.add_claim((holding.node, index), holding.worker_id, holding.model,
@@ -87,6 +91,21 @@ def place(
             if request.worker_id in held_back:
                 failed.append(_unplaced_kept_previous(request, held_back[request.worker_id], pool,
                                                       policy))
+                continue
+            if request.standby_level:
+                standby = choose_standby(request, pool, policy)
+                if standby is None:
+                    host = host_reason(request, pool)
+                    failed.append(m.Unplaced(request.worker_id, request.model,
+                                             (host,) if host else tuple(reasons(request, pool,
+                                                                                policy))))
+                    continue
+                explained.clear()
+                placed.append(m.Assignment(request.worker_id, request.model, standby.node,
+                                           standby.gpus, standby.utilization, standby.claim,
+                                           kept=False,
+                                           asleep_bytes=standby_of(request, standby.claim)))
+                _book(pool, placed[-1], request, new=True)
                 continue
             # Claims only grow during a pass: a worker shaped like one that found no place
             # finds none either (thousands of identical models cost one search, not each).
@@ -151,6 +170,29 @@ def _may_stay(holding: m.Holding, request: m.WorkerRequest, present: set[GpuKey]
     return request.pin_gpus is None or set(holding.gpus) <= set(request.pin_gpus)
 
 
+def _book(pool: Pool, assignment: m.Assignment, request: m.WorkerRequest, *, new: bool) -> None:
+    """Take an assignment's memory from the pool: its claim, or asleep + wake slot (standby),
+    and a level-1 standby worker's weights from its node's host RAM."""
+    for index in assignment.gpus:
+        key = (assignment.node, index)
+        if assignment.asleep_bytes is None:
+            pool.add_claim(key, assignment.worker_id, assignment.model, assignment.claim_bytes,
+                           new=new)
+        else:
+            pool.add_standby(key, assignment.worker_id, assignment.model,
+                             assignment.claim_bytes, assignment.asleep_bytes, new=new)
+    if assignment.asleep_bytes is not None:
+        pool.take_host(assignment.node, request.host_bytes)
+
+
+def _standby_saving(standby: Sequence[tuple[int, int]]) -> int:
+    """What booking standby workers asleep plus one wake slot saves over their awake claims."""
+    if not standby:
+        return 0
+    slot = max(awake - asleep for awake, asleep in standby)
+    return sum(awake - asleep for awake, asleep in standby) - slot
+
+
 def _as_assignment(holding: m.Holding) -> m.Assignment:
     return m.Assignment(holding.worker_id, holding.model, holding.node, holding.gpus,
                         holding.utilization, holding.claim_bytes, kept=True)
@@ -168,7 +210,8 @@ def _unplaced_kept_previous(request: m.WorkerRequest, holding: m.Holding, pool: 
 def _fill(placed: list[m.Assignment], pool: Pool, requests: dict[str, m.WorkerRequest],
           policy: PlacementPolicy) -> list[m.Assignment]:
     """Share each GPU's spare memory among the new, auto-sized workers on it (more KV cache)."""
-    growable = {a.worker_id for a in placed if requests[a.worker_id].utilization is None}
+    growable = {a.worker_id for a in placed if requests[a.worker_id].utilization is None
+                and not requests[a.worker_id].standby_level}  # standby: the slot is shared
     sharers: dict[GpuKey, int] = {}
     for a in placed:
         if a.worker_id in growable:
@@ -195,22 +238,34 @@ def _ledger_rows(gpus: Sequence[Gpu], others: Mapping[GpuKey, int], reserve: int
                  holdings: Sequence[m.Holding],
                  after: Iterable[m.Assignment]) -> tuple[m.LedgerRow, ...]:
     before_by_gpu: dict[GpuKey, list[tuple[str, int]]] = {}
+    asleep_before: dict[GpuKey, list[tuple[int, int]]] = {}  # (awake, asleep) of standby ones
     for h in holdings:
         for index in h.gpus:
             before_by_gpu.setdefault((h.node, index), []).append((h.worker_id, h.claim_bytes))
+            if h.asleep_bytes is not None:
+                asleep_before.setdefault((h.node, index), []).append((h.claim_bytes,
+                                                                      h.asleep_bytes))
     after_by_gpu: dict[GpuKey, list[tuple[str, int]]] = {}
+    standby_by_gpu: dict[GpuKey, list[tuple[str, int, int]]] = {}
     for a in after:
         for index in a.gpus:
             after_by_gpu.setdefault((a.node, index), []).append((a.worker_id, a.claim_bytes))
+            if a.asleep_bytes is not None:
+                standby_by_gpu.setdefault((a.node, index), []).append(
+                    (a.worker_id, a.claim_bytes, a.asleep_bytes))
     rows = []
     for gpu in gpus:
         before = tuple(sorted(before_by_gpu.get(gpu.key, [])))
         after_list = tuple(sorted(after_by_gpu.get(gpu.key, [])))
-        rows.append(m.LedgerRow(
+        standby = tuple(sorted(standby_by_gpu.get(gpu.key, [])))
+        row = m.LedgerRow(
             node=gpu.node, index=gpu.index, name=gpu.name, total_bytes=gpu.total_bytes,
             used_by_others_bytes=others.get(gpu.key, 0), reserve_bytes=reserve,
-            claimed_before_bytes=sum(b for _, b in before),
-            claimed_after_bytes=sum(b for _, b in after_list),
-            workers_before=before, workers_after=after_list,
-        ))
+            claimed_before_bytes=sum(b for _, b in before) - _standby_saving(
+                asleep_before.get(gpu.key, [])),
+            claimed_after_bytes=sum(b for _, b in after_list) - _standby_saving(
+                [(awake, asleep) for _, awake, asleep in standby]),
+            workers_before=before, workers_after=after_list, standby_after=standby,
+        )
+        rows.append(row)
     return tuple(rows)

@@ -115,6 +115,10 @@ def _ledger_json(row: LedgerRow) -> dict[str, Any]:
         "free_after_bytes": row.free_after_bytes,
         "workers_before": [{"worker": w, "claim_bytes": b} for w, b in row.workers_before],
         "workers_after": [{"worker": w, "claim_bytes": b} for w, b in row.workers_after],
+        # standby workers: booked asleep, plus one wake slot (the largest awake - asleep)
+        "standby_after": [{"worker": w, "awake_bytes": awake, "asleep_bytes": asleep}
+                          for w, awake, asleep in row.standby_after],
+        "wake_slot_bytes": row.wake_slot_bytes,
     }
 
 

@@ -133,10 +133,18 @@ def _ledger_lines(rows: tuple[LedgerRow, ...], show_idle: bool) -> list[str]:
                      f"{_figures(row, row.claimed_before_bytes)}")
         lines.append(f"    after  {_bar(row, row.claimed_after_bytes)}  "
                      f"{_figures(row, row.claimed_after_bytes)}")
-        if row.workers_after:
-            names = ", ".join(f"{shown(_short(w))} {format_size(b)}"
-                              for w, b in row.workers_after)
+        sleepers = {w: asleep for w, _, asleep in row.standby_after}
+        awake = [(w, b) for w, b in row.workers_after if w not in sleepers]
+        if awake:
+            names = ", ".join(f"{shown(_short(w))} {format_size(b)}" for w, b in awake)
             lines.append(f"           {names}")
+        if row.standby_after:
+            names = ", ".join(f"{shown(_short(w))} {format_size(a)} awake / "
+                              f"{format_size(s)} asleep" for w, a, s in row.standby_after)
+            lines.append(f"           standby: {names}")
+            lines.append(f"           standby booked asleep ({format_size(row.asleep_after_bytes)})"
+                         f" + wake slot {format_size(row.wake_slot_bytes)}: any of them woken "
+                         "alone fits, several at once while their wake-ups fit in the slot")
         if row.overcommitted:
             lines.append("    ! over-committed: running workers claim more than is free")
     idle = len(rows) - len(shown_rows)

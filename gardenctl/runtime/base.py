@@ -130,6 +130,21 @@ class Runtime(Protocol):
         """The head of the current run's log, where vLLM writes its start-up figures."""
         ...
 
+    def put_to_sleep(self, worker_id: str) -> None:
+        """Put a standby worker to sleep (vLLM's sleep mode, at its level) once its requests in
+        flight are done. SleepModeError when it cannot."""
+        ...
+
+    def wake_up(self, worker_id: str) -> None:
+        """Wake a sleeping standby worker (reloading its weights after a level-2 sleep).
+        SleepModeError when it cannot."""
+        ...
+
+    def is_sleeping(self, worker_id: str) -> bool | None:
+        """Whether a standby worker sleeps now; None when it does not say (not running, not
+        standby, no answer)."""
+        ...
+
     def dead_workers(self) -> set[tuple[str, int | None]]:
         """(worker id, pid) of workers believed running whose process is gone. Cheap (no HTTP,
         no process scan): `watch` calls it every second to notice a death quickly."""

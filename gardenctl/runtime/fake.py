@@ -20,6 +20,7 @@ from gardenctl.observe import Observed, ObservedWorker
 from gardenctl.plan.model import Launch
 from gardenctl.runtime import base
 from gardenctl.runtime.records import ALIVE, MemoryStore, RecordedRuntime
+from gardenctl.runtime.sleepmode import SleepModeError
 from gardenctl.state import WorkerRecord
 from gardenctl.vocab import Cause, Phase
 from gardenctl.workers import DesiredWorker
@@ -42,6 +43,7 @@ class FakeProcess:
     keep_alive_on_engine_death: bool = False  # then the API server stays up, /health 503
     ignore_sigterm: bool = False
     killed: int | None = None  # set by kill(): the exit code (negative: a signal)
+    asleep: bool = False  # sleep mode (standby workers)
 
     def exit_code_at(self, now: float) -> object:
         if self.killed is not None:
@@ -186,6 +188,15 @@ class FakeRuntime(RecordedRuntime):
 
     def _milestone(self, record: WorkerRecord) -> str:
         return "loading weights"
+
+    def _sleep_mode(self, record: WorkerRecord, action: str) -> bool | None:
+        process = self._process(record)
+        if process is None or not process.answers(self.clock()):
+            raise SleepModeError(f"{record.worker_id} does not answer")
+        if action == "is_sleeping":
+            return process.asleep
+        process.asleep = action == "sleep"
+        return None
 
     def _members(self, record: WorkerRecord, alive: bool) -> tuple[int, ...]:
         process = self._process(record)

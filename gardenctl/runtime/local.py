@@ -26,7 +26,7 @@ from pathlib import Path
 from gardenctl.argv import flag_value
 from gardenctl.observe import Observed, ObservedWorker
 from gardenctl.plan.model import Launch
-from gardenctl.runtime import base
+from gardenctl.runtime import base, sleepmode
 from gardenctl.runtime import processes as procs
 from gardenctl.runtime.environment import worker_environment
 from gardenctl.runtime.health import latest_milestone, probe_liveness, probe_ready
@@ -97,6 +97,12 @@ class LocalRuntime(RecordedRuntime):
         self.probe_timeout = probe_timeout
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
+
+    def _sleep_mode(self, record: WorkerRecord, action: str) -> bool | None:
+        spec = record.spec
+        level = spec.standby.level if spec.standby else 1
+        return sleepmode.act(action, spec.host, spec.port, level,
+                             api_key_of(record, self.environ))
 
     @property
     def state_id(self) -> str:

@@ -20,6 +20,7 @@ from gardenctl.observe import ObservedWorker
 from gardenctl.plan.model import Launch
 from gardenctl.runtime import base
 from gardenctl.runtime.diagnose import NO_ERROR_MESSAGE, diagnose
+from gardenctl.runtime.sleepmode import SleepModeError
 from gardenctl.spec.models import env_reference
 from gardenctl.state import WorkerRecord
 from gardenctl.vocab import Cause, Phase
@@ -206,7 +207,7 @@ class RecordedRuntime:
             return self._record_exit(record, code)
         if record.phase == Phase.STARTING:
             if self._mark_if_ready(record):
-                return base.WorkerStatus(Phase.READY, "ready")
+                return base.WorkerStatus(Phase.READY, self._settle(record))
             return base.WorkerStatus(Phase.STARTING, self._milestone(record))
         return base.WorkerStatus(record.phase, record.last_error or "")
 
@@ -216,6 +217,19 @@ class RecordedRuntime:
         record.mark_ready(self.clock())
         self._save(record)
         return True
+
+    def _settle(self, record: WorkerRecord) -> str:
+        """A standby worker starts awake (vLLM has no way to start asleep): as it becomes ready,
+        it is put to sleep, so that its GPU's wake slot is free for the gateway. Done where the
+        transition to READY is recorded, so apply, watch and every later pass agree."""
+        standby = record.spec.standby
+        if standby is None or not self.writable or not self._owns(record):
+            return "ready"
+        try:
+            self._sleep_mode(record, "sleep")
+        except SleepModeError as exc:
+            return f"ready, but still awake: putting it to sleep failed ({exc})"
+        return f"ready; asleep until a request comes (standby, level {standby.level})"
 
     def _record_exit(self, record: WorkerRecord, code: object) -> base.WorkerStatus:
         """The run ended without being asked to: record how, diagnosed from its log."""
@@ -279,6 +293,39 @@ class RecordedRuntime:
         if record is None:
             return "no record"
         return self._probe_health(record)
+
+    # -- sleep mode (standby workers) ---------------------------------------------------------
+
+    def put_to_sleep(self, worker_id: str) -> None:
+        """Put a standby worker to sleep at its level, once its requests in flight are done.
+        SleepModeError when it cannot."""
+        self._sleep_mode(self._standby_record(worker_id), "sleep")
+
+    def wake_up(self, worker_id: str) -> None:
+        """Wake a sleeping standby worker (and reload its weights after a level-2 sleep)."""
+        self._sleep_mode(self._standby_record(worker_id), "wake")
+
+    def is_sleeping(self, worker_id: str) -> bool | None:
+        """Whether a standby worker sleeps now; None when it does not say."""
+        record = self.store.read_record(worker_id)
+        if record is None or record.spec.standby is None or record.phase.dead:
+            return None
+        try:
+            return self._sleep_mode(record, "is_sleeping")
+        except SleepModeError:
+            return None
+
+    def _standby_record(self, worker_id: str) -> WorkerRecord:
+        record = self.store.read_record(worker_id)
+        if record is None or record.phase.dead:
+            raise SleepModeError(f"{worker_id} is not running")
+        if record.spec.standby is None:
+            raise SleepModeError(f"{worker_id} is not a standby worker (it has no sleep mode)")
+        return record
+
+    def _sleep_mode(self, record: WorkerRecord, action: str) -> bool | None:
+        """One sleep-mode action on the worker (runtime.sleepmode.act), wherever it runs."""
+        raise NotImplementedError
 
     def mark_unhealthy(self, worker_id: str, detail: str) -> None:
         record = self.store.read_record(worker_id)

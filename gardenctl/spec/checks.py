@@ -99,6 +99,9 @@ ARG_RULES: dict[str, Refusal] = {
     "--no-trust-remote-code": _managed("trust_remote_code"),
     "--shutdown-timeout": _managed("shutdown_timeout"),
     "--model": _managed("model"),
+    # Standby workers get it (and VLLM_SERVER_DEV_MODE=1 for the /sleep and /wake_up routes);
+    # on any other worker sleep mode would be memory the plan cannot account for.
+    "--enable-sleep-mode": _managed("standby"),
     # Tensor-parallel workers run vLLM's multiprocessing backend on the plan's GPUs: its Ray
     # backend (chosen by vLLM itself inside a Ray placement group) asks Ray for whole GPUs of
     # its own and ignores the plan's shares (docs/vllm.md section 15).

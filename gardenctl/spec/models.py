@@ -159,6 +159,40 @@ class RolloutPolicy(_Strict):
     )
 
 
+def _standby_shorthand(value: Any) -> Any:
+    """`standby: sleep` is `standby: {mode: sleep}`."""
+    return {"mode": value} if isinstance(value, str) else value
+
+
+class StandbySpec(_Strict):
+    """More models than fit at once: the worker sleeps (vLLM's sleep mode) until a request for
+    it reaches the gateway, and sleeps again when idle. While asleep it keeps only what sleep
+    mode leaves on the GPU (the CUDA context, non-torch memory, the CUDA-graph pool), so several
+    standby models share the memory one of them needs awake."""
+
+    mode: Literal["sleep"] = Field(
+        "sleep",
+        description=(
+            "sleep: vLLM's sleep mode (--enable-sleep-mode); the worker process stays up and "
+            "wakes in seconds."
+        ),
+    )
+    level: Literal[1, 2] = Field(
+        1,
+        description=(
+            "1: weights are kept in host RAM while asleep (the plan checks host memory), the "
+            "fastest wake-up; 2: weights are dropped and reloaded from disk on wake-up."
+        ),
+    )
+    idle_timeout: Seconds = Field(
+        300.0, gt=0,
+        description="A woken worker with no request for this long is put to sleep again.",
+    )
+
+
+Standby = Annotated[StandbySpec, BeforeValidator(_standby_shorthand)]
+
+
 class ModelSettings(_Strict):
     """Every setting of a model that `defaults:` may also give (a model's own value wins)."""
 
@@ -280,6 +314,14 @@ class ModelSettings(_Strict):
         default=RolloutPolicy(),
         description="How replicas are replaced when the model's settings change.",
     )
+    standby: Standby | None = Field(
+        None,
+        description=(
+            "Sleep until a request comes (`standby: sleep`, or {mode: sleep, level: 1|2, "
+            "idle_timeout}): standby models share GPU memory, one woken at a time per GPU "
+            "by the gateway. Unset: always awake."
+        ),
+    )
 
 
 class ModelSpec(ModelSettings):
@@ -304,6 +346,13 @@ class GpuGroupSpec(_Strict):
 class NodeSpec(_Strict):
     name: Name
     gpus: list[GpuGroupSpec] = Field(min_length=1)
+    host_memory: ByteSize | None = Field(
+        None, gt=0,
+        description=(
+            "The node's host RAM (e.g. 512GiB): level-1 standby models keep their weights "
+            "there while asleep. Unset: not checked for a declared node."
+        ),
+    )
 
 
 class InventorySpec(_Strict):
@@ -336,6 +385,15 @@ class PlacementPolicy(_Strict):
         description="gardenctl (itemised), or a seed project's estimator as a baseline.",
     )
     base_port: int = Field(8001, ge=1024, le=65535, description="First port assigned.")
+    standby_host_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description=(
+            "Share of a node's host RAM that the weights of its level-1 sleeping workers may "
+            "take (vLLM backs them up in pinned memory, which the OS cannot swap out)."
+        ),
+    )
 
 
 class RuntimeSpec(_Strict):
@@ -370,6 +428,13 @@ class GatewaySpec(_Strict):
     read_timeout: Seconds = Field(
         600.0, gt=0,
         description="Seconds a worker may stay silent (before its answer or between two chunks).",
+    )
+    wake_timeout: Seconds = Field(
+        120.0, gt=0,
+        description=(
+            "How long a request for a sleeping model may wait while the gateway wakes it (and "
+            "first puts idle models to sleep to make room); then 503 with Retry-After."
+        ),
     )
 
     @model_validator(mode="after")

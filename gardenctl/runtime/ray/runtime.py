@@ -34,6 +34,7 @@ from gardenctl.runtime.records import (
     RecordedRuntime,
     api_key_of,
 )
+from gardenctl.runtime.sleepmode import SleepModeError
 from gardenctl.state import WorkerRecord
 from gardenctl.vocab import Cause, Phase
 from gardenctl.workers import SPEC_HASH_ENV, STATE_ENV, WORKER_ID_ENV, DesiredWorker
@@ -137,6 +138,19 @@ class RayRuntime(RecordedRuntime):
                                    1.0))
         except ActorGone:
             return False
+
+    def _sleep_mode(self, record: WorkerRecord, action: str) -> bool | None:
+        """From the worker's node (its address may be loopback there)."""
+        spec = record.spec
+        level = spec.standby.level if spec.standby else 1
+        try:
+            answer = self._call(record.worker_id, "sleep_mode", action, spec.host, spec.port,
+                                level, api_key_of(record, self.environ))
+        except ActorGone as exc:
+            raise SleepModeError(str(exc)) from None
+        if isinstance(answer, dict):
+            raise SleepModeError(str(answer.get("error", answer)))
+        return answer if isinstance(answer, bool) else None
 
     def _probe_health(self, record: WorkerRecord) -> str | None:
         spec = record.spec

@@ -233,6 +233,17 @@ class WorkerSupervisor:
     def probe_health(self, host: str, port: int, timeout: float) -> str | None:
         return probe_liveness(host, port, timeout)
 
+    def sleep_mode(self, action: str, host: str, port: int, level: int,
+                   api_key: str | None) -> bool | dict[str, str] | None:
+        """A sleep-mode action (runtime.sleepmode.act) from this node; a SleepModeError comes
+        back as {"error": its text}."""
+        from gardenctl.runtime import sleepmode
+
+        try:
+            return sleepmode.act(action, host, port, level, api_key)
+        except sleepmode.SleepModeError as exc:
+            return {"error": str(exc)}
+
     # -- stop ------------------------------------------------------------------------------
 
     def stop(self, grace: float) -> dict[str, Any]:
