@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from gardenctl.backoff import BackoffPolicy, failures_in_a_row
 from gardenctl.errors import GardenError
 from gardenctl.observe import Observed, ObservedWorker
+from gardenctl.placement.standby import booked_bytes
 from gardenctl.plan.model import Plan, Step
 from gardenctl.profiles.learn import Measured
-from gardenctl.state import StateDir
+from gardenctl.state import StandbyView, StateDir
 from gardenctl.vocab import StepKind
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ class WorkerStatusRow:
     failures: int  # failed runs in a row (backoff)
     next_start_after: float | None  # backoff: not before this wall-clock time
     memory: WorkerMemory | None = None  # claimed / measured / estimated, per GPU
+    standby: StandbyStatus | None = None  # standby workers only
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,7 +78,27 @@ class WorkerStatusRow:
             "estimated_bytes": self.memory.estimated_bytes if self.memory else None,
             "memory_source": self.memory.source if self.memory else None,
             "memory_notes": list(self.memory.notes) if self.memory else [],
+            "standby": self.standby.to_json() if self.standby is not None else None,
         }
+
+
+@dataclass(frozen=True)
+class StandbyStatus:
+    """A standby worker's sleep: its level, its state now (awake, asleep, waking, sleeping;
+    "unknown" when neither the worker nor a gateway says), and the gateway's wake-up count,
+    last wake-up (wall time) and how long that took."""
+
+    level: int
+    asleep_bytes: int
+    state: str
+    wakes: int = 0
+    last_wake: float | None = None
+    last_wake_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"level": self.level, "asleep_bytes": self.asleep_bytes, "state": self.state,
+                "wakes": self.wakes, "last_wake": self.last_wake,
+                "last_wake_s": self.last_wake_s}
 
 
 @dataclass(frozen=True)
@@ -159,15 +182,18 @@ def gather_status(garden_path: str, inventory_path: str | None, state_path: str 
     others = used_by_others(inventory, observed, loaded.garden.name)
     pids = {pid for w in mine.workers for pid in w.pids}
     for gpu in inventory.gpus:
-        claimed = sum(w.claim_bytes for w in mine.workers
-                      if w.running and w.node == gpu.node and gpu.index in w.gpus)
+        claimed = booked_bytes(
+            (w.claim_bytes, w.spec.standby.asleep_bytes if w.spec.standby else None)
+            for w in mine.workers if w.running and w.node == gpu.node and gpu.index in w.gpus)
         used = None
         if inventory.used_includes_ours:
             used = sum(p.used_bytes or 0 for p in gpu.processes if p.pid in pids)
         report.gpus.append(GpuStatus(gpu.node, gpu.index, gpu.name, gpu.total_bytes,
                                      others.get(gpu.key, 0), claimed, used))
     runtime = read_only_runtime(loaded, inventory, state)  # reads the workers' logs
-    report.workers = [replace(row, memory=_memory(row, plan, result, runtime))
+    views = state.read_standby(loaded.garden.name)
+    report.workers = [replace(row, memory=_memory(row, plan, result, runtime),
+                              standby=_standby(mine.get(row.worker_id), runtime, views))
                       for row in worker_rows(plan, mine, now)]
     report.watch = _watch_info(state, loaded.garden.name)
     report.log_tails = _ended_tails(runtime, mine)
@@ -213,6 +239,26 @@ def _row(current: ObservedWorker | None, step: Step | None, now: float,
         current.cause.value if current.cause else None, current.hint, current.pid,
         current.utilization, current.claim_bytes, next_step, step.cause if step else "",
         failures, until)
+
+
+def _standby(current: ObservedWorker | None, runtime: Runtime | None,
+             views: Mapping[str, StandbyView]) -> StandbyStatus | None:
+    """Asleep or awake from the worker itself (GET /is_sleeping); waking, sleeping and the
+    wake-up figures from the gateway's file, when it speaks of this very process."""
+    if current is None or current.spec.standby is None or not current.running:
+        return None
+    standby = current.spec.standby
+    view = views.get(current.worker_id)
+    if view is not None and view.pid != current.pid:
+        view = None  # about an earlier run
+    asleep = runtime.is_sleeping(current.worker_id) if runtime is not None else None
+    state = ("asleep" if asleep else "awake") if asleep is not None else "unknown"
+    if view is not None and view.state in ("waking", "sleeping"):
+        state = view.state
+    if view is None:
+        return StandbyStatus(standby.level, standby.asleep_bytes, state)
+    return StandbyStatus(standby.level, standby.asleep_bytes, state, view.wakes,
+                         view.last_wake, view.last_wake_s)
 
 
 def _memory(row: WorkerStatusRow, plan: Plan, result: Any,

@@ -80,6 +80,7 @@ def render_status(report: Any) -> str:
     for row in [header, *rows]:
         lines.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
     lines += _memory_lines(report.workers)
+    lines += _standby_lines(report.workers)
     for worker_id, tail in sorted(report.log_tails.items()):
         if tail:
             lines.append(f"  last log lines of {shown(worker_id)} (gardenctl logs "
@@ -124,6 +125,33 @@ def _memory_lines(workers: list[Any]) -> list[str]:
     return lines
 
 
+def _standby_lines(workers: list[Any]) -> list[str]:
+    """Standby workers: awake or asleep now, and the gateway's wake-ups."""
+    from gardenctl.text import shown
+    from gardenctl.units import format_size
+
+    rows = [w for w in workers if w.standby is not None]
+    if not rows:
+        return []
+    lines = ["", "Standby (asleep until a request reaches the gateway; wake-ups as the gateway "
+             "counts them):"]
+    header = ("WORKER", "STATE", "LEVEL", "ASLEEP HOLDS", "WAKES", "LAST WAKE")
+    table = []
+    for w in rows:
+        standby = w.standby
+        last = "-"
+        if standby.last_wake is not None:
+            last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(standby.last_wake))
+            if standby.last_wake_s is not None:
+                last += f" (took {standby.last_wake_s:.2f}s)"
+        table.append((shown(w.worker_id), standby.state, str(standby.level),
+                      format_size(standby.asleep_bytes), str(standby.wakes), last))
+    widths = [max(len(r[i]) for r in [*table, header]) for i in range(len(header))]
+    for row in [header, *table]:
+        lines.append("  " + "  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())
+    return lines
+
+
 def _measured_text(measured: Any) -> str:
     from gardenctl.units import format_size
 
@@ -150,6 +178,8 @@ def _measured_text(measured: Any) -> str:
 
 
 def _phase(worker: Any) -> str:
+    if worker.standby is not None and worker.phase == "ready":
+        return f"ready ({worker.standby.state})"
     if worker.next_step == "hold" and worker.next_start_after:
         wait = max(0, worker.next_start_after - time.time())
         return f"{worker.phase}, restart in {wait:.0f}s ({worker.failures} in a row)"

@@ -29,7 +29,13 @@ from gardenctl.placement import model as m
 from gardenctl.placement.choose import STRATEGIES, choose, claims_by_size
 from gardenctl.placement.ledger import GpuKey, Pool
 from gardenctl.placement.reasons import reasons
-from gardenctl.placement.standby import choose_standby, host_budget, host_reason, standby_of
+from gardenctl.placement.standby import (
+    booked_bytes,
+    choose_standby,
+    host_budget,
+    host_reason,
+    standby_of,
+)
 from gardenctl.placement.utilization import UTILIZATION_STEP, claim_bytes
 from gardenctl.spec.models import PlacementPolicy
 from gardenctl.units import floor_to
@@ -185,14 +191,6 @@ def _book(pool: Pool, assignment: m.Assignment, request: m.WorkerRequest, *, new
         pool.take_host(assignment.node, request.host_bytes)
 
 
-def _standby_saving(standby: Sequence[tuple[int, int]]) -> int:
-    """What booking standby workers asleep plus one wake slot saves over their awake claims."""
-    if not standby:
-        return 0
-    slot = max(awake - asleep for awake, asleep in standby)
-    return sum(awake - asleep for awake, asleep in standby) - slot
-
-
 def _as_assignment(holding: m.Holding) -> m.Assignment:
     return m.Assignment(holding.worker_id, holding.model, holding.node, holding.gpus,
                         holding.utilization, holding.claim_bytes, kept=True)
@@ -238,18 +236,19 @@ def _ledger_rows(gpus: Sequence[Gpu], others: Mapping[GpuKey, int], reserve: int
                  holdings: Sequence[m.Holding],
                  after: Iterable[m.Assignment]) -> tuple[m.LedgerRow, ...]:
     before_by_gpu: dict[GpuKey, list[tuple[str, int]]] = {}
-    asleep_before: dict[GpuKey, list[tuple[int, int]]] = {}  # (awake, asleep) of standby ones
+    booked_before: dict[GpuKey, list[tuple[int, int | None]]] = {}  # (awake, asleep)
     for h in holdings:
         for index in h.gpus:
             before_by_gpu.setdefault((h.node, index), []).append((h.worker_id, h.claim_bytes))
-            if h.asleep_bytes is not None:
-                asleep_before.setdefault((h.node, index), []).append((h.claim_bytes,
-                                                                      h.asleep_bytes))
+            booked_before.setdefault((h.node, index), []).append((h.claim_bytes,
+                                                                  h.asleep_bytes))
     after_by_gpu: dict[GpuKey, list[tuple[str, int]]] = {}
     standby_by_gpu: dict[GpuKey, list[tuple[str, int, int]]] = {}
+    booked_after: dict[GpuKey, list[tuple[int, int | None]]] = {}
     for a in after:
         for index in a.gpus:
             after_by_gpu.setdefault((a.node, index), []).append((a.worker_id, a.claim_bytes))
+            booked_after.setdefault((a.node, index), []).append((a.claim_bytes, a.asleep_bytes))
             if a.asleep_bytes is not None:
                 standby_by_gpu.setdefault((a.node, index), []).append(
                     (a.worker_id, a.claim_bytes, a.asleep_bytes))
@@ -261,10 +260,8 @@ def _ledger_rows(gpus: Sequence[Gpu], others: Mapping[GpuKey, int], reserve: int
         row = m.LedgerRow(
             node=gpu.node, index=gpu.index, name=gpu.name, total_bytes=gpu.total_bytes,
             used_by_others_bytes=others.get(gpu.key, 0), reserve_bytes=reserve,
-            claimed_before_bytes=sum(b for _, b in before) - _standby_saving(
-                asleep_before.get(gpu.key, [])),
-            claimed_after_bytes=sum(b for _, b in after_list) - _standby_saving(
-                [(awake, asleep) for _, awake, asleep in standby]),
+            claimed_before_bytes=booked_bytes(booked_before.get(gpu.key, [])),
+            claimed_after_bytes=booked_bytes(booked_after.get(gpu.key, [])),
             workers_before=before, workers_after=after_list, standby_after=standby,
         )
         rows.append(row)

@@ -19,7 +19,7 @@ weights in host RAM while asleep: the node must have that much left of its stand
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from gardenctl.placement import model as m
 from gardenctl.placement.choose import Choice, candidate_keys, claims_by_size
@@ -101,6 +101,19 @@ def standby_of(request: m.WorkerRequest, choice_claim: int) -> int | None:
     return None if asleep is None else min(asleep, choice_claim)
 
 
+def booked_bytes(claims: Iterable[tuple[int, int | None]]) -> int:
+    """What a GPU's workers book, given (awake claim, asleep bytes or None) each: always-awake
+    claims, plus standby workers asleep, plus one wake slot (their largest awake - asleep)."""
+    total, slot = 0, 0
+    for awake, asleep in claims:
+        if asleep is None:
+            total += awake
+        else:
+            total += asleep
+            slot = max(slot, awake - asleep)
+    return total + slot
+
+
 def host_budget(nodes: dict[str, int | None], fraction: float) -> dict[str, int]:
     """Host RAM per node that level-1 sleeping workers may take (nodes of unknown RAM: none
     listed, so not checked)."""
@@ -108,4 +121,4 @@ def host_budget(nodes: dict[str, int | None], fraction: float) -> dict[str, int]
             if total is not None}
 
 
-__all__ = ["GpuKey", "choose_standby", "host_budget", "host_reason", "standby_of"]
+__all__ = ["GpuKey", "booked_bytes", "choose_standby", "host_budget", "host_reason", "standby_of"]
