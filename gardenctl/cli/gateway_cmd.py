@@ -4,6 +4,8 @@ aiohttp is imported here, when the command runs, never by `import gardenctl.cli`
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from gardenctl.cli.options import garden_file, inventory_file, runtime_choice, state_dir
@@ -26,10 +28,19 @@ def gateway(garden_path: str, inventory_path: str | None, state_path: str | None
     goes to a ready worker of the model it names, the least busy first; workers that start,
     stop or move, and edits of the file, are followed without a restart. GET /health and
     /metrics (Prometheus). Ctrl-C or SIGTERM stops it; the workers keep running."""
+    from gardenctl.gateway.app import serve
+
+    serve(*prepare_gateway(garden_path, inventory_path, state_path, host, port, refresh_s))
+
+
+def prepare_gateway(garden_path: str, inventory_path: str | None, state_path: str | None,
+                    host: str | None, port: int | None, refresh_s: float) -> tuple[Any, Any]:
+    """The gateway's state and where it listens (also for `watch --gateway`); GardenError for
+    a key that is not set, or a non-loopback address without a key."""
     import logging
 
     from gardenctl.errors import GardenError
-    from gardenctl.gateway.app import Gateway, GatewayOptions, serve
+    from gardenctl.gateway.app import Gateway, GatewayOptions
     from gardenctl.gateway.discovery import Discovery
     from gardenctl.spec.models import LOOPBACK_HOSTS
 
@@ -47,4 +58,4 @@ def gateway(garden_path: str, inventory_path: str | None, state_path: str | None
         raise GardenError(f"--host {options.host} would expose every model beyond this machine "
                           "without an API key; set gateway.api_key: \"${GATEWAY_API_KEY}\" in "
                           "the garden, or listen on 127.0.0.1")
-    serve(Gateway(discovery, view, refresh_s), options)
+    return Gateway(discovery, view, refresh_s), options

@@ -33,12 +33,17 @@ if TYPE_CHECKING:
               help="Poll the file instead of file events (network mounts, WSL).")
 @click.option("--allow-empty", is_flag=True,
               help="Accept a file version that would stop every worker.")
+@click.option("--gateway", "with_gateway", is_flag=True,
+              help="Also serve the garden's models on one OpenAI endpoint (the garden's "
+              "gateway: section), in this process.")
 def watch(garden_path: str, inventory_path: str | None, state_path: str | None, output: str,
-          resync: float, debounce_ms: int, poll: bool, allow_empty: bool) -> None:
+          resync: float, debounce_ms: int, poll: bool, allow_empty: bool,
+          with_gateway: bool) -> None:
     """Keep the workers as the garden file says: re-converge on each save, on a worker's death
     (with crash-loop backoff) and every --resync seconds. A broken or unplaceable edit changes
-    nothing. One event line per action (-o json: JSON lines). SIGTERM or Ctrl-C stops watching
-    and leaves the workers running; `gardenctl down` stops them."""
+    nothing. One event line per action (-o json: JSON lines). With --gateway the same process
+    serves the models on one endpoint (as `gardenctl gateway`). SIGTERM or Ctrl-C stops watching
+    (and serving) and leaves the workers running; `gardenctl down` stops them."""
     from gardenctl.events import EventLog
     from gardenctl.session import open_session
     from gardenctl.watch import Watcher, WatchOptions
@@ -55,13 +60,29 @@ def watch(garden_path: str, inventory_path: str | None, state_path: str | None, 
             watcher.request_stop(signal.Signals(signum).name)  # flags only: signal-safe
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        served = _start_gateway(garden_path, inventory_path, state_path) if with_gateway \
+            else None
         try:
             watcher.run()
         finally:
+            if served is not None:
+                served.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if watcher.fatal is not None:
             raise watcher.fatal
+
+
+def _start_gateway(garden_path: str, inventory_path: str | None,
+                   state_path: str | None) -> Any:
+    """The gateway, listening in a thread of this process (aiohttp is imported only now)."""
+    from gardenctl.cli.gateway_cmd import prepare_gateway
+    from gardenctl.gateway.background import BackgroundGateway
+
+    served = BackgroundGateway(*prepare_gateway(garden_path, inventory_path, state_path,
+                                                None, None, 1.0))
+    served.start()
+    return served
 
 
 def _lock_now(session: Session, garden_path: str) -> None:
