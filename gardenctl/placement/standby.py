@@ -12,7 +12,10 @@ sleep (the executor puts them to sleep first).
 Choice, among the GPUs the worker may use (pins, one size and one node for tensor
 parallelism, replicas apart when asked): the smallest cost first (a GPU whose wake slot already
 covers the worker costs only its asleep bytes, so standby models gather where a slot exists),
-then GPUs that hold our workers, filled best, then the roomiest empty one. Level 1 keeps the
+then GPUs that hold our workers, filled best, then the roomiest empty one. The min-available
+threshold (placement.min_available_gpu_fraction) applies when a worker grows a GPU's awake
+memory (opens or widens its wake slot), not when it joins a slot that already covers it: a GPU
+full of sleeping models is the point. Level 1 keeps the
 weights in host RAM while asleep: the node must have that much left of its standby share
 (`placement.standby_host_fraction`). A few hundred standby workers are scanned GPU by GPU.
 """
@@ -65,8 +68,9 @@ def _candidates(request: m.WorkerRequest, pool: Pool, claims: dict[int, tuple[fl
             continue
         awake = claims[total][1]
         cost = account.standby_cost(awake, min(asleep, awake))
-        if not pool.fits(key, cost) or not pool.admits(key, cost):
-            continue
+        if not pool.fits(key, cost) or (cost > asleep and not pool.admits(key, cost)):
+            continue  # the min-available threshold guards awake memory: a slot that covers
+            # the worker already is that memory, so joining it is not held to the threshold
         ours = pool.holds_ours(key)
         leftover = pool.free[key] - cost
         groups.setdefault((key[0], total), []).append(
