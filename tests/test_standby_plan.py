@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 import pytest
-from builders import GiB, estimate, garden_text, inventory, plan_for, policy, request
+from builders import GiB, garden_text, inventory, plan_for, policy, request
 
 from gardenctl.errors import SpecError
 from gardenctl.estimate.types import Item
@@ -74,7 +74,8 @@ def test_a_standby_model_too_big_to_wake_on_any_gpu_is_unplaced_with_numbers():
     placement = place([request("g/always/0", 30), standby("g/big/0", 16)],
                       inventory(("node-a", 1, 40)), policy(min_available_gpu_fraction=0))
     assert [u.worker_id for u in placement.unplaced] == ["g/big/0"]
-    assert "free" in placement.unplaced[0].reasons[0].message
+    message = placement.unplaced[0].reasons[0].message
+    assert "asleep" in message and "more wake slot" in message and "free" in message
 
 
 def test_standby_models_gather_where_a_wake_slot_already_exists():

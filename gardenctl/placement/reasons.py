@@ -80,6 +80,9 @@ def _gpu_reason(request: m.WorkerRequest, pool: Pool, policy: PlacementPolicy,
                         f"{label}: holds a replica of {request.model} (spread_replicas)",
                         node=key[0], gpu=key[1], requested_bytes=claim, free_bytes=free,
                         total_bytes=total)
+    asleep = request.asleep_bytes
+    if asleep is not None:  # standby: booked asleep, plus what it widens the wake slot by
+        return _standby_reason(pool, policy, key, claim, min(asleep, claim))
     if free >= claim and not pool.admits(key, claim):
         unclaimed = (total - account.others - account.claimed) / total
         return m.Reason(m.BELOW_MIN_AVAILABLE,
@@ -90,4 +93,25 @@ def _gpu_reason(request: m.WorkerRequest, pool: Pool, policy: PlacementPolicy,
     return m.Reason(m.INSUFFICIENT_MEMORY,
                     f"{label}: needs {format_size(claim)}, {format_size(max(free, 0))} free",
                     node=key[0], gpu=key[1], requested_bytes=claim, free_bytes=free,
+                    total_bytes=total)
+
+
+def _standby_reason(pool: Pool, policy: PlacementPolicy, key: GpuKey, claim: int,
+                    asleep: int) -> m.Reason:
+    account = pool.accounts[key]
+    total, free, label = account.gpu.total_bytes, pool.free[key], account.gpu.label
+    cost = account.standby_cost(claim, asleep)
+    if free >= cost and cost > asleep and not pool.admits(key, cost):
+        unclaimed = (total - account.others - account.claimed) / total
+        return m.Reason(m.BELOW_MIN_AVAILABLE,
+                        f"{label}: only {unclaimed:.0%} of it is unclaimed, below "
+                        f"min_available_gpu_fraction {policy.min_available_gpu_fraction:.0%} "
+                        f"(its wake-up would widen the GPU's wake slot by "
+                        f"{format_size(cost - asleep)})", node=key[0], gpu=key[1],
+                        requested_bytes=cost, free_bytes=free, total_bytes=total)
+    widen = f" + {format_size(cost - asleep)} more wake slot" if cost > asleep else ""
+    return m.Reason(m.INSUFFICIENT_MEMORY,
+                    f"{label}: needs {format_size(cost)} ({format_size(asleep)} asleep{widen}; "
+                    f"{format_size(claim)} awake), {format_size(max(free, 0))} free",
+                    node=key[0], gpu=key[1], requested_bytes=cost, free_bytes=free,
                     total_bytes=total)
