@@ -17,10 +17,12 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     PlainSerializer,
     WithJsonSchema,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
 
 from gardenctl.units import VALID_SIZE_HINT, parse_size
 
@@ -190,7 +192,16 @@ class StandbySpec(_Strict):
     )
 
 
-Standby = Annotated[StandbySpec, BeforeValidator(_standby_shorthand)]
+class _ModeShorthand:
+    """In the JSON schema, `standby:` is also a bare mode (`standby: sleep`)."""
+
+    def __get_pydantic_json_schema__(self, core_schema: Any,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return {"anyOf": [{"enum": ["sleep"], "description": "= {mode: sleep}"},
+                          handler(core_schema)]}
+
+
+Standby = Annotated[StandbySpec, BeforeValidator(_standby_shorthand), _ModeShorthand()]
 
 
 class ModelSettings(_Strict):
