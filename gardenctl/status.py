@@ -85,18 +85,22 @@ class WorkerStatusRow:
 @dataclass(frozen=True)
 class StandbyStatus:
     """A standby worker's sleep: its level, its state now (awake, asleep, waking, sleeping;
-    "unknown" when neither the worker nor a gateway says), and the gateway's wake-up count,
-    last wake-up (wall time) and how long that took."""
+    "unknown" when neither the worker nor a gateway says), what waking it takes back (planned,
+    and measured by its own sleep), and the gateway's wake-up count, last wake-up (wall time)
+    and how long that took."""
 
     level: int
     asleep_bytes: int
     state: str
+    wake_bytes: int  # what waking it takes back, as planned (awake claim - asleep bytes)
+    measured_wake_bytes: int | None  # what its first sleep freed, from its vLLM log
     wakes: int = 0
     last_wake: float | None = None
     last_wake_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"level": self.level, "asleep_bytes": self.asleep_bytes, "state": self.state,
+                "wake_bytes": self.wake_bytes, "measured_wake_bytes": self.measured_wake_bytes,
                 "wakes": self.wakes, "last_wake": self.last_wake,
                 "last_wake_s": self.last_wake_s}
 
@@ -192,9 +196,11 @@ def gather_status(garden_path: str, inventory_path: str | None, state_path: str 
                                      others.get(gpu.key, 0), claimed, used))
     runtime = read_only_runtime(loaded, inventory, state)  # reads the workers' logs
     views = state.read_standby(loaded.garden.name)
-    report.workers = [replace(row, memory=_memory(row, plan, result, runtime),
-                              standby=_standby(mine.get(row.worker_id), runtime, views))
-                      for row in worker_rows(plan, mine, now)]
+    rows = [replace(row, memory=_memory(row, plan, result, runtime))
+            for row in worker_rows(plan, mine, now)]
+    report.workers = [replace(row, standby=_standby(mine.get(row.worker_id), runtime, views,
+                                                    row.memory))
+                      for row in rows]
     report.watch = _watch_info(state, loaded.garden.name)
     report.log_tails = _ended_tails(runtime, mine)
     return report
@@ -242,12 +248,16 @@ def _row(current: ObservedWorker | None, step: Step | None, now: float,
 
 
 def _standby(current: ObservedWorker | None, runtime: Runtime | None,
-             views: Mapping[str, StandbyView]) -> StandbyStatus | None:
+             views: Mapping[str, StandbyView],
+             memory: WorkerMemory | None) -> StandbyStatus | None:
     """Asleep or awake from the worker itself (GET /is_sleeping); waking, sleeping and the
     wake-up figures from the gateway's file, when it speaks of this very process."""
     if current is None or current.spec.standby is None or not current.running:
         return None
     standby = current.spec.standby
+    measured = memory.measured if memory is not None else None
+    freed = measured.sleep_freed_bytes if measured is not None else None
+    wake = (current.claim_bytes - standby.asleep_bytes, freed)
     view = views.get(current.worker_id)
     if view is not None and view.pid != current.pid:
         view = None  # about an earlier run
@@ -256,8 +266,8 @@ def _standby(current: ObservedWorker | None, runtime: Runtime | None,
     if view is not None and view.state in ("waking", "sleeping"):
         state = view.state
     if view is None:
-        return StandbyStatus(standby.level, standby.asleep_bytes, state)
-    return StandbyStatus(standby.level, standby.asleep_bytes, state, view.wakes,
+        return StandbyStatus(standby.level, standby.asleep_bytes, state, *wake)
+    return StandbyStatus(standby.level, standby.asleep_bytes, state, *wake, view.wakes,
                          view.last_wake, view.last_wake_s)
 
 

@@ -292,3 +292,24 @@ def test_non_default_args_with_a_non_literal_keep_the_literal_entries():
 
     assert args["model"] == "m" and args["revision"] == "abc"
     assert args["max_model_len"] == 4096 and args["api_key"] == "***"
+
+
+def test_a_standby_workers_first_sleep_is_measured_and_opens_no_start():
+    """vLLM 0.32's Worker.sleep line, as the stand-in writes it after `Application startup
+    complete` (its first figure is what the sleep freed on this GPU; the second is the whole
+    device's use, other processes included)."""
+    start = "\n".join([
+        "(EngineCore_DP0 pid=7) INFO 12-02 05:31:27 [gpu_model_runner.py] Model loading took "
+        "1.0 GiB memory and 0.500000 seconds",
+        "(EngineCore_DP0 pid=7) INFO 12-02 05:31:27 [gpu_worker.py] Available KV cache memory: "
+        "16.1 GiB",
+        "INFO:     Application startup complete.",
+    ])
+    sleep = ("(EngineCore_DP0 pid=7) INFO 12-02 05:31:28 [gpu_worker.py] Sleep mode freed "
+             "{freed} GiB memory, 1.6 GiB memory is still in use.")
+    report = read_startup("\n".join([start, sleep.format(freed="17.1"),
+                                     sleep.format(freed="9.5")]))
+    assert report.starts == 1 and report.ready
+    assert report.kv_cache_bytes == gib(16.1)
+    assert report.sleep_freed_bytes == gib(17.1)  # the first sleep: nothing was woken before
+    assert read_startup(start).sleep_freed_bytes is None

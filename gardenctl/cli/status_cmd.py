@@ -133,9 +133,10 @@ def _standby_lines(workers: list[Any]) -> list[str]:
     rows = [w for w in workers if w.standby is not None]
     if not rows:
         return []
-    lines = ["", "Standby (asleep until a request reaches the gateway; wake-ups as the gateway "
-             "counts them):"]
-    header = ("WORKER", "STATE", "LEVEL", "ASLEEP HOLDS", "WAKES", "LAST WAKE")
+    lines = ["", "Standby (asleep until a request reaches the gateway; what a wake-up takes back "
+             "as planned, and as its first sleep freed; wake-ups as the gateway counts them):"]
+    header = ("WORKER", "STATE", "LEVEL", "ASLEEP HOLDS", "WAKE-UP TAKES (MEASURED)", "WAKES",
+              "LAST WAKE")
     table = []
     for w in rows:
         standby = w.standby
@@ -144,8 +145,12 @@ def _standby_lines(workers: list[Any]) -> list[str]:
             last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(standby.last_wake))
             if standby.last_wake_s is not None:
                 last += f" (took {standby.last_wake_s:.2f}s)"
+        measured = ("not yet" if standby.measured_wake_bytes is None
+                    else format_size(standby.measured_wake_bytes))
         table.append((shown(w.worker_id), standby.state, str(standby.level),
-                      format_size(standby.asleep_bytes), str(standby.wakes), last))
+                      format_size(standby.asleep_bytes),
+                      f"{format_size(standby.wake_bytes)} ({measured})", str(standby.wakes),
+                      last))
     widths = [max(len(r[i]) for r in [*table, header]) for i in range(len(header))]
     for row in [header, *table]:
         lines.append("  " + "  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())

@@ -48,6 +48,11 @@ DEFAULT_MAX_FILE_BYTES = 8 * 1024 * 1024
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _NUMBER = r"(-?\d+(?:\.\d+)?)"
 _GIB = _NUMBER + r"\s*GiB"
+# vLLM's Worker.sleep (0.32 gpu_worker.py): what the sleep freed on this rank's GPU (the
+# second figure is the whole device's use, other processes included: not this worker's)
+_SLEEP_NEEDLE = "Sleep mode freed"
+_SLEEP_FREED = re.compile(r"Sleep mode freed " + _GIB + r" memory, " + _GIB
+                          + r" memory is still in use")
 _INT = r"(\d[\d,]*)"
 
 
@@ -79,6 +84,7 @@ class StartupReport:
     cuda_graph_estimated_bytes: int | None = None  # "Estimated CUDA graph memory: X GiB total"
     init_engine_seconds: float | None = None  # "init engine (...) took X s"
     weights_seconds: float | None = None  # "Model loading took X GiB ... and Y seconds"
+    sleep_freed_bytes: int | None = None  # the first sleep after this start: what it freed
     # The `non-default args: {...}` dict (0.9.1+) as logged (vLLM masks secrets); its values
     # are Python literals; an entry that is not one is left out. Empty when not logged.
     args: dict[str, object] = field(default_factory=dict)
@@ -328,6 +334,11 @@ class _Reader:
                 self.start.ended = True
             return
         if _other_rank(line):
+            return
+        if _SLEEP_NEEDLE in line:  # after ready: never opens a start (standby workers)
+            m = _SLEEP_FREED.search(line)
+            if m and self.starts and self.start.ready:
+                self.start.set("sleep_freed_bytes", _gib(m.group(1)))
             return
         m = _LOGO_MODEL.search(line)
         if m:

@@ -53,13 +53,15 @@ class Measured:
     gpu_memory_utilization: float | None = None
     gpu_total_bytes: int | None = None
     cuda_graph_estimated_bytes: int | None = None  # vLLM's estimate the budget held (0.18+)
+    sleep_freed_bytes: int | None = None  # standby: what its first sleep freed on each GPU
 
     def to_json(self) -> dict[str, Any]:
         return {"vllm_version": self.vllm_version, "weights_bytes": self.weights_bytes,
                 "kv_cache_bytes": self.kv_cache_bytes, "kv_cache_tokens": self.kv_cache_tokens,
                 "max_concurrency": self.max_concurrency,
                 "cuda_graph_bytes": self.cuda_graph_bytes, "non_kv_bytes": self.non_kv_bytes,
-                "gpu_used_bytes": self.gpu_used_bytes}
+                "gpu_used_bytes": self.gpu_used_bytes,
+                "sleep_freed_bytes": self.sleep_freed_bytes}
 
     @property
     def complete(self) -> bool:
@@ -93,7 +95,8 @@ def measured_from(report: StartupReport, *, utilization: float | None,
         max_concurrency=report.max_concurrency, cuda_graph_bytes=report.cuda_graph_bytes,
         non_kv_bytes=non_kv, gpu_used_bytes=gpu_used_bytes, max_model_len=report.max_model_len,
         gpu_memory_utilization=util, gpu_total_bytes=total,
-        cuda_graph_estimated_bytes=report.cuda_graph_estimated_bytes)
+        cuda_graph_estimated_bytes=report.cuda_graph_estimated_bytes,
+        sleep_freed_bytes=report.sleep_freed_bytes)
 
 
 def measure_worker(worker: ObservedWorker, startup_log: str | None,
