@@ -408,6 +408,65 @@ def test_level_2_discards_weights_and_wakes_by_tags(start_standin):
     assert "seconds to wake up tags ['kv_cache']." in log
 
 
+def post_json(standin: Standin, path: str, body: Any) -> tuple[int, Any]:
+    connection = http.client.HTTPConnection("127.0.0.1", standin.port, timeout=10)
+    try:
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        data = response.read()
+    finally:
+        connection.close()
+    return response.status, json.loads(data) if data else None
+
+
+def completion_text(standin: Standin) -> str:
+    status, body = standin.request("POST", "/v1/completions", {"prompt": "yes", "max_tokens": 3})
+    assert status == 200, body
+    return body["choices"][0]["text"]
+
+
+def test_level_2_wake_answers_garbage_until_reload_weights(start_standin):
+    standin = start_standin("--enable-sleep-mode", env=DEV_MODE)
+    standin.wait_ready()
+    sleep_request(standin, "POST", "/sleep?level=2")
+    sleep_request(standin, "POST", "/wake_up")
+
+    garbage = completion_text(standin)
+    reloaded = post_json(standin, "/collective_rpc", {"method": "reload_weights"})
+    reset = sleep_request(standin, "POST", "/reset_prefix_cache")
+    fixed = completion_text(standin)
+
+    assert garbage == " <weights not loaded>"
+    assert reloaded == (200, {"results": [None]})
+    assert reset == (200, None)
+    assert fixed == " yes yes yes"
+    log = standin.log()
+    assert "[gpu_model_runner.py] Reloading weights inplace..." in log
+    assert "Reloading and processing weights took" in log
+
+
+def test_level_1_wake_keeps_the_weights(start_standin):
+    standin = start_standin("--enable-sleep-mode", env=DEV_MODE)
+    standin.wait_ready()
+    sleep_request(standin, "POST", "/sleep?level=1")
+    sleep_request(standin, "POST", "/wake_up")
+
+    assert completion_text(standin) == " yes yes yes"
+
+
+def test_rpc_routes_exist_only_in_dev_mode_and_know_reload_weights_only(start_standin):
+    plain = start_standin("--enable-sleep-mode")
+    dev = start_standin("--enable-sleep-mode", env=DEV_MODE)
+    plain.wait_ready()
+    dev.wait_ready()
+
+    assert post_json(plain, "/collective_rpc", {"method": "reload_weights"})[0] == 404
+    assert sleep_request(plain, "POST", "/reset_prefix_cache")[0] == 404
+    assert post_json(dev, "/collective_rpc", {}) == (
+        400, {"detail": "Missing 'method' in request body"})
+    assert post_json(dev, "/collective_rpc", {"method": "no_such_method"})[0] == 500
+
+
 def test_dev_mode_without_sleep_mode_pauses_but_frees_nothing(start_standin):
     standin = start_standin(env=DEV_MODE)
     standin.wait_ready()

@@ -10,8 +10,11 @@ and ``POST /v1/chat/completions`` (the reply repeats the prompt's words up to ma
 deterministic, no model involved; ids follow vLLM: ``X-Request-Id``, else the body's
 ``request_id``, else 16 hex digits, after ``cmpl-``/``chatcmpl-``). With VLLM_SERVER_DEV_MODE=1
 also ``POST /sleep``, ``POST /wake_up`` and ``GET /is_sleeping`` (``standin_sleep``): while
-asleep, generation requests wait until the wake-up (vLLM 0.32 queues them). Engine dead:
-every route answers 503.
+asleep, generation requests wait until the wake-up (vLLM 0.32 queues them); and ``POST
+/collective_rpc`` (``{"method": "reload_weights"}`` only: ``{"results": [null]}``, one result
+per rank) and ``POST /reset_prefix_cache`` (200, no body). After a level-2 wake-up and before
+reload_weights, generations answer ``<weights not loaded>`` (vLLM's output is garbage then).
+Engine dead: every route answers 503.
 
 Streaming (``"stream": true``), as vLLM 0.32's ``serving.py`` of chat_completion/ and
 completion/: status 200, ``Content-Type: text/event-stream; charset=utf-8``, chunked transfer
@@ -52,6 +55,7 @@ from gardenctl.testing.standin_log import VllmLog
 from gardenctl.testing.standin_sleep import PAUSE_MODES, Request, Scheduler
 
 DEFAULT_MAX_TOKENS = 16
+GARBAGE = "<weights not loaded>"  # what a model answers with uninitialised weights
 SSE_KEEP_ALIVE_COMMENT = ": keep-alive\n\n"  # vLLM's sse_keep_alive.py
 
 
@@ -309,8 +313,12 @@ class StandinRequestHandler(BaseHTTPRequestHandler):
         "/is_sleeping": {"GET": "get_is_sleeping"},
         "/sleep": {"POST": "post_sleep"},
         "/wake_up": {"POST": "post_wake_up"},
+        "/collective_rpc": {"POST": "post_collective_rpc"},
+        "/reset_prefix_cache": {"POST": "post_reset_prefix_cache"},
     }
-    SLEEP_ROUTES = frozenset({"/is_sleeping", "/sleep", "/wake_up"})
+    # vLLM's development routes: registered only with VLLM_SERVER_DEV_MODE=1
+    SLEEP_ROUTES = frozenset({"/is_sleeping", "/sleep", "/wake_up", "/collective_rpc",
+                              "/reset_prefix_cache"})
 
     def version_string(self) -> str:
         return self.server_version
@@ -484,6 +492,8 @@ class StandinRequestHandler(BaseHTTPRequestHandler):
                 if request is None:
                     return aborted_by_client()
                 requests.append(request)
+            if not scheduler.weights_valid:  # woken from level 2, weights not reloaded
+                generation.words = [echo_words(GARBAGE, len(words)) for words in generation.words]
             if api.request_delay:
                 time.sleep(api.request_delay)  # the prefill
             longest = max((len(words) for words in generation.words), default=0)
@@ -593,6 +603,24 @@ class StandinRequestHandler(BaseHTTPRequestHandler):
                                                        f"{type(error).__name__}: {error}")
             return 500, {"error": {"message": str(error), "type": "Internal Server Error",
                                    "param": None, "code": 500}}
+
+    def post_collective_rpc(self, body: dict[str, Any]) -> tuple[int, Any]:
+        """vLLM's dev route (serve/rpc): call ``method`` on every worker; here only
+        reload_weights exists. FastAPI's HTTPException answers ``{"detail": ...}``."""
+        method = body.get("method")
+        if method is None:
+            return 400, {"detail": "Missing 'method' in request body"}
+        if method != "reload_weights":  # the worker has no such method: the RPC fails
+            self.server.log.engine("ERROR", "core.py", f"Invocation of collective_rpc method "
+                                   f"failed: AttributeError: 'Worker' object has no attribute "
+                                   f"'{method}'")
+            return _error(500, f"'Worker' object has no attribute '{method}'",
+                          "Internal Server Error")
+        self.server.scheduler.reload_weights()
+        return 200, {"results": [None]}  # one result per rank (reload_weights returns None)
+
+    def post_reset_prefix_cache(self, body: dict[str, Any]) -> tuple[int, Any]:
+        return 200, None
 
     # --- logging ----------------------------------------------------------------------------
 

@@ -29,6 +29,12 @@ and ``sleep_mode_backend.py``):
   state to PAUSED_NEW|PAUSED_ALL|UNPAUSED``; the API server logs ``wake up the engine with
   tags: %s``. The freed bytes are what the GPU's free memory grew by; "still in use" is the
   whole device's use (here: this stand-in's only, one rank).
+- After a level-2 sleep the weights come back as uninitialised memory: until ``POST
+  /collective_rpc`` with ``{"method": "reload_weights"}`` the engine generates garbage (the
+  stand-in answers ``<weights not loaded>``). The worker logs gpu_model_runner's ``Reloading
+  weights inplace...`` and ``Reloading and processing weights took %.2f seconds`` (vLLM's
+  ``GPUModelRunner.reload_weights``). ``POST /reset_prefix_cache`` empties the prefix cache
+  (the stand-in has none: nothing to do).
 """
 
 from __future__ import annotations
@@ -97,6 +103,7 @@ class _State:
     pause: str = "UNPAUSED"  # vLLM's PauseState: UNPAUSED, PAUSED_NEW, PAUSED_ALL
     sleeping_tags: set[str] = field(default_factory=set)
     level: int = 0
+    weights_valid: bool = True  # False from a level-2 sleep until reload_weights
     running: dict[str, Request] = field(default_factory=dict)
 
 
@@ -150,6 +157,22 @@ class Scheduler:
     def is_sleeping(self) -> bool:
         with self._cond:
             return self._state.pause != "UNPAUSED" or bool(self._state.sleeping_tags)
+
+    @property
+    def weights_valid(self) -> bool:
+        """False after a level-2 sleep until the weights are reloaded: output is garbage."""
+        with self._cond:
+            return self._state.weights_valid
+
+    def reload_weights(self) -> None:
+        """The worker's ``reload_weights`` (``collective_rpc``): the weights from disk again."""
+        started = time.monotonic()
+        self._log.engine("INFO", "gpu_model_runner.py", "Reloading weights inplace...")
+        with self._cond:
+            self._state.weights_valid = True
+        self._log.engine("INFO", "gpu_model_runner.py",
+                         f"Reloading and processing weights took "
+                         f"{time.monotonic() - started:.2f} seconds")
 
     def sleep(self, level: int, mode: str) -> dict[str, Any]:
         with self._operation:
@@ -225,6 +248,8 @@ class Scheduler:
         with self._cond:
             self._state.sleeping_tags = set(SLEEP_TAGS)
             self._state.level = level
+            if level >= 2 and memory.sleep_mode:
+                self._state.weights_valid = False  # discarded: woken, the memory is garbage
         self._log.engine("INFO", "abstract.py",
                          f"It took {time.monotonic() - started:.6f} seconds to fall asleep.")
 
