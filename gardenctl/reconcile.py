@@ -47,6 +47,12 @@ class Circumstances:
     busy_gpus: Mapping[tuple[str, int], str] = field(default_factory=dict)
     history: History = field(default_factory=History)
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+    # `standby: stop` workers a gateway wants running (a request came for them); the others
+    # stay stopped
+    demand: frozenset[str] = frozenset()
+
+
+STOPPED_STANDBY = "stopped until a request for it reaches the gateway (standby: stop)"
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,10 @@ class _Decider:
 
     def wanted(self, worker: DesiredWorker, current: ObservedWorker | None,
                stopped: Mapping[str, str]) -> list[Step]:
+        standby = worker.standby
+        if standby is not None and standby.mode == "stop" \
+                and worker.worker_id not in self.world.demand:
+            return self._idle(worker, current)
         if current is None:
             return self._spawn(StepKind.START, worker, None, self._start_cause(worker), Launch())
         if current.in_flight:
@@ -297,6 +307,18 @@ class _Decider:
         return stopped
 
     # -- workers the garden does not want ----------------------------------------------------
+
+    def _idle(self, worker: DesiredWorker, current: ObservedWorker | None) -> list[Step]:
+        """A `standby: stop` worker no request needs: stopped (started again on demand)."""
+        if current is None:
+            return [_step(StepKind.KEEP, worker, None, STOPPED_STANDBY)]
+        if current.in_flight:
+            return [_step(StepKind.AWAIT, worker, current, f"{_doing(current)} (in progress)")]
+        cause = ("idle: no request needs it (standby: stop); the gateway has it started again "
+                 "on demand")
+        if not current.running:
+            cause += " (already exited; its record is removed)"
+        return [_step(StepKind.STOP, None, current, cause)]
 
     def unwanted(self, current: ObservedWorker, held_back: bool, models: set[str]) -> list[Step]:
         if current.in_flight:

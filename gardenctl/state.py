@@ -389,6 +389,22 @@ class StateDir:
         document = {"workers": {k: views[k].to_json() for k in sorted(views)}}
         write_json_atomic(self.garden_file(garden, "standby.json"), document)
 
+    def demand_path(self, garden: str) -> Path:
+        return self.root / "gardens" / _one_part(garden) / "demand.json"
+
+    def read_demand(self, garden: str) -> dict[str, float]:
+        """The `standby: stop` workers a gateway wants running now: worker id -> when a request
+        last needed it ({} when none, or unreadable)."""
+        try:
+            data = json.loads(self.demand_path(garden).read_text())
+            return {str(k): float(v) for k, v in data["workers"].items()}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return {}
+
+    def write_demand(self, garden: str, demand: dict[str, float]) -> None:
+        document = {"workers": {k: demand[k] for k in sorted(demand)}}
+        write_json_atomic(self.garden_file(garden, "demand.json"), document)
+
     # -- locks -----------------------------------------------------------------------------
 
     @contextmanager

@@ -231,6 +231,8 @@ def _row(current: ObservedWorker | None, step: Step | None, now: float,
     next_step = None if step is None or step.kind == StepKind.KEEP else step.kind.value
     if current is None:
         phase = {"wait": "waiting", "hold": "held"}.get(next_step or "", "pending")
+        if step is not None and step.kind == StepKind.KEEP:
+            phase = "stopped (standby)"  # a `standby: stop` worker no request needs now
         return WorkerStatusRow(spec.worker_id, spec.model, spec.node, spec.gpus, spec.port,
                                phase, 0, None, None, None, "", None, spec.utilization,
                                spec.claim_bytes, next_step, step.cause if step else "", 0, None)

@@ -91,6 +91,9 @@ class _Reported:
     ended: dict[str, float] = field(default_factory=dict)  # worker -> when its run ended
 
 
+_UNSEEN = object()  # the demand file was not looked at yet
+
+
 class Watcher:
     def __init__(self, session: Session, options: WatchOptions, log: EventLog, *,
                  wall: Callable[[], float] = time.time,
@@ -120,6 +123,7 @@ class Watcher:
         self._reported = _Reported()
         self.prober = _Prober(self)
         self.fatal: GardenError | None = None  # why the watch had to end (the caller raises it)
+        self._demand_seen: tuple[int, int, int] | object | None = _UNSEEN
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -208,12 +212,28 @@ class Watcher:
             death = self._deaths()
             if death is not None:
                 return death
+            if self._demand_changed():
+                return "standby demand changed"
             if now >= next_ready_check and self.loading:
                 next_ready_check = now + READY_POLL
                 load = self._loads_changed()
                 if load is not None:
                     return load
         return None
+
+    def _demand_changed(self) -> bool:
+        """The gateway wants a `standby: stop` worker started (or no longer needs one): its
+        demand file changed (a stat per tick)."""
+        if self.last_good is None:
+            return False
+        try:
+            stat = self.session.state.demand_path(self.last_good.garden.name).stat()
+            seen: tuple[int, int, int] | None = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            seen = None
+        changed = seen != self._demand_seen and self._demand_seen != _UNSEEN
+        self._demand_seen = seen
+        return changed
 
     def _deaths(self) -> str | None:
         runtime = self.session.runtime

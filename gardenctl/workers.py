@@ -78,10 +78,16 @@ class Standby:
     a request and puts it to sleep when idle or when another needs its GPU memory."""
 
     level: int  # vLLM's sleep level: 1 (weights to host RAM) or 2 (weights dropped)
-    asleep_bytes: int  # per GPU, what stays on the GPU while it sleeps (planned)
+    asleep_bytes: int  # per GPU, what stays on the GPU while it sleeps (planned; 0: stop)
+    mode: str = "sleep"  # "sleep" | "stop" (stopped while idle, started on demand)
+
+    @property
+    def sleeps(self) -> bool:
+        """It uses vLLM's sleep mode (a stop-mode worker is stopped instead)."""
+        return self.mode == "sleep"
 
     def to_json(self) -> dict[str, Any]:
-        return {"level": self.level, "asleep_bytes": self.asleep_bytes}
+        return {"level": self.level, "asleep_bytes": self.asleep_bytes, "mode": self.mode}
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,8 @@ class DesiredWorker:
         values["env"] = tuple(sorted((str(k), str(v)) for k, v in dict(values["env"]).items()))
         values["liveness"] = Liveness(**data["liveness"]) if data.get("liveness") else Liveness()
         standby = data.get("standby")
-        values["standby"] = (Standby(int(standby["level"]), int(standby["asleep_bytes"]))
+        values["standby"] = (Standby(int(standby["level"]), int(standby["asleep_bytes"]),
+                                     str(standby.get("mode", "sleep")))
                              if standby else None)
         return cls(**values)
 
@@ -190,7 +197,9 @@ def build_requests(garden: Garden, models: Sequence[ModelSpec],
                 pin_gpus=tuple(pin.gpus) if pin and pin.gpus is not None else None,
                 sizing_hash=model_sizing,
                 spread=model.spread_replicas,
-                standby_level=model.standby.level if model.standby else 0,
+                standby_level=(model.standby.level if model.standby is not None
+                               and model.standby.mode == "sleep" else 0),
+                standby_stop=model.standby is not None and model.standby.mode == "stop",
             ))
     return requests
 
@@ -258,7 +267,7 @@ def vllm_argv(model: ModelSpec, *, port: int, utilization: float, max_model_len:
         argv.append("--enforce-eager")
     if model.trust_remote_code:
         argv.append("--trust-remote-code")
-    if model.standby is not None:
+    if model.standby is not None and model.standby.mode == "sleep":
         argv.append(SLEEP_MODE_FLAG)
     return argv + list(model.args)
 
@@ -296,7 +305,7 @@ def worker_env(model: ModelSpec, gpus: Sequence[int],
         "VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS": "1",
     }
     env.update(model.env)
-    if model.standby is not None:
+    if model.standby is not None and model.standby.mode == "sleep":
         env[SLEEP_ROUTES_ENV] = "1"
     if cap_bytes is not None:
         env[MEMORY_CAP_ENV] = str(cap_bytes)
@@ -353,7 +362,7 @@ def desired_workers(garden: Garden, models: Sequence[ModelSpec], placement: Plac
             start_timeout=model.start_timeout,
             shutdown_timeout=model.shutdown_timeout,
             liveness=Liveness.of(model),
-            standby=(Standby(model.standby.level, assignment.asleep_bytes)
+            standby=(Standby(model.standby.level, assignment.asleep_bytes, model.standby.mode)
                      if model.standby is not None and assignment.asleep_bytes is not None
                      else None),
         ))

@@ -115,6 +115,8 @@ def circumstances(loaded: LoadedGarden, inventory: Inventory, observed: Observed
         busy_ports=busy_ports(loaded, inventory, observed),
         busy_gpus=busy_gpus(loaded.garden.name, observed),
         history=state.read_history(loaded.garden.name) if state.exists else History(),
+        demand=frozenset(state.read_demand(loaded.garden.name)) if state.exists
+        else frozenset(),
     )
 
 

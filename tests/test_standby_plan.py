@@ -160,7 +160,7 @@ def test_a_new_idle_timeout_or_level_restarts_nothing_turning_standby_on_does():
 
 
 @pytest.mark.parametrize("bad, says", [
-    ("standby: nap", "models[0].standby: invalid value 'nap' (expected one of 'sleep')"),
+    ("standby: nap", "models[0].standby: invalid value 'nap' (expected one of 'sleep' or 'stop')"),
     ("standby: {mode: sleep, level: 3}", "standby.level"),
     ("standby: {mode: sleep, idle_timeout: -1}", "standby.idle_timeout"),
     ("args: [--enable-sleep-mode]", "set `standby` instead"),
@@ -199,3 +199,37 @@ def test_apply_puts_standby_workers_to_sleep_once_ready_and_neighbours_before_a_
     # b started in the GPU's wake slot: a was put to sleep first; then b went to sleep too
     assert runtime.is_sleeping("lab/a/0") is True
     assert runtime.is_sleeping("lab/b/0") is True
+
+
+def test_stop_mode_workers_run_only_while_a_gateway_demands_them():
+    from builders import observed_from
+
+    from gardenctl.observe import Observed
+    from gardenctl.reconcile import Circumstances
+
+    models = ("  - {name: a, model: org/a, standby: stop}\n"
+              "  - {name: b, model: org/b, standby: {mode: stop, idle_timeout: 1m}}\n")
+    text = garden_text(models, gpus="{name: L4, memory: 24GiB, count: 1}")
+    budgets = {"a": 14, "b": 14}
+    idle = plan_for(text, budgets=budgets)
+    # both are booked (nothing asleep, one wake slot) but neither starts: nothing needs them
+    assert idle.converged
+    assert {(s.kind.value, s.cause) for s in idle.steps} == {
+        ("keep", "stopped until a request for it reaches the gateway (standby: stop)")}
+    gpu = plan_to_json(idle)["gpus"][0]
+    assert [s["asleep_bytes"] for s in gpu["standby_after"]] == [0, 0]
+    worker = idle.steps[0].worker
+    assert "--enable-sleep-mode" not in worker.argv
+    assert "VLLM_SERVER_DEV_MODE" not in dict(worker.env)
+    assert worker.standby.mode == "stop" and not worker.standby.sleeps
+
+    demanded = plan_for(text, budgets=budgets, world=Circumstances(demand=frozenset({"lab/a/0"})))
+    assert {s.worker_id: s.kind.value for s in demanded.steps} == {"lab/a/0": "start",
+                                                                   "lab/b/0": "keep"}
+    started = observed_from(demanded)
+    running = Observed(tuple(w for w in started.workers if w.worker_id == "lab/a/0"), "test")
+    assert plan_for(text, running, budgets=budgets,
+                    world=Circumstances(demand=frozenset({"lab/a/0"}))).converged
+    stopping = plan_for(text, running, budgets=budgets)  # the gateway let it go (idle)
+    step = next(s for s in stopping.steps if s.worker_id == "lab/a/0")
+    assert step.kind.value == "stop" and "idle" in step.cause

@@ -207,7 +207,7 @@ def _sleep_neighbours(ctx: Context, worker: DesiredWorker) -> None:
     mine = set(worker.gpus)
     for other in ctx.runtime.observe(confirm_health=False).workers:
         spec = other.spec
-        if (spec.standby is None or other.worker_id == worker.worker_id
+        if (spec.standby is None or not spec.standby.sleeps or other.worker_id == worker.worker_id
                 or other.phase != Phase.READY or spec.node != worker.node
                 or not mine & set(spec.gpus)):
             continue

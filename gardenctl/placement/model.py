@@ -23,13 +23,21 @@ class WorkerRequest:
     pin_gpus: tuple[int, ...] | None = None
     sizing_hash: str = ""  # what sizes the worker: changes force a new placement
     spread: bool = False  # never on a GPU that holds a replica of the same model
-    # standby (sleep mode): 0 = always awake, else the sleep level (1: weights to host RAM)
+    # standby: sleep mode at this level (1: weights to host RAM, 2: dropped); 0: not asleep
     standby_level: int = 0
+    standby_stop: bool = False  # standby: stop (the process is stopped while idle)
+
+    @property
+    def standby(self) -> bool:
+        return bool(self.standby_level) or self.standby_stop
 
     @property
     def asleep_bytes(self) -> int | None:
         """Per GPU while asleep (None: never sleeps): what vLLM's sleep mode leaves on the GPU,
-        the CUDA context, non-torch memory and the CUDA-graph pool (docs/vllm.md section 11)."""
+        the CUDA context, non-torch memory and the CUDA-graph pool (docs/vllm.md section 11);
+        nothing for a stopped one."""
+        if self.standby_stop:
+            return 0
         if not self.standby_level:
             return None
         e = self.estimate

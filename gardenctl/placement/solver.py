@@ -98,7 +98,7 @@ def place(
                 failed.append(_unplaced_kept_previous(request, held_back[request.worker_id], pool,
                                                       policy))
                 continue
-            if request.standby_level:
+            if request.standby:
                 standby = choose_standby(request, pool, policy)
                 if standby is None:
                     host = host_reason(request, pool)
@@ -209,7 +209,7 @@ def _fill(placed: list[m.Assignment], pool: Pool, requests: dict[str, m.WorkerRe
           policy: PlacementPolicy) -> list[m.Assignment]:
     """Share each GPU's spare memory among the new, auto-sized workers on it (more KV cache)."""
     growable = {a.worker_id for a in placed if requests[a.worker_id].utilization is None
-                and not requests[a.worker_id].standby_level}  # standby: the slot is shared
+                and not requests[a.worker_id].standby}  # standby: the slot is shared
     sharers: dict[GpuKey, int] = {}
     for a in placed:
         if a.worker_id in growable:

@@ -225,6 +225,8 @@ class RecordedRuntime:
         standby = record.spec.standby
         if standby is None or not self.writable or not self._owns(record):
             return "ready"
+        if not standby.sleeps:
+            return "ready; stopped again when idle (standby: stop)"
         try:
             self._sleep_mode(record, "sleep")
         except SleepModeError as exc:
@@ -308,7 +310,8 @@ class RecordedRuntime:
     def is_sleeping(self, worker_id: str) -> bool | None:
         """Whether a standby worker sleeps now; None when it does not say."""
         record = self.store.read_record(worker_id)
-        if record is None or record.spec.standby is None or record.phase.dead:
+        if (record is None or record.spec.standby is None or not record.spec.standby.sleeps
+                or record.phase.dead):
             return None
         try:
             return self._sleep_mode(record, "is_sleeping")
@@ -319,8 +322,9 @@ class RecordedRuntime:
         record = self.store.read_record(worker_id)
         if record is None or record.phase.dead:
             raise SleepModeError(f"{worker_id} is not running")
-        if record.spec.standby is None:
-            raise SleepModeError(f"{worker_id} is not a standby worker (it has no sleep mode)")
+        if record.spec.standby is None or not record.spec.standby.sleeps:
+            raise SleepModeError(f"{worker_id} has no sleep mode (it is not a standby: sleep "
+                                 "worker)")
         return record
 
     def _sleep_mode(self, record: WorkerRecord, action: str) -> bool | None:

@@ -172,32 +172,35 @@ class StandbySpec(_Strict):
     mode leaves on the GPU (the CUDA context, non-torch memory, the CUDA-graph pool), so several
     standby models share the memory one of them needs awake."""
 
-    mode: Literal["sleep"] = Field(
+    mode: Literal["sleep", "stop"] = Field(
         "sleep",
         description=(
             "sleep: vLLM's sleep mode (--enable-sleep-mode); the worker process stays up and "
-            "wakes in seconds."
+            "wakes in seconds. stop: the worker is stopped when idle and started (a cold "
+            "start) when a request comes; it holds no GPU memory meanwhile. A stopped worker "
+            "is started by `gardenctl watch` (or `watch --gateway`), on the gateway's demand."
         ),
     )
     level: Literal[1, 2] = Field(
         1,
         description=(
-            "1: weights are kept in host RAM while asleep (the plan checks host memory), the "
-            "fastest wake-up; 2: weights are dropped and reloaded from disk on wake-up."
+            "mode sleep: 1 keeps the weights in host RAM while asleep (the plan checks host "
+            "memory), the fastest wake-up; 2 drops them and reloads them from disk on wake-up."
         ),
     )
     idle_timeout: Seconds = Field(
         300.0, gt=0,
-        description="A woken worker with no request for this long is put to sleep again.",
+        description="A woken worker with no request for this long is put to sleep (or "
+        "stopped) again.",
     )
 
 
 class _ModeShorthand:
-    """In the JSON schema, `standby:` is also a bare mode (`standby: sleep`)."""
+    """In the JSON schema, `standby:` is also a bare mode (`standby: sleep`, `standby: stop`)."""
 
     def __get_pydantic_json_schema__(self, core_schema: Any,
                                      handler: GetJsonSchemaHandler) -> JsonSchemaValue:
-        return {"anyOf": [{"enum": ["sleep"], "description": "= {mode: sleep}"},
+        return {"anyOf": [{"enum": ["sleep", "stop"], "description": "= {mode: sleep|stop}"},
                           handler(core_schema)]}
 
 
@@ -328,9 +331,9 @@ class ModelSettings(_Strict):
     standby: Standby | None = Field(
         None,
         description=(
-            "Sleep until a request comes (`standby: sleep`, or {mode: sleep, level: 1|2, "
-            "idle_timeout}): standby models share GPU memory, one woken at a time per GPU "
-            "by the gateway. Unset: always awake."
+            "Sleep until a request comes (`standby: sleep`, `standby: stop`, or {mode, level: "
+            "1|2, idle_timeout}): standby models share GPU memory, woken by the gateway one "
+            "at a time per GPU (several while they fit). Unset: always awake."
         ),
     )
 
