@@ -46,6 +46,7 @@ def prepare_gateway(garden_path: str, inventory_path: str | None, state_path: st
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway: %(message)s",
                         datefmt="%Y-%m-%dT%H:%M:%S")
+    _raise_open_files()
     discovery = Discovery(garden_path, inventory_path, state_path)
     view = discovery.refresh()  # a file that cannot be used yet: /health answers 503 until
     if view.missing_key is not None:  # a valid version appears (as `watch` waits for one)
@@ -59,3 +60,16 @@ def prepare_gateway(garden_path: str, inventory_path: str | None, state_path: st
                           "without an API key; set gateway.api_key: \"${GATEWAY_API_KEY}\" in "
                           "the garden, or listen on 127.0.0.1")
     return Gateway(discovery, view, refresh_s), options
+
+
+def _raise_open_files() -> None:
+    """Each stream holds two descriptors (client and worker): take the hard limit of open
+    files, not the common soft default of 1024 (about 500 streams)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # then the soft limit stays: a 503 per stream beyond it, never a hang

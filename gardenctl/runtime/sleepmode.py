@@ -87,8 +87,9 @@ def _call(host: str, port: int, method: str, path: str, api_key: str | None, tim
     finally:
         connection.close()
     if response.status == 404:
-        raise SleepModeError(f"{route} on port {port} answered 404: the worker has no sleep "
-                             "routes (it needs VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode)")
+        raise SleepModeError(f"{route} on port {port} answered 404: the worker does not serve "
+                             "it (vLLM's sleep-mode routes need VLLM_SERVER_DEV_MODE=1; an older "
+                             "vLLM may lack it)")
     if response.status >= 400:
         raise SleepModeError(f"{route} on port {port} answered {response.status}: "
                              f"{body[:200].decode('utf-8', 'replace')}")
