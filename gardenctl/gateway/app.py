@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gardenctl.gateway.discovery import Discovery, GardenView
 from gardenctl.gateway.metrics import Metrics
+from gardenctl.gateway.sleepers import Sleepers
 from gardenctl.gateway.upstream import Outstanding
 
 log = logging.getLogger("gardenctl.gateway")
@@ -48,8 +49,10 @@ class Gateway:
         self.refresh_s = refresh_s
         self.outstanding = Outstanding()
         self.metrics = Metrics()
+        self.standby = Sleepers(discovery, self.metrics, self.outstanding)
         self._ejected: dict[str, float] = {}  # worker id -> monotonic time it may lead again
         self._session: aiohttp.ClientSession | None = None
+        self._adopted = False
         self.adopt(view)
 
     @property
@@ -60,7 +63,10 @@ class Gateway:
     def adopt(self, view: GardenView) -> None:
         """Serve ``view`` from now on (keeping the last usable one when this one is not)."""
         if view.usable or not self.view.usable:
+            if view.reread and self._adopted:
+                log.info("read the new version of %s", self.discovery.garden_path)
             self.view = view
+            self._adopted = True
             names = sorted(view.table.declared | set(view.table.served_names()))
             self.metrics.know(names)
             self.metrics.ready_replicas = {n: len(view.table.replicas(n)) for n in names}
@@ -81,6 +87,7 @@ class Gateway:
         self.metrics.refreshes += 1
         before = self.view.table.served_names()
         self.adopt(view)
+        await self.standby.sync(self.view)
         after = self.view.table.served_names()
         if after != before:
             log.info("serving %s", ", ".join(after) if after else "no model (none is ready)")
@@ -97,16 +104,20 @@ class Gateway:
                             type(exc).__name__, exc)
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        """aiohttp's cleanup context: the client session and the follow task."""
+        """aiohttp's cleanup context: the client session, the follow task and the standby
+        workers' keeper (their states first, so that no request goes to a sleeping one)."""
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                               trust_env=False)
-        task = asyncio.create_task(self.follow())
+        await self.standby.sync(self.view)
+        tasks = [asyncio.create_task(self.follow()), asyncio.create_task(self.standby.run())]
         try:
             yield
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.standby.close()
             await self._session.close()
 
 

@@ -4,7 +4,9 @@
 the gateway calls it in a thread, about once a second. The file is parsed again only when its
 bytes change; a version that cannot be used keeps the last good one (like `watch`). The
 runtime is opened read-only, as `gardenctl status` opens it: it changes no record and takes no
-lock, so the gateway runs beside `apply` and `watch`.
+lock, so the gateway runs beside `apply` and `watch`. Standby workers are routable while they
+sleep (their record says READY); the view carries the garden's workers and each standby
+model's idle timeout and priority for the gateway's standby keeper (`sleepers`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gardenctl.errors import GardenError
+from gardenctl.gateway.standby import Policy
 from gardenctl.gateway.upstream import Replica, RoutingTable
 from gardenctl.observe import ObservedWorker
 from gardenctl.runtime.health import connect_host
-from gardenctl.spec.models import GatewaySpec, env_reference
+from gardenctl.spec.models import GatewaySpec, ModelSpec, env_reference
 from gardenctl.vocab import Phase
 
 if TYPE_CHECKING:
@@ -41,6 +44,9 @@ class GardenView:
     missing_key: str | None = None  # the api_key's variable, when it is not set
     usable: bool = False  # a version of the file was read (else /health answers 503)
     problems: tuple[str, ...] = ()  # this refresh's trouble: a broken edit, no runtime
+    workers: tuple[ObservedWorker, ...] = ()  # the garden's workers, every phase
+    standby: Mapping[str, Policy] = field(default_factory=dict)  # served name -> its policy
+    reread: bool = False  # this refresh read a new version of the file
 
 
 def routing_table(garden: str, declared: Iterable[str], workers: Iterable[ObservedWorker],
@@ -53,9 +59,21 @@ def routing_table(garden: str, declared: Iterable[str], workers: Iterable[Observ
         spec = worker.spec
         ready.setdefault(spec.served_model_name, []).append(Replica(
             worker.worker_id, spec.served_model_name, connect_host(spec.host), spec.port,
-            worker_key(spec.env, environ)))
+            worker_key(spec.env, environ), standby=sleeps(worker)))
     return RoutingTable(garden, frozenset(declared),
                         {name: tuple(replicas) for name, replicas in sorted(ready.items())})
+
+
+def sleeps(worker: ObservedWorker) -> bool:
+    """A standby worker in sleep mode: the gateway wakes it and puts it to sleep."""
+    standby = worker.spec.standby
+    return standby is not None and standby.sleeps
+
+
+def standby_policies(models: Iterable[ModelSpec]) -> dict[str, Policy]:
+    """Served name -> idle timeout and priority of each model in standby sleep mode."""
+    return {(m.served_model_name or m.name): Policy(m.standby.idle_timeout, m.priority)
+            for m in models if m.standby is not None and m.standby.mode == "sleep"}
 
 
 def worker_key(env: Iterable[tuple[str, str]], environ: Mapping[str, str]) -> str | None:
@@ -82,7 +100,21 @@ class Discovery:
         self._runtime: Runtime | None = None
         self._file_problem: str | None = None
 
+    @property
+    def runtime(self) -> Runtime | None:
+        """The runtime opened by the last refresh (None before, or where none applies)."""
+        return self._runtime
+
+    def observe(self) -> list[ObservedWorker]:
+        """The garden's workers now (blocking: call it in a thread); [] without a runtime."""
+        runtime, loaded = self._runtime, self._loaded
+        if runtime is None or loaded is None:
+            return []
+        return [w for w in runtime.observe(confirm_health=False).workers
+                if w.garden == loaded.garden.name]
+
     def refresh(self) -> GardenView:
+        before = self._loaded
         problems = self._reload()
         loaded = self._loaded
         if loaded is None:
@@ -100,7 +132,9 @@ class Discovery:
         if runtime is not None:
             workers = list(runtime.observe(confirm_health=False).workers)
         table = routing_table(garden.name, declared, workers, self.environ)
-        return GardenView(table, settings, client_key, missing, True, tuple(problems))
+        return GardenView(table, settings, client_key, missing, True, tuple(problems),
+                          tuple(w for w in workers if w.garden == garden.name),
+                          standby_policies(loaded.models()), loaded is not before)
 
     def _reload(self) -> list[str]:
         """Parse the file again if its bytes changed; what went wrong, once per version."""
@@ -142,4 +176,5 @@ class Discovery:
         return self._runtime
 
 
-__all__ = ["Discovery", "GardenView", "routing_table", "worker_key"]
+__all__ = ["Discovery", "GardenView", "routing_table", "sleeps", "standby_policies",
+           "worker_key"]

@@ -61,6 +61,19 @@ def unreachable(name: str, tried: int) -> GatewayError:
                         headers=(("Retry-After", str(RETRY_AFTER_S)),))
 
 
+def wake_timeout(name: str, seconds: float, why: str) -> GatewayError:
+    return GatewayError(503, f"The model `{name}` is asleep and could not be woken within "
+                        f"{seconds:g} s (the gateway's wake_timeout): {why}; retry later.",
+                        "server_error", "wake_timeout", "model",
+                        headers=(("Retry-After", str(RETRY_AFTER_S)),))
+
+
+def wake_failed(name: str, why: str) -> GatewayError:
+    return GatewayError(503, f"The model `{name}` is asleep and waking it failed: {why}; "
+                        "retry later.", "server_error", "wake_failed", "model",
+                        headers=(("Retry-After", str(RETRY_AFTER_S)),))
+
+
 def upstream_timeout(name: str, seconds: float) -> GatewayError:
     return GatewayError(504, f"The worker of `{name}` sent nothing for {seconds:g} s "
                         "(the gateway's read_timeout).", "timeout_error", "worker_timeout",
@@ -84,4 +97,4 @@ def method_not_allowed(method: str, path: str) -> GatewayError:
 
 __all__ = ["RETRY_AFTER_S", "GatewayError", "bad_request", "key_not_set", "method_not_allowed",
            "model_not_found", "no_ready_replica", "unauthorized", "unknown_route",
-           "unreachable", "upstream_failed", "upstream_timeout"]
+           "unreachable", "upstream_failed", "upstream_timeout", "wake_failed", "wake_timeout"]

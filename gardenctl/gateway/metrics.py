@@ -3,8 +3,9 @@
 Per model (the served name a request asked for; names the garden does not know are counted
 under "_unknown", so a client cannot grow the label set): requests by status code, errors by
 kind, requests in flight, request latency (to the last byte, streams included), failovers;
-wake-ups and their duration (0 until standby models exist). Written by hand: a few counters do
-not need a client library.
+for standby models, wake-ups and their duration, sleeps by reason (idle: past its idle
+timeout; evicted: put to sleep to make room for another) and the workers awake now. Written by
+hand: a few counters do not need a client library.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                    120.0, 300.0)
 WAKE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 PREFIX = "gardenctl_gateway_"
+SLEEP_REASONS = ("idle", "evicted")
 
 
 @dataclass
@@ -57,6 +59,9 @@ class ModelMetrics:
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     wakeups: int = 0
     wake: Histogram = field(default_factory=lambda: Histogram(WAKE_BUCKETS))
+    sleeps: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
 
 
 class Metrics:
@@ -65,6 +70,7 @@ class Metrics:
     def __init__(self) -> None:
         self.models: dict[str, ModelMetrics] = {}
         self.ready_replicas: dict[str, int] = {}
+        self.standby_awake: dict[str, int] = {}  # standby model -> workers awake now
         self.refreshes = 0
         self.refresh_errors = 0
 
@@ -86,6 +92,15 @@ class Metrics:
         entry.latency.observe(seconds)
         if error is not None:
             entry.errors[error] = entry.errors.get(error, 0) + 1
+
+    def woke(self, model: str, seconds: float) -> None:
+        entry = self.of(model)
+        entry.wakeups += 1
+        entry.wake.observe(seconds)
+
+    def slept(self, model: str, reason: str) -> None:
+        entry = self.of(model)
+        entry.sleeps[reason] = entry.sleeps.get(reason, 0) + 1
 
     def reject(self, model: str, status: int, error: str) -> None:
         """A request answered by the gateway itself before any worker was involved."""
@@ -123,12 +138,26 @@ class Metrics:
         for model, m in ordered:
             lines += m.latency.lines(name, _label(model))
         name = family("wakeups_total", "counter",
-                      "Sleeping workers woken for a request (0 until standby models exist).")
+                      "Sleeping standby workers woken for a request.")
         for model, m in ordered:
             lines.append(f"{name}{{{_label(model)}}} {m.wakeups}")
-        name = family("wake_seconds", "histogram", "Seconds a request waited for a wake-up.")
+        name = family("wake_seconds", "histogram",
+                      "Seconds from a wake-up's first request to its worker being awake "
+                      "(putting idle workers to sleep first included).")
         for model, m in ordered:
             lines += m.wake.lines(name, _label(model))
+        name = family("sleeps_total", "counter",
+                      "Standby workers put to sleep, by reason (idle: past its idle_timeout; "
+                      "evicted: to make room for another).")
+        for model, m in ordered:
+            if model in self.standby_awake or m.sleeps:
+                for reason in sorted(set(SLEEP_REASONS) | set(m.sleeps)):
+                    lines.append(f'{name}{{{_label(model)},reason="{_escape(reason)}"}} '
+                                 f"{m.sleeps.get(reason, 0)}")
+        name = family("standby_awake_workers", "gauge",
+                      "Standby workers awake now (able to answer at once).")
+        for model, count in sorted(self.standby_awake.items()):
+            lines.append(f"{name}{{{_label(model)}}} {count}")
         name = family("ready_replicas", "gauge", "Ready workers per served model name.")
         for model, count in sorted(self.ready_replicas.items()):
             lines.append(f"{name}{{{_label(model)}}} {count}")
@@ -152,4 +181,5 @@ def _number(value: float) -> str:
     return repr(float(value)) if value != int(value) else f"{value:.1f}"
 
 
-__all__ = ["CONTENT_TYPE", "UNKNOWN_MODEL", "Histogram", "Metrics", "ModelMetrics"]
+__all__ = ["CONTENT_TYPE", "SLEEP_REASONS", "UNKNOWN_MODEL", "Histogram", "Metrics",
+           "ModelMetrics"]

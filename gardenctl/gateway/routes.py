@@ -2,13 +2,15 @@
 /health and /metrics.
 
 A request goes to the ready replica of its model with the fewest outstanding requests
-(`upstream.choose_replica`). If that replica refuses or resets the connection before its answer
-has begun, the next one is tried (never after: a started stream cannot be replayed). A
-non-streamed answer is read whole and passed on with its status; a streamed one (server-sent
-events, or any answer without a length) is written to the client chunk by chunk as it arrives.
-When the client goes away, aiohttp cancels the handler and the upstream connection is closed,
-which a vLLM server takes as the request's abort. The client's Authorization header never
-reaches a worker: each worker gets its own VLLM_API_KEY.
+(`upstream.choose_replica`); for a standby model, to an awake one, after waking one if all
+sleep (`sleepers`: the request waits up to the garden's wake_timeout). If that replica
+refuses or resets the connection before its answer has begun, the next one is tried (never
+after: a started stream cannot be replayed). A non-streamed answer is read whole and passed on
+with its status; a streamed one (server-sent events, or any answer without a length) is
+written to the client chunk by chunk as it arrives. When the client goes away, aiohttp
+cancels the handler and the upstream connection is closed, which a vLLM server takes as the
+request's abort. The client's Authorization header never reaches a worker: each worker gets
+its own VLLM_API_KEY.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from gardenctl.gateway import errors
 from gardenctl.gateway.app import GATEWAY, Gateway
 from gardenctl.gateway.errors import GatewayError
 from gardenctl.gateway.metrics import CONTENT_TYPE, UNKNOWN_MODEL
+from gardenctl.gateway.sleepers import Lease
 from gardenctl.gateway.upstream import Replica, choose_replica
 
 log = logging.getLogger("gardenctl.gateway")
@@ -41,6 +44,7 @@ NOT_RETURNED = HOP_BY_HOP | {"content-length", "server", "date"}
 CONNECT_FAILURES = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
                     aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 CLIENT_CLOSED = 499  # the status counted for a request whose client went away (as nginx does)
+LOST_MID_STREAM = "worker_lost_mid_stream"
 
 
 def add_routes(app: web.Application) -> None:
@@ -168,10 +172,19 @@ async def forward(request: web.Request, gateway: Gateway, model: str,
     status: int = CLIENT_CLOSED
     error: str | None = "client_closed"
     tried: list[str] = []
+    lease: Lease | None = None
     try:
+        if any(r.standby for r in replicas):  # asleep ones are woken first (sleepers)
+            woken = await gateway.standby.acquire(model, replicas, settings.wake_timeout)
+            if isinstance(woken, GatewayError):
+                status, error = woken.status, woken.code
+                return reply(woken)
+            lease = woken
         while True:
-            replica = choose_replica(replicas, gateway.outstanding.counts(), tried,
-                                     gateway.ejected())
+            # only an awake worker takes a request (chosen and counted without a pause, so
+            # that it is never put to sleep in between)
+            replica = choose_replica(gateway.standby.routable(replicas),
+                                     gateway.outstanding.counts(), tried, gateway.ejected())
             if replica is None:
                 failure = errors.unreachable(model, len(tried))
                 status, error = failure.status, failure.code
@@ -180,10 +193,13 @@ async def forward(request: web.Request, gateway: Gateway, model: str,
                 gateway.metrics.of(model).failovers += 1
             tried.append(replica.worker_id)
             gateway.outstanding.begin(replica.worker_id)
+            if lease is not None:
+                lease.release()
             try:
                 response = await _attempt(request, replica, body, timeout)
             except CONNECT_FAILURES as exc:
                 gateway.eject(replica.worker_id)
+                gateway.standby.failed(replica.worker_id)
                 log.warning("%s: %s failed before answering (%s); trying another replica",
                             model, replica.worker_id, _why(exc))
                 gateway.outstanding.end(replica.worker_id)
@@ -200,8 +216,12 @@ async def forward(request: web.Request, gateway: Gateway, model: str,
                 answer, status, error = await _relay(request, response, replica, model)
             finally:
                 gateway.outstanding.end(replica.worker_id)
+            if error == LOST_MID_STREAM:
+                gateway.standby.failed(replica.worker_id)
             return answer
     finally:
+        if lease is not None:
+            lease.release()
         gateway.metrics.finish(model, status, time.monotonic() - started, error)
 
 
@@ -270,7 +290,7 @@ async def _relay(request: web.Request, answer: _Answer, replica: Replica,
                             _why(exc))
                 if request.transport is not None:
                     request.transport.close()
-                return stream, upstream.status, "worker_lost_mid_stream"
+                return stream, upstream.status, LOST_MID_STREAM
             try:
                 await stream.write(chunk)
             except ConnectionResetError:  # the client went away between two chunks

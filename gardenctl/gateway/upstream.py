@@ -7,7 +7,7 @@ preferring those that did not just refuse a connection (ejected for a few second
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 
@@ -20,6 +20,7 @@ class Replica:
     host: str  # where to connect (a wildcard bind address already made concrete)
     port: int
     api_key: str | None = field(default=None, repr=False)  # the worker's own VLLM_API_KEY
+    standby: bool = False  # sleeps until the gateway wakes it (gardenctl.gateway.sleepers)
 
     @property
     def base_url(self) -> str:
@@ -59,13 +60,17 @@ def choose_replica(replicas: Collection[Replica], outstanding: Mapping[str, int]
 
 
 class Outstanding:
-    """Requests in progress per worker id (used from the event loop's thread only)."""
+    """Requests in progress per worker id (used from the event loop's thread only). A
+    ``listener`` hears (worker id, requests left) after each begin and end."""
 
-    def __init__(self) -> None:
+    def __init__(self, listener: Callable[[str, int], None] | None = None) -> None:
         self._counts: dict[str, int] = {}
+        self.listener = listener
 
     def begin(self, worker_id: str) -> None:
         self._counts[worker_id] = self._counts.get(worker_id, 0) + 1
+        if self.listener is not None:
+            self.listener(worker_id, self._counts[worker_id])
 
     def end(self, worker_id: str) -> None:
         left = self._counts.get(worker_id, 0) - 1
@@ -73,6 +78,8 @@ class Outstanding:
             self._counts[worker_id] = left
         else:
             self._counts.pop(worker_id, None)
+        if self.listener is not None:
+            self.listener(worker_id, max(left, 0))
 
     def counts(self) -> Mapping[str, int]:
         return self._counts
