@@ -236,6 +236,12 @@ def keeper(asleep: dict[str, bool]) -> tuple[Sleepers, FakeRuntime, FakeDiscover
     return Sleepers(discovery, Metrics(), outstanding), runtime, discovery, outstanding  # type: ignore[arg-type]
 
 
+async def observed(sleepers: Sleepers, view: GardenView) -> None:
+    """Two observations: a new worker that says it is awake is believed at the second."""
+    await sleepers.sync(view)
+    await sleepers.sync(view)
+
+
 def run_async(test) -> None:
     asyncio.run(asyncio.wait_for(test(), 20))
 
@@ -248,11 +254,30 @@ def test_keeper_asks_new_workers_once_and_again_after_a_restart():
         first = sleepers.workers["g/a/0"]
         runtime.asleep["g/a/0"] = False
         await sleepers.sync(view_of(worker("a", pid=2)))
+        await sleepers.sync(view_of(worker("a", pid=2)))
 
-        assert first.state == ASLEEP and runtime.did("is_sleeping") == ["g/a/0", "g/a/0"]
+        assert first.state == ASLEEP and runtime.did("is_sleeping") == ["g/a/0"] * 3
         assert sleepers.workers["g/a/0"] is not first and sleepers.workers["g/a/0"].state == AWAKE
         await sleepers.sync(view_of())
         assert sleepers.workers == {}
+    run_async(test)
+
+
+def test_keeper_believes_a_new_worker_awake_only_at_a_later_observation():
+    async def test() -> None:
+        sleepers, runtime, _, _ = keeper({"a": False})  # ready, not put to sleep by apply yet
+        view = view_of(worker("a"))
+        await sleepers.sync(view)
+        request = asyncio.create_task(sleepers.acquire("a", view.table.replicas("a"), 10))
+        while "asking again" not in sleepers.workers["g/a/0"].waiting:
+            await asyncio.sleep(0.01)
+        routable = sleepers.routable(view.table.replicas("a"))
+        runtime.asleep["g/a/0"] = True  # apply's sleep came after the gateway's first look
+        await sleepers.sync(view)
+
+        assert routable == []
+        assert isinstance(await request, Lease)
+        assert runtime.did("wake") == ["g/a/0"]  # woken by the gateway: awake for sure
     run_async(test)
 
 
@@ -300,7 +325,7 @@ def test_keeper_marks_awake_neighbours_of_a_start_unknown_and_sends_them_nothing
     async def test() -> None:
         sleepers, runtime, _, _ = keeper({"a": False})
         view = view_of(worker("a"))
-        await sleepers.sync(view)
+        await observed(sleepers, view)
         assert sleepers.routable(view.table.replicas("a"))
         await sleepers.sync(view_of(worker("a"), worker("new", phase="starting")))
         unknown = sleepers.workers["g/a/0"].state
@@ -317,7 +342,7 @@ def test_keeper_answers_503_on_wake_timeout_and_gives_the_wake_up_up():
     async def test() -> None:
         sleepers, runtime, _, outstanding = keeper({"a": False, "b": True})
         view = view_of(worker("a"), worker("b"))
-        await sleepers.sync(view)
+        await observed(sleepers, view)
         outstanding.begin("g/a/0")  # a stream on a
 
         answer = await sleepers.acquire("b", view.table.replicas("b"), 0.2)
@@ -355,7 +380,7 @@ def test_keeper_puts_idle_workers_to_sleep_past_timeout_and_beyond_the_slot():
         clock = [0.0]
         sleepers.clock = lambda: clock[0]
         view = view_of(worker("a"), worker("b"), worker("c", gpus=(1,)), idle_timeout=60.0)
-        await sleepers.sync(view)
+        await observed(sleepers, view)
         sleepers.workers["g/b/0"].last_used = -1.0  # b is the least recently used on GPU 0
         keeping = asyncio.create_task(sleepers.run())
         while "g/b/0" not in runtime.did("sleep"):

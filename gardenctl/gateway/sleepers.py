@@ -7,7 +7,9 @@ worker id, or a new pid: a restart) from vLLM's ``GET /is_sleeping``, and from t
 what it does to it: ``asleep -> waking -> awake -> sleeping -> asleep``. A worker whose state it
 cannot tell (no answer; or `apply` is starting a standby worker on its GPUs, which puts awake
 neighbours to sleep behind the gateway's back) is *unknown*: counted as awake, sent nothing,
-and asked again.
+and asked again. A new worker that says it is awake is believed only at a later observation:
+`apply` records it ready, then puts it to sleep, and the gateway may have asked in between (a
+request sent then would wait inside the sleeping worker).
 
 Wake-ups. A request for a model whose replicas all sleep wakes one (the lowest worker id among
 those asleep; one already waking is shared by every request that waits for it), and waits for
@@ -106,6 +108,8 @@ class Tracked:
     last_wake: float | None = None  # wall time
     last_wake_s: float | None = None
     waiting: str = ""  # why its wake-up waits, when it does
+    new: bool = True  # its state was never known
+    awake_look: int | None = None  # the observation at which a new worker first said "awake"
     wake: asyncio.Task[None] | None = None
 
     @property
@@ -164,6 +168,7 @@ class Sleepers:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._executor: ThreadPoolExecutor | None = None
         self._running: list[rule.Sleeper] = []  # `standby: stop` workers that run: in the slot
+        self._looks = 0  # observations followed (sync calls)
 
     # -- what requests see -----------------------------------------------------------------
 
@@ -244,6 +249,7 @@ class Sleepers:
         are forgotten; awake ones beside a standby worker that is loading become unknown."""
         if not view.usable or view.table.garden is None:
             return
+        self._looks += 1
         if view.table.garden != self.garden:
             self.workers.clear()
             self.garden, self._before, self._written = view.table.garden, None, None
@@ -289,13 +295,20 @@ class Sleepers:
                 self._wake_task(tracked)  # requests sent before it fell asleep wait inside it
 
     async def _ask(self, tracked: Tracked) -> None:
-        """Ask an unknown worker whether it sleeps."""
+        """Ask an unknown worker whether it sleeps. A worker new to the gateway that says
+        "awake" is believed at a later observation only: `apply` records a standby worker
+        ready, then puts it to sleep; the gateway may have looked in between."""
         try:
             answer = await self._call(self._runtime().is_sleeping, tracked.worker_id)
         except WakeFailed:
             answer = None
         if not self._current(tracked) or tracked.state != rule.UNKNOWN or answer is None:
             return
+        if answer is False and tracked.new and (tracked.awake_look is None
+                                                or tracked.awake_look >= self._looks):
+            tracked.awake_look = self._looks
+            return
+        tracked.new = False
         tracked.state = rule.ASLEEP if answer else rule.AWAKE
         tracked.last_used = self.clock()
         self._changed_state()
@@ -336,7 +349,9 @@ class Sleepers:
                 if tracked.state == rule.UNKNOWN:
                     await self._ask(tracked)
                     if tracked.state == rule.UNKNOWN:
-                        await self._wait(tracked, "it does not say whether it sleeps")
+                        await self._wait(tracked, "it was just started: asking again at the "
+                                         "next observation" if tracked.awake_look is not None
+                                         else "it does not say whether it sleeps")
                     continue
                 if (self._current(tracked) and tracked.state == rule.ASLEEP
                         and isinstance(rule.make_room(tracked.worker_id, self._sleepers()),
