@@ -206,24 +206,35 @@ class RecordedRuntime:
         if code is not ALIVE:
             return self._record_exit(record, code)
         if record.phase == Phase.STARTING:
-            if self._mark_if_ready(record):
-                return base.WorkerStatus(Phase.READY, self._settle(record))
+            settled = self._mark_if_ready(record)
+            if settled is not None:
+                return base.WorkerStatus(Phase.READY, settled)
             return base.WorkerStatus(Phase.STARTING, self._milestone(record))
         return base.WorkerStatus(record.phase, record.last_error or "")
 
-    def _mark_if_ready(self, record: WorkerRecord) -> bool:
+    def _mark_if_ready(self, record: WorkerRecord) -> str | None:
+        """Record a loading worker READY once it answers; what it is now (None: not ready).
+
+        A standby (sleep) worker is first put to sleep (`_settle`), by the runtime that owns
+        its record only: so READY always means asleep-until-woken to every observer (the
+        gateway never sends a request to one still settling, where it would wait)."""
         if not self._probe_ready(record):
-            return False
+            return None
+        standby = record.spec.standby
+        if standby is not None and standby.sleeps and not (self.writable and self._owns(record)):
+            return None
+        settled = self._settle(record)
         record.mark_ready(self.clock())
         self._save(record)
-        return True
+        return settled
 
     def _settle(self, record: WorkerRecord) -> str:
         """A standby worker starts awake (vLLM has no way to start asleep): as it becomes ready,
         it is put to sleep, so that its GPU's wake slot is free for the gateway. Done where the
-        transition to READY is recorded, so apply, watch and every later pass agree."""
+        transition to READY is recorded (by its owner), so apply, watch and every later pass
+        agree."""
         standby = record.spec.standby
-        if standby is None or not self.writable or not self._owns(record):
+        if standby is None:
             return "ready"
         if not standby.sleeps:
             return "ready; stopped again when idle (standby: stop)"
