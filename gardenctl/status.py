@@ -323,6 +323,12 @@ def _same_process(pid: int, started_at: object) -> bool:
     return began <= said + 1.0
 
 
+def watch_running(state: StateDir, garden: str) -> bool:
+    """A `gardenctl watch` of this garden runs now (its watch.json names a live process)."""
+    info = _watch_info(state, garden)
+    return info is not None and info.running
+
+
 def _watch_info(state: StateDir, garden: str) -> WatchInfo | None:
     """What a `gardenctl watch` of this garden last reported (watch.json), if one ever ran."""
     path = state.root / "gardens" / garden / "watch.json"
