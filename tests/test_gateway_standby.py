@@ -18,12 +18,18 @@ from pathlib import Path
 import openai
 import pytest
 from e2e_helpers import Garden, garden_at, http_get, model, wait_until
-from gateway_helpers import Gateway, write_garden
+from gateway_helpers import (
+    Gateway,
+    keeper,
+    observed,
+    run_async,
+    view_of,
+    worker,
+    write_garden,
+)
 
-from gardenctl.gateway.discovery import GardenView, sleeps
 from gardenctl.gateway.errors import GatewayError
-from gardenctl.gateway.metrics import Metrics
-from gardenctl.gateway.sleepers import Lease, Sleepers
+from gardenctl.gateway.sleepers import Lease
 from gardenctl.gateway.standby import (
     ASLEEP,
     AWAKE,
@@ -32,7 +38,6 @@ from gardenctl.gateway.standby import (
     WAKING,
     Evict,
     Fits,
-    Policy,
     Sleeper,
     Wait,
     expired,
@@ -41,12 +46,6 @@ from gardenctl.gateway.standby import (
     overcommitted,
     wake_slots,
 )
-from gardenctl.gateway.upstream import Outstanding, Replica, RoutingTable
-from gardenctl.observe import ObservedWorker
-from gardenctl.runtime.sleepmode import SleepModeError
-from gardenctl.vocab import Phase
-from gardenctl.workers import DesiredWorker
-from gardenctl.workers import Standby as WorkerStandby
 
 e2e = pytest.mark.e2e
 GiB = 1024**3
@@ -58,9 +57,9 @@ GPU1 = ("n", 1)
 
 def sleeper(worker_id: str, state: str, *, awake: int = 6, asleep: int = 2,
             gpus: tuple = (GPU0,), in_flight: int = 0, last_used: float = 0.0,
-            priority: int = 0, idle_timeout: float = math.inf) -> Sleeper:
+            priority: int = 0, idle_timeout: float = math.inf, stops: bool = False) -> Sleeper:
     return Sleeper(worker_id, gpus, awake * GiB, asleep * GiB, state, in_flight, last_used,
-                   priority, idle_timeout)
+                   priority, idle_timeout, stops)
 
 
 def test_the_slot_is_the_largest_growth_of_every_standby_worker_on_the_gpu():
@@ -126,6 +125,21 @@ def test_waking_sleeping_and_unknown_workers_hold_their_memory():
     assert make_room("a", [sleeper("a", ASLEEP), sleeper("b", ASLEEP)]) == Fits()
 
 
+def test_workers_going_to_sleep_are_waited_for_not_added_to():
+    going = [sleeper("t", ASLEEP), sleeper("big", ASLEEP, awake=10),  # slot 8
+             sleeper("x", SLEEPING, last_used=9.0), sleeper("y", AWAKE, last_used=1.0)]
+    stopping = [sleeper("t", ASLEEP, asleep=0, stops=True),
+                sleeper("x", SLEEPING, asleep=0, stops=True)]
+    short = [sleeper("t", ASLEEP), sleeper("big", ASLEEP, awake=10),
+             sleeper("x", SLEEPING, awake=4), sleeper("y", AWAKE, last_used=1.0),
+             sleeper("z", AWAKE, last_used=2.0)]
+
+    assert make_room("t", going) == Wait(("x",), "going to sleep: x")  # y may stay awake
+    assert make_room("t", stopping) == Wait(("x",), "being stopped (standby: stop): x")
+    assert make_room("t", short) == Evict(("y",))  # x's 2 and y's 4 make t's 4 fit
+    assert overcommitted([sleeper("a", AWAKE), sleeper("b", SLEEPING)]) == ()
+
+
 def test_a_worker_on_two_gpus_needs_room_on_both():
     workers = [sleeper("wide", ASLEEP, awake=6, asleep=2, gpus=(GPU0, GPU1)),
                sleeper("left", AWAKE, awake=6, asleep=2, gpus=(GPU0,), last_used=2.0),
@@ -159,93 +173,6 @@ def test_idle_timeout_expires_idle_awake_workers_only():
 
 # -- the keeper (sleepers), with a fake runtime -----------------------------------------------
 
-class FakeRuntime:
-    """Sleep-mode calls on workers that do as they are told, instantly unless held."""
-
-    def __init__(self, asleep: dict[str, bool]) -> None:
-        self.asleep = dict(asleep)
-        self.calls: list[tuple[str, str]] = []
-        self.fail_wake = False
-
-    def is_sleeping(self, worker_id: str) -> bool | None:
-        self.calls.append(("is_sleeping", worker_id))
-        return self.asleep.get(worker_id)
-
-    def put_to_sleep(self, worker_id: str) -> None:
-        self.calls.append(("sleep", worker_id))
-        self.asleep[worker_id] = True
-
-    def wake_up(self, worker_id: str) -> None:
-        self.calls.append(("wake", worker_id))
-        if self.fail_wake:
-            raise SleepModeError(f"/wake_up of {worker_id} answered 500")
-        self.asleep[worker_id] = False
-
-    def did(self, action: str) -> list[str]:
-        return [w for a, w in self.calls if a == action]
-
-
-class FakeState:
-    def __init__(self) -> None:
-        self.written: list[dict] = []
-
-    def read_standby(self, garden: str) -> dict:
-        return {}
-
-    def write_standby(self, garden: str, views: dict) -> None:
-        self.written.append({k: v.state for k, v in views.items()})
-
-
-class FakeDiscovery:
-    garden_path = "garden.yaml"
-
-    def __init__(self, runtime: FakeRuntime) -> None:
-        self.runtime = runtime
-        self.state = FakeState()
-        self.workers: list = []
-
-    def observe(self) -> list:
-        return list(self.workers)
-
-
-def worker(name: str, *, pid: int = 100, phase: str = "ready", gpus: tuple = (0,),
-           mode: str = "sleep", awake: int = 6, asleep: int = 2) -> ObservedWorker:
-    spec = DesiredWorker(
-        worker_id=f"g/{name}/0", garden="g", model=name, model_ref=f"org/{name}", replica=0,
-        node="n", gpus=gpus, host="127.0.0.1", port=1, served_model_name=name,
-        utilization=0.5, claim_bytes=awake * GiB, argv=(), env=(), sizing_hash="",
-        spec_hash="", start_timeout=60.0, shutdown_timeout=5.0,
-        standby=WorkerStandby(1, asleep * GiB, mode))
-    return ObservedWorker(spec=spec, phase=Phase(phase), pid=pid)
-
-
-def view_of(*workers: ObservedWorker, idle_timeout: float = 300.0) -> GardenView:
-    ready = {w.spec.served_model_name: (Replica(w.worker_id, w.spec.served_model_name,
-                                                "127.0.0.1", 1, standby=sleeps(w)),)
-             for w in workers if w.phase == Phase.READY}
-    table = RoutingTable("g", frozenset(ready), ready)
-    return GardenView(table, usable=True, workers=workers,
-                      standby={w.spec.served_model_name: Policy(idle_timeout)
-                               for w in workers if sleeps(w)})
-
-
-def keeper(asleep: dict[str, bool]) -> tuple[Sleepers, FakeRuntime, FakeDiscovery, Outstanding]:
-    runtime = FakeRuntime({f"g/{k}/0": v for k, v in asleep.items()})
-    discovery = FakeDiscovery(runtime)
-    outstanding = Outstanding()
-    return Sleepers(discovery, Metrics(), outstanding), runtime, discovery, outstanding  # type: ignore[arg-type]
-
-
-async def observed(sleepers: Sleepers, view: GardenView) -> None:
-    """Two observations: a new worker that says it is awake is believed at the second."""
-    await sleepers.sync(view)
-    await sleepers.sync(view)
-
-
-def run_async(test) -> None:
-    asyncio.run(asyncio.wait_for(test(), 20))
-
-
 def test_keeper_asks_new_workers_once_and_again_after_a_restart():
     async def test() -> None:
         sleepers, runtime, _, _ = keeper({"a": True})
@@ -256,28 +183,23 @@ def test_keeper_asks_new_workers_once_and_again_after_a_restart():
         await sleepers.sync(view_of(worker("a", pid=2)))
         await sleepers.sync(view_of(worker("a", pid=2)))
 
-        assert first.state == ASLEEP and runtime.did("is_sleeping") == ["g/a/0"] * 3
+        assert first.state == ASLEEP and runtime.did("is_sleeping") == ["g/a/0"] * 2
         assert sleepers.workers["g/a/0"] is not first and sleepers.workers["g/a/0"].state == AWAKE
         await sleepers.sync(view_of())
         assert sleepers.workers == {}
     run_async(test)
 
 
-def test_keeper_believes_a_new_worker_awake_only_at_a_later_observation():
+def test_keeper_believes_a_new_worker_that_says_it_is_awake():
     async def test() -> None:
-        sleepers, runtime, _, _ = keeper({"a": False})  # ready, not put to sleep by apply yet
+        # its owner recorded it READY only once asleep: awake now means someone woke it
+        sleepers, runtime, _, _ = keeper({"a": False})
         view = view_of(worker("a"))
         await sleepers.sync(view)
-        request = asyncio.create_task(sleepers.acquire("a", view.table.replicas("a"), 10))
-        while "asking again" not in sleepers.workers["g/a/0"].waiting:
-            await asyncio.sleep(0.01)
-        routable = sleepers.routable(view.table.replicas("a"))
-        runtime.asleep["g/a/0"] = True  # apply's sleep came after the gateway's first look
-        await sleepers.sync(view)
 
-        assert routable == []
-        assert isinstance(await request, Lease)
-        assert runtime.did("wake") == ["g/a/0"]  # woken by the gateway: awake for sure
+        assert sleepers.routable(view.table.replicas("a")) == list(view.table.replicas("a"))
+        assert isinstance(await sleepers.acquire("a", view.table.replicas("a"), 10), Lease)
+        assert runtime.did("wake") == [] and runtime.did("is_sleeping") == ["g/a/0"]
     run_async(test)
 
 

@@ -69,7 +69,8 @@ class Gateway:
             self._adopted = True
             names = sorted(view.table.declared | set(view.table.served_names()))
             self.metrics.know(names)
-            self.metrics.ready_replicas = {n: len(view.table.replicas(n)) for n in names}
+            self.metrics.ready_replicas = {n: sum(r.ready for r in view.table.replicas(n))
+                                           for n in names}
         for problem in view.problems:
             log.warning("%s", problem)
 

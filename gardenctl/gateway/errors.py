@@ -61,17 +61,28 @@ def unreachable(name: str, tried: int) -> GatewayError:
                         headers=(("Retry-After", str(RETRY_AFTER_S)),))
 
 
-def wake_timeout(name: str, seconds: float, why: str) -> GatewayError:
-    return GatewayError(503, f"The model `{name}` is asleep and could not be woken within "
-                        f"{seconds:g} s (the gateway's wake_timeout): {why}; retry later.",
-                        "server_error", "wake_timeout", "model",
-                        headers=(("Retry-After", str(RETRY_AFTER_S)),))
+def wake_timeout(name: str, seconds: float, why: str, *, stopped: bool = False) -> GatewayError:
+    """``stopped``: a `standby: stop` model, started (a cold start) rather than woken."""
+    doing = ("is stopped (standby: stop) and could not be started" if stopped
+             else "is asleep and could not be woken")
+    return GatewayError(503, f"The model `{name}` {doing} within {seconds:g} s (the gateway's "
+                        f"wake_timeout): {why}; retry later.", "server_error", "wake_timeout",
+                        "model", headers=(("Retry-After", str(RETRY_AFTER_S)),))
 
 
 def wake_failed(name: str, why: str) -> GatewayError:
     return GatewayError(503, f"The model `{name}` is asleep and waking it failed: {why}; "
                         "retry later.", "server_error", "wake_failed", "model",
                         headers=(("Retry-After", str(RETRY_AFTER_S)),))
+
+
+def stopped_no_watch(name: str) -> GatewayError:
+    """A `standby: stop` model that is stopped, where nothing would start it: no Retry-After
+    (retrying does not help until a watch runs)."""
+    return GatewayError(503, f"The model `{name}` is stopped (standby: stop) and no `gardenctl "
+                        "watch` of the garden runs to start it: run `gardenctl watch --gateway` "
+                        "(or `watch` beside the gateway).", "server_error", "model_stopped",
+                        "model")
 
 
 def upstream_timeout(name: str, seconds: float) -> GatewayError:
@@ -96,5 +107,6 @@ def method_not_allowed(method: str, path: str) -> GatewayError:
 
 
 __all__ = ["RETRY_AFTER_S", "GatewayError", "bad_request", "key_not_set", "method_not_allowed",
-           "model_not_found", "no_ready_replica", "unauthorized", "unknown_route",
-           "unreachable", "upstream_failed", "upstream_timeout", "wake_failed", "wake_timeout"]
+           "model_not_found", "no_ready_replica", "stopped_no_watch", "unauthorized",
+           "unknown_route", "unreachable", "upstream_failed", "upstream_timeout", "wake_failed",
+           "wake_timeout"]

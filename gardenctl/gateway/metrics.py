@@ -4,7 +4,9 @@ Per model (the served name a request asked for; names the garden does not know a
 under "_unknown", so a client cannot grow the label set): requests by status code, errors by
 kind, requests in flight, request latency (to the last byte, streams included), failovers;
 for standby models, wake-ups and their duration, sleeps by reason (idle: past its idle
-timeout; evicted: put to sleep to make room for another) and the workers awake now. Written by
+timeout; evicted: put to sleep to make room for another) and the workers awake now; a
+`standby: stop` model's start on demand counts as a wake-up (its cold start included), its stop
+as a sleep. Written by
 hand: a few counters do not need a client library.
 """
 
@@ -138,7 +140,7 @@ class Metrics:
         for model, m in ordered:
             lines += m.latency.lines(name, _label(model))
         name = family("wakeups_total", "counter",
-                      "Sleeping standby workers woken for a request.")
+                      "Sleeping standby workers woken (stopped ones started) for a request.")
         for model, m in ordered:
             lines.append(f"{name}{{{_label(model)}}} {m.wakeups}")
         name = family("wake_seconds", "histogram",
@@ -147,8 +149,8 @@ class Metrics:
         for model, m in ordered:
             lines += m.wake.lines(name, _label(model))
         name = family("sleeps_total", "counter",
-                      "Standby workers put to sleep, by reason (idle: past its idle_timeout; "
-                      "evicted: to make room for another).")
+                      "Standby workers put to sleep (or stopped), by reason (idle: past its "
+                      "idle_timeout; evicted: to make room for another).")
         for model, m in ordered:
             if model in self.standby_awake or m.sleeps:
                 for reason in sorted(set(SLEEP_REASONS) | set(m.sleeps)):

@@ -3,14 +3,14 @@
 
 A request goes to the ready replica of its model with the fewest outstanding requests
 (`upstream.choose_replica`); for a standby model, to an awake one, after waking one if all
-sleep (`sleepers`: the request waits up to the garden's wake_timeout). If that replica
-refuses or resets the connection before its answer has begun, the next one is tried (never
-after: a started stream cannot be replayed). A non-streamed answer is read whole and passed on
-with its status; a streamed one (server-sent events, or any answer without a length) is
-written to the client chunk by chunk as it arrives. When the client goes away, aiohttp
-cancels the handler and the upstream connection is closed, which a vLLM server takes as the
-request's abort. The client's Authorization header never reaches a worker: each worker gets
-its own VLLM_API_KEY.
+sleep, or starting one if all are stopped (`standby: stop`; `sleepers`: the request waits up to
+the garden's wake_timeout). If that replica refuses or resets the connection before its answer
+has begun, the next one is tried (never after: a started stream cannot be replayed). A
+non-streamed answer is read whole and passed on with its status; a streamed one (server-sent
+events, or any answer without a length) is written to the client chunk by chunk as it arrives.
+When the client goes away, aiohttp cancels the handler and the upstream connection is closed,
+which a vLLM server takes as the request's abort. The client's Authorization header never
+reaches a worker: each worker gets its own VLLM_API_KEY.
 """
 
 from __future__ import annotations
@@ -180,6 +180,8 @@ async def forward(request: web.Request, gateway: Gateway, model: str,
                 status, error = woken.status, woken.code
                 return reply(woken)
             lease = woken
+            # a `standby: stop` worker started meanwhile is reached where it runs now
+            replicas = gateway.view.table.replicas(model) or replicas
         while True:
             # only an awake worker takes a request (chosen and counted without a pause, so
             # that it is never put to sleep in between)

@@ -7,10 +7,13 @@ once. The slot is computed here from the standby workers observed on the GPU, as
 
 `make_room` answers a wake-up of one worker: it fits now; or these awake workers must be put
 to sleep first (only idle ones: no request in flight, none waiting for them; least recently
-used first, ties to the lower priority, then the lower worker id); or it must wait (what can be
+used first, ties to the lower priority, then the lower worker id; as many as the workers already
+going to sleep leave short); or it must wait (those going to sleep free enough; or what can be
 put to sleep now is not enough: a worker busy with requests, one waking or going to sleep).
 A worker whose state is not known yet counts as awake (its memory may be in use) but is never
-chosen; so does a running `standby: stop` worker (it shares the slot; `watch` stops it).
+chosen. A `standby: stop` worker (``stops``) is the same to the rule, with nothing asleep: awake
+while it runs and a request wants it, asleep while stopped, waking while it starts, sleeping
+while it is being stopped.
 `overcommitted` names the idle workers to put to sleep where the awake ones exceed a GPU's
 slot (the garden changed under them); `expired` those idle past their idle timeout.
 """
@@ -28,8 +31,7 @@ ASLEEP = "asleep"
 WAKING = "waking"
 SLEEPING = "sleeping"  # being put to sleep: its memory is in use until it is asleep
 UNKNOWN = "unknown"  # not asked yet, or it did not answer
-RUNNING = "running"  # a `standby: stop` worker that runs: in the slot, never put to sleep here
-HOLDING = frozenset({AWAKE, WAKING, SLEEPING, UNKNOWN, RUNNING})  # memory counted as awake
+HOLDING = frozenset({AWAKE, WAKING, SLEEPING, UNKNOWN})  # memory counted as awake
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Sleeper:
     last_used: float = 0.0  # when a request last began or ended (any monotonic clock)
     priority: int = 0
     idle_timeout: float = math.inf  # seconds idle before it is put to sleep
+    stops: bool = False  # `standby: stop`: stopped instead of put to sleep, started to wake
 
     @property
     def growth(self) -> int:
@@ -86,11 +89,18 @@ class Wait:
 
 
 Decision = Fits | Evict | Wait
+_ORDER = {AWAKE: 0, WAKING: 1, SLEEPING: 2, UNKNOWN: 3}  # how a Wait lists its blockers
 
 
 _WAITING_ON = {AWAKE: "answering requests", WAKING: "waking", SLEEPING: "going to sleep",
-               UNKNOWN: "not saying whether it sleeps",
-               RUNNING: "running in the wake slot until stopped (standby: stop)"}
+               UNKNOWN: "not saying whether it sleeps"}
+_WAITING_ON_STOP = {AWAKE: "answering requests", WAKING: "starting (standby: stop)",
+                    SLEEPING: "being stopped (standby: stop)",
+                    UNKNOWN: "running, not ready (standby: stop)"}
+
+
+def _waiting_on(worker: Sleeper) -> str:
+    return (_WAITING_ON_STOP if worker.stops else _WAITING_ON)[worker.state]
 
 
 def wake_slots(workers: Iterable[Sleeper]) -> dict[GpuKey, int]:
@@ -144,33 +154,47 @@ def make_room(target_id: str, workers: Sequence[Sleeper]) -> Decision:
     if target.state in (AWAKE, WAKING):
         return Fits()
     if target.state == SLEEPING:
-        return Wait((target_id,), "it is being put to sleep")
+        return Wait((target_id,), "it is being stopped" if target.stops
+                    else "it is being put to sleep")
     slots = wake_slots(workers)
     used = awake_use(workers, leave_out=target_id)
     over = {key: used.get(key, 0) + target.growth - slots.get(key, 0) for key in target.gpus}
     over = {key: amount for key, amount in over.items() if amount > 0}
     if not over:
         return Fits()
-    victims, enough = _relieve(over, _lru(w for w in workers if w.worker_id != target_id))
+    # those going to sleep (or being stopped) free their memory soon: only the rest needs victims
+    going = awake_use(workers, frozenset({SLEEPING}), leave_out=target_id)
+    rest = {key: amount - going.get(key, 0) for key, amount in over.items()
+            if amount > going.get(key, 0)}
+    if not rest:
+        return _wait([w for w in workers if w.state == SLEEPING and w.worker_id != target_id
+                      and any(key in over for key in w.gpus)])
+    victims, enough = _relieve(rest, _lru(w for w in workers if w.worker_id != target_id))
     if enough:
         return Evict(victims)
-    blockers = tuple(sorted(
-        w.worker_id for w in workers
-        if w.worker_id != target_id and w.state in HOLDING and not w.idle
-        and any(key in over for key in w.gpus)))
+    blockers = [w for w in workers
+                if w.worker_id != target_id and w.state in HOLDING and not w.idle
+                and any(key in over for key in w.gpus)]
     if not blockers:
         return Wait((), "its GPUs' wake slot is too small")
-    why = "; ".join(f"{_WAITING_ON[state]}: {', '.join(ids)}"
-                    for state in (AWAKE, WAKING, SLEEPING, UNKNOWN, RUNNING)
-                    if (ids := [b for b in blockers if by_id[b].state == state]))
-    return Wait(blockers, why)
+    return _wait(blockers)
+
+
+def _wait(blockers: Sequence[Sleeper]) -> Wait:
+    """Wait for ``blockers``, saying what each is doing."""
+    reasons: dict[str, list[str]] = {}
+    for blocker in sorted(blockers, key=lambda b: (_ORDER[b.state], b.stops, b.worker_id)):
+        reasons.setdefault(_waiting_on(blocker), []).append(blocker.worker_id)
+    return Wait(tuple(sorted(b.worker_id for b in blockers)),
+                "; ".join(f"{why}: {', '.join(ids)}" for why, ids in reasons.items()))
 
 
 def overcommitted(workers: Sequence[Sleeper]) -> tuple[str, ...]:
     """Idle workers to put to sleep where the awake ones exceed a GPU's wake slot (as many as
-    idle ones allow; a worker whose state is unknown is not counted)."""
+    idle ones allow; a worker whose state is unknown is not counted, nor one going to sleep:
+    its memory is on its way back)."""
     slots = wake_slots(workers)
-    used = awake_use(workers, frozenset({AWAKE, WAKING, SLEEPING, RUNNING}))
+    used = awake_use(workers, frozenset({AWAKE, WAKING}))
     over = {key: amount - slots.get(key, 0) for key, amount in used.items()
             if amount > slots.get(key, 0)}
     return _relieve(over, _lru(workers))[0] if over else ()
@@ -189,6 +213,6 @@ def next_expiry(workers: Iterable[Sleeper]) -> float | None:
     return min(times, default=None)
 
 
-__all__ = ["ASLEEP", "AWAKE", "HOLDING", "RUNNING", "SLEEPING", "UNKNOWN", "WAKING", "Decision",
+__all__ = ["ASLEEP", "AWAKE", "HOLDING", "SLEEPING", "UNKNOWN", "WAKING", "Decision",
            "Evict", "Fits", "GpuKey", "Policy", "Sleeper", "Wait", "awake_use", "expired",
            "make_room", "next_expiry", "overcommitted", "wake_slots"]

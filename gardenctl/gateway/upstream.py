@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Replica:
-    """One ready worker as the gateway reaches it."""
+    """One ready worker as the gateway reaches it (or a stopped `standby: stop` worker, where
+    it will run once started: ``ready`` False)."""
 
     worker_id: str
     served_name: str
     host: str  # where to connect (a wildcard bind address already made concrete)
     port: int
     api_key: str | None = field(default=None, repr=False)  # the worker's own VLLM_API_KEY
-    standby: bool = False  # sleeps until the gateway wakes it (gardenctl.gateway.sleepers)
+    standby: bool = False  # sleeps (or is stopped) until the gateway wakes it (sleepers)
+    ready: bool = True  # False: a `standby: stop` worker that does not run (or is loading)
 
     @property
     def base_url(self) -> str:
@@ -30,16 +32,17 @@ class Replica:
 
 @dataclass(frozen=True)
 class RoutingTable:
-    """What the gateway serves now: served name -> its ready replicas (sorted by worker id),
-    and the served names the garden file declares (a declared name with no ready replica is
-    "not ready", any other name "unknown")."""
+    """What the gateway serves now: served name -> its ready replicas (sorted by worker id;
+    with the stopped `standby: stop` ones, started on demand), and the served names the garden
+    file declares (a declared name with no replica is "not ready", any other name
+    "unknown")."""
 
     garden: str | None = None
     declared: frozenset[str] = frozenset()
     ready: Mapping[str, tuple[Replica, ...]] = field(default_factory=dict)
 
     def served_names(self) -> list[str]:
-        """The names with at least one ready replica, sorted."""
+        """The names with at least one replica (ready, or stopped until a request), sorted."""
         return sorted(name for name, replicas in self.ready.items() if replicas)
 
     def known(self, name: str) -> bool:
