@@ -244,6 +244,23 @@ def test_the_demand_stays_when_nobody_waits_but_it_is_starting():
     run_async(test)
 
 
+def test_a_model_removed_from_the_garden_while_it_starts_fails_the_request_and_its_demand():
+    async def test() -> None:
+        sleepers, _, discovery, _ = keeper({})
+        view = stop_view(plan=(planned("a"),))
+        await sleepers.sync(view)
+        request = asyncio.create_task(sleepers.acquire("a", view.table.replicas("a"), 10))
+        await until(lambda: A in discovery.state.demand)
+        await sleepers.sync(stop_view(plan=()))  # the file no longer has a
+
+        answer = await request
+
+        assert isinstance(answer, GatewayError) and answer.code == "wake_failed"
+        assert "is stopped (standby: stop) and starting it failed" in answer.message
+        assert discovery.state.demand == {} and A not in sleepers.workers
+    run_async(test)
+
+
 def test_idle_timeout_has_a_running_stop_model_stopped_and_counts_it_once_stopped():
     async def test() -> None:
         sleepers, _, discovery, _ = keeper({})

@@ -70,9 +70,11 @@ def wake_timeout(name: str, seconds: float, why: str, *, stopped: bool = False) 
                         "model", headers=(("Retry-After", str(RETRY_AFTER_S)),))
 
 
-def wake_failed(name: str, why: str) -> GatewayError:
-    return GatewayError(503, f"The model `{name}` is asleep and waking it failed: {why}; "
-                        "retry later.", "server_error", "wake_failed", "model",
+def wake_failed(name: str, why: str, *, stopped: bool = False) -> GatewayError:
+    doing = ("is stopped (standby: stop) and starting it" if stopped
+             else "is asleep and waking it")
+    return GatewayError(503, f"The model `{name}` {doing} failed: {why}; retry later.",
+                        "server_error", "wake_failed", "model",
                         headers=(("Retry-After", str(RETRY_AFTER_S)),))
 
 

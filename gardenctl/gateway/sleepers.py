@@ -260,7 +260,7 @@ class Sleepers:
                                 "%s", model, timeout, target.worker_id, why)
                     return errors.wake_timeout(model, timeout, why, stopped=target.stops)
                 except WakeFailed as exc:
-                    return errors.wake_failed(model, str(exc))
+                    return errors.wake_failed(model, str(exc), stopped=target.stops)
         finally:
             if target is not None:
                 target.holds -= 1
