@@ -25,6 +25,7 @@ from gardenctl.vocab import StepKind
 
 if TYPE_CHECKING:
     from gardenctl.runtime.base import Runtime
+    from gardenctl.workers import DesiredWorker
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ class StandbyStatus:
     and measured by its own sleep), and the gateway's wake-up count, last wake-up (wall time)
     and how long that took."""
 
-    level: int
+    mode: str  # "sleep" | "stop"
+    level: int  # the sleep level (sleep mode)
     asleep_bytes: int
     state: str
     wake_bytes: int  # what waking it takes back, as planned (awake claim - asleep bytes)
@@ -99,7 +101,8 @@ class StandbyStatus:
     last_wake_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"level": self.level, "asleep_bytes": self.asleep_bytes, "state": self.state,
+        return {"mode": self.mode, "level": self.level, "asleep_bytes": self.asleep_bytes,
+                "state": self.state,
                 "wake_bytes": self.wake_bytes, "measured_wake_bytes": self.measured_wake_bytes,
                 "wakes": self.wakes, "last_wake": self.last_wake,
                 "last_wake_s": self.last_wake_s}
@@ -198,8 +201,8 @@ def gather_status(garden_path: str, inventory_path: str | None, state_path: str 
     views = state.read_standby(loaded.garden.name)
     rows = [replace(row, memory=_memory(row, plan, result, runtime))
             for row in worker_rows(plan, mine, now)]
-    report.workers = [replace(row, standby=_standby(mine.get(row.worker_id), runtime, views,
-                                                    row.memory))
+    report.workers = [replace(row, standby=_standby(row, mine.get(row.worker_id), plan,
+                                                    runtime, views))
                       for row in rows]
     report.watch = _watch_info(state, loaded.garden.name)
     report.log_tails = _ended_tails(runtime, mine)
@@ -249,28 +252,39 @@ def _row(current: ObservedWorker | None, step: Step | None, now: float,
         failures, until)
 
 
-def _standby(current: ObservedWorker | None, runtime: Runtime | None,
-             views: Mapping[str, StandbyView],
-             memory: WorkerMemory | None) -> StandbyStatus | None:
-    """Asleep or awake from the worker itself (GET /is_sleeping); waking, sleeping and the
-    wake-up figures from the gateway's file, when it speaks of this very process."""
-    if current is None or current.spec.standby is None or not current.running:
+def _standby(row: WorkerStatusRow, current: ObservedWorker | None, plan: Plan,
+             runtime: Runtime | None, views: Mapping[str, StandbyView]) -> StandbyStatus | None:
+    """A sleep worker: asleep or awake from the worker itself (GET /is_sleeping); waking,
+    sleeping and the wake-up figures from the gateway's file, when it speaks of this very
+    process. A stop worker: stopped while it has no process, else the gateway's word (awake,
+    waking, stopping) or "awake"."""
+    spec = current.spec if current is not None else _planned(plan, row.worker_id)
+    if spec is None or spec.standby is None:
         return None
-    standby = current.spec.standby
-    measured = memory.measured if memory is not None else None
+    standby = spec.standby
+    measured = row.memory.measured if row.memory is not None else None
     freed = measured.sleep_freed_bytes if measured is not None else None
-    wake = (current.claim_bytes - standby.asleep_bytes, freed)
-    view = views.get(current.worker_id)
-    if view is not None and view.pid != current.pid:
+    wake = (spec.claim_bytes - standby.asleep_bytes, freed)
+    view = views.get(row.worker_id)
+    running = current is not None and current.running
+    if view is not None and current is not None and running and view.pid != current.pid:
         view = None  # about an earlier run
-    asleep = runtime.is_sleeping(current.worker_id) if runtime is not None else None
-    state = ("asleep" if asleep else "awake") if asleep is not None else "unknown"
-    if view is not None and view.state in ("waking", "sleeping"):
-        state = view.state
-    if view is None:
-        return StandbyStatus(standby.level, standby.asleep_bytes, state, *wake)
-    return StandbyStatus(standby.level, standby.asleep_bytes, state, *wake, view.wakes,
-                         view.last_wake, view.last_wake_s)
+    if standby.sleeps:
+        if not running:
+            return None
+        asleep = runtime.is_sleeping(row.worker_id) if runtime is not None else None
+        state = ("asleep" if asleep else "awake") if asleep is not None else "unknown"
+        if view is not None and view.state in ("waking", "sleeping"):
+            state = view.state
+    else:
+        state = view.state if view is not None else ("awake" if running else "stopped")
+    counts = (view.wakes, view.last_wake, view.last_wake_s) if view is not None else ()
+    return StandbyStatus(standby.mode, standby.level, standby.asleep_bytes, state, *wake,
+                         *counts)
+
+
+def _planned(plan: Plan, worker_id: str) -> DesiredWorker | None:
+    return next((s.worker for s in plan.steps if s.worker_id == worker_id and s.worker), None)
 
 
 def _memory(row: WorkerStatusRow, plan: Plan, result: Any,

@@ -147,7 +147,8 @@ def _standby_lines(workers: list[Any]) -> list[str]:
                 last += f" (took {standby.last_wake_s:.2f}s)"
         measured = ("not yet" if standby.measured_wake_bytes is None
                     else format_size(standby.measured_wake_bytes))
-        table.append((shown(w.worker_id), standby.state, str(standby.level),
+        table.append((shown(w.worker_id), standby.state,
+                      str(standby.level) if standby.mode == "sleep" else "stop",
                       format_size(standby.asleep_bytes),
                       f"{format_size(standby.wake_bytes)} ({measured})", str(standby.wakes),
                       last))

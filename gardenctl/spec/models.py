@@ -447,7 +447,9 @@ class GatewaySpec(_Strict):
         120.0, gt=0,
         description=(
             "How long a request for a sleeping model may wait while the gateway wakes it (and "
-            "first puts idle models to sleep to make room); then 503 with Retry-After."
+            "first puts idle models to sleep to make room); then 503 with Retry-After. A "
+            "`standby: stop` model is started cold (its weights loaded again, a minute or more "
+            "for large models): raise it (e.g. 5m) in gardens that have them."
         ),
     )
 
