@@ -259,9 +259,9 @@ def _wait_ready(ctx: Context, step: Step, worker: DesiredWorker, began: float,
         elapsed = now() - began
         if status.phase == Phase.READY:
             ctx.progress.update(worker.worker_id, "ready", "", elapsed)
-            settled = status.detail.split("; ", 1)[1] if "; " in status.detail else ""
-            return _result(step, Outcome.READY, f"ready after {elapsed:.1f}s"
-                           + (f"; {settled}" if settled else ""), elapsed)
+            # a standby worker's detail says how it settled: "ready, and asleep until ..."
+            settled = status.detail.removeprefix("ready")
+            return _result(step, Outcome.READY, f"ready after {elapsed:.1f}s{settled}", elapsed)
         if status.ended:
             ctx.progress.update(worker.worker_id, "failed", status.detail, elapsed)
             return _ended(step, status, elapsed)

@@ -237,12 +237,12 @@ class RecordedRuntime:
         if standby is None:
             return "ready"
         if not standby.sleeps:
-            return "ready; stopped again when idle (standby: stop)"
+            return "ready, and stopped again when idle (standby: stop)"
         try:
             self._sleep_mode(record, "sleep")
         except SleepModeError as exc:
             return f"ready, but still awake: putting it to sleep failed ({exc})"
-        return f"ready; asleep until a request comes (standby, level {standby.level})"
+        return f"ready, and asleep until a request comes (standby, level {standby.level})"
 
     def _record_exit(self, record: WorkerRecord, code: object) -> base.WorkerStatus:
         """The run ended without being asked to: record how, diagnosed from its log."""
