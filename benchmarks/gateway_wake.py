@@ -248,10 +248,12 @@ class Bench:
                               "level-2 wake-up without reload_weights answers garbage)")
 
     def wait_asleep(self, where: str, *names: str) -> bool:
-        """Wait until the gateway has put ``names`` to sleep (idle); False after idle_wait."""
+        """Wait until the gateway has put ``names`` to sleep (idle) and finished doing so (the
+        worker says it sleeps as soon as its scheduler pauses, before its memory is freed; the
+        gateway's standby.json says "asleep" once the sleep returned); False after idle_wait."""
         deadline = time.monotonic() + self.idle_wait
         while time.monotonic() < deadline:
-            if all(self.sleeping().get(n) for n in names):
+            if all(self.sleeping().get(n) for n in names) and self.gateway_says_asleep(names):
                 return True
             time.sleep(0.05)
         self.notes.append(f"{where}: {', '.join(names)} still awake {self.idle_wait:.0f} s "
@@ -259,6 +261,16 @@ class Bench:
                           "models to sleep (idle_timeout); the remaining rounds skip the "
                           "wake-ups with nothing to evict")
         return False
+
+    def gateway_says_asleep(self, names: tuple[str, ...]) -> bool:
+        path = self.garden.state / "gardens" / self.garden.name / "standby.json"
+        try:
+            workers = json.loads(path.read_text())["workers"]
+        except (OSError, ValueError, KeyError):
+            return False
+        states = {worker_id.split("/")[1]: view.get("state") for worker_id, view in
+                  workers.items()}
+        return all(states.get(name) == "asleep" for name in names)
 
     def run(self, rounds: int, idle: bool, progress: Callable[[str], None]) -> None:
         for number in range(1, rounds + 1):
