@@ -70,7 +70,6 @@ from gardenctl.gateway.discovery import sleeps, stops
 from gardenctl.gateway.errors import GatewayError
 from gardenctl.gateway.metrics import Metrics
 from gardenctl.gateway.upstream import Outstanding, Replica
-from gardenctl.runtime.sleepmode import SleepModeError
 from gardenctl.state import StandbyView
 from gardenctl.vocab import Phase
 
@@ -336,9 +335,7 @@ class Sleepers:
             self._before = self.discovery.state.read_standby(self.garden)
         self.policies = view.standby
         ready = {w.worker_id: w for w in view.workers if w.phase == Phase.READY and sleeps(w)}
-        loading = {(w.node, gpu) for w in view.workers
-                   if w.phase == Phase.STARTING and w.spec.standby is not None
-                   for gpu in w.gpus}
+        loading = {(w.node, gpu) for w in view.workers if _busy(w) for gpu in w.gpus}
         changed = False
         for worker_id, tracked in list(self.workers.items()):
             seen = ready.get(worker_id)
@@ -552,7 +549,8 @@ class Sleepers:
             # it fits (or its state must be asked): nothing may be loading beside it
             loading = await self._loading_beside(tracked)
             if loading:
-                await self._wait(tracked, f"{', '.join(loading)} is loading on its GPUs")
+                await self._wait(tracked, f"{', '.join(loading)} is loading, unhealthy or "
+                                 "stopping on its GPUs")
                 continue
             if tracked.state == rule.UNKNOWN:
                 if tracked.stops:
@@ -573,7 +571,8 @@ class Sleepers:
         self._changed_state()
         try:
             await self._call(self._runtime().wake_up, tracked.worker_id)
-        except (SleepModeError, WakeFailed) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure (a damaged record, Ray) is one
+            # failed wake-up: the worker must not stay "waking"
             log.warning("%s: waking %s failed: %s", tracked.model, tracked.worker_id, exc)
             if self._current(tracked):
                 tracked.state = rule.UNKNOWN
@@ -640,8 +639,8 @@ class Sleepers:
             return []
         mine = set(tracked.keys)
         return sorted(w.worker_id for w in workers
-                      if w.worker_id != tracked.worker_id and w.phase == Phase.STARTING
-                      and w.spec.standby is not None and mine & {(w.node, g) for g in w.gpus})
+                      if w.worker_id != tracked.worker_id and _busy(w)
+                      and mine & {(w.node, g) for g in w.gpus})
 
     # -- sleeping ----------------------------------------------------------------------------
 
@@ -686,7 +685,7 @@ class Sleepers:
         began = self.clock()
         try:
             await self._call(self._runtime().put_to_sleep, tracked.worker_id)
-        except (SleepModeError, WakeFailed) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure: never left "sleeping" for good
             log.warning("%s: putting %s to sleep failed: %s", tracked.model,
                         tracked.worker_id, exc)
             if self._current(tracked):
@@ -794,6 +793,13 @@ class Sleepers:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+
+def _busy(worker: ObservedWorker) -> bool:
+    """A standby worker whose memory use the gateway cannot tell: loading (apply starts it
+    awake, in the wake slot), unhealthy or being stopped (it may hold all it had awake)."""
+    return (worker.spec.standby is not None and worker.phase.running
+            and worker.phase != Phase.READY)
 
 
 __all__ = ["STOP_STATES", "Lease", "Signal", "Sleepers", "Tracked", "WakeFailed"]
