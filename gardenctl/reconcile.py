@@ -318,7 +318,7 @@ class _Decider:
                  "on demand")
         if not current.running:
             cause += " (already exited; its record is removed)"
-        return [_step(StepKind.STOP, None, current, cause)]
+        return [_step(StepKind.STOP, worker, current, cause)]  # its place stays planned
 
     def unwanted(self, current: ObservedWorker, held_back: bool, models: set[str]) -> list[Step]:
         if current.in_flight:

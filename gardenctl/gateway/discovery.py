@@ -109,7 +109,7 @@ def planned_stop_workers(steps: Iterable[Step]) -> tuple[DesiredWorker, ...]:
     """The `standby: stop` workers a plan's steps place (one each, by worker id)."""
     found: dict[str, DesiredWorker] = {}
     for step in steps:
-        worker = step.worker
+        worker = step.worker  # an idle one being stopped too: reconcile keeps its place
         if worker is not None and stops(worker):
             found.setdefault(worker.worker_id, worker)
     return tuple(found[k] for k in sorted(found))
