@@ -204,6 +204,8 @@ def _sleep_neighbours(ctx: Context, worker: DesiredWorker) -> None:
     (once their requests in flight are done)."""
     if worker.standby is None:
         return
+    if not worker.standby.sleeps and _check_free_memory(ctx, worker) is None:
+        return  # a stop-mode start was asked for by the gateway, which made room for it
     mine = set(worker.gpus)
     for other in ctx.runtime.observe(confirm_health=False).workers:
         spec = other.spec
