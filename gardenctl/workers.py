@@ -52,6 +52,7 @@ SIZING_FIELDS = (
 # vLLM's development mode (docs/vllm.md section 11).
 SLEEP_MODE_FLAG = "--enable-sleep-mode"
 SLEEP_ROUTES_ENV = "VLLM_SERVER_DEV_MODE"
+SLEEP_LEVEL_ENV = "GARDENCTL_SLEEP_LEVEL"
 
 
 def make_worker_id(garden: str, model: str, replica: int) -> str:
@@ -307,6 +308,9 @@ def worker_env(model: ModelSpec, gpus: Sequence[int],
     env.update(model.env)
     if model.standby is not None and model.standby.mode == "sleep":
         env[SLEEP_ROUTES_ENV] = "1"
+        # not read by vLLM: the level is how the gateway puts it to sleep, and what host RAM
+        # the plan books; in the environment, a new level replaces the worker (spec hash)
+        env[SLEEP_LEVEL_ENV] = str(model.standby.level)
     if cap_bytes is not None:
         env[MEMORY_CAP_ENV] = str(cap_bytes)
         theirs = model.env.get("PYTHONPATH", "")

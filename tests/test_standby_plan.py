@@ -145,7 +145,7 @@ def test_the_plan_gives_standby_workers_sleep_mode_and_shows_the_ledger():
     assert "standby" not in workers["c"].to_json()
 
 
-def test_a_new_idle_timeout_or_level_restarts_nothing_turning_standby_on_does():
+def test_a_new_idle_timeout_restarts_nothing_a_new_level_or_standby_replaces():
     from builders import observed_from
 
     text = garden_text(STANDBY_GARDEN, gpus="{name: L4, memory: 24GiB, count: 1}")
@@ -157,6 +157,13 @@ def test_a_new_idle_timeout_or_level_restarts_nothing_turning_standby_on_does():
     steps = plan_for(made_standby, running, budgets=budgets).steps
     assert [s.kind.value for s in steps if not s.conditional and s.worker_id == "lab/c/0"] \
         == ["replace"]
+    # the level is how the running worker sleeps, and what host RAM the plan books for it
+    deeper = text.replace(b"standby: sleep}", b"standby: {mode: sleep, level: 2}}")
+    steps = plan_for(deeper, running, budgets=budgets).steps
+    assert [s.kind.value for s in steps if not s.conditional and s.worker_id == "lab/a/0"] \
+        == ["replace"]
+    assert dict(next(s for s in steps if s.worker_id == "lab/a/0").worker.env)[
+        "GARDENCTL_SLEEP_LEVEL"] == "2"
 
 
 @pytest.mark.parametrize("bad, says", [
@@ -233,3 +240,4 @@ def test_stop_mode_workers_run_only_while_a_gateway_demands_them():
     stopping = plan_for(text, running, budgets=budgets)  # the gateway let it go (idle)
     step = next(s for s in stopping.steps if s.worker_id == "lab/a/0")
     assert step.kind.value == "stop" and "idle" in step.cause
+    assert step.worker is not None  # its place stays planned (the gateway reads it)
