@@ -231,7 +231,10 @@ class Watcher:
             seen: tuple[int, int, int] | None = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         except OSError:
             seen = None
-        changed = seen != self._demand_seen and self._demand_seen != _UNSEEN
+        # first look: a demand file there at all may have been written during the first pass
+        # (one more pass costs a plan; a missed demand would wait for the next resync)
+        changed = seen != self._demand_seen and (self._demand_seen is not _UNSEEN
+                                                 or seen is not None)
         self._demand_seen = seen
         return changed
 

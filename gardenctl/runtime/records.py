@@ -121,6 +121,7 @@ class RecordedRuntime:
         self.gardens = gardens
         self.clock = clock
         self._records_lock = threading.RLock()
+        self._settling: set[str] = set()  # standby workers being put to sleep as they start
 
     # -- the process side, supplied by each runtime -----------------------------------------
 
@@ -221,12 +222,32 @@ class RecordedRuntime:
         if not self._probe_ready(record):
             return None
         standby = record.spec.standby
-        if standby is not None and standby.sleeps and not (self.writable and self._owns(record)):
+        if standby is None or not standby.sleeps:
+            record.mark_ready(self.clock())
+            self._save(record)
+            return self._settle(record)
+        if not (self.writable and self._owns(record)) or not self._begin_settling(record):
             return None
-        settled = self._settle(record)
-        record.mark_ready(self.clock())
-        self._save(record)
+        try:
+            settled = self._settle(record)
+            record.mark_ready(self.clock())
+            self._save(record)
+        finally:
+            with self._records_lock:
+                self._settling.discard(record.worker_id)
         return settled
+
+    def _begin_settling(self, record: WorkerRecord) -> bool:
+        """Only one caller (watch's loop and an executor may both check a loading worker) puts
+        a new run to sleep, and only while it is still recorded loading: a second, late one
+        would put back to sleep a worker the gateway has just woken."""
+        with self._records_lock:
+            stored = self.store.read_record(record.worker_id)
+            if (record.worker_id in self._settling or stored is None
+                    or stored.pid != record.pid or stored.phase != Phase.STARTING):
+                return False
+            self._settling.add(record.worker_id)
+            return True
 
     def _settle(self, record: WorkerRecord) -> str:
         """A standby worker starts awake (vLLM has no way to start asleep): as it becomes ready,
