@@ -214,6 +214,18 @@ def _from_version_1(data: dict[str, Any]) -> WorkerRecord:
     )
 
 
+def lock_holder_message(garden: str, where: str, info: dict[str, Any]) -> str:
+    """Who holds a garden's writer lock (``info``: what the holder wrote of itself: host, pid,
+    command, since; any may be missing), for the error of the one refused."""
+    since = info.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
+    host = f"{info['host']} " if info.get("host") else ""
+    return (f"another gardenctl holds the lock of garden {garden} in {where}: {host}pid "
+            f"{info.get('pid', '?')}, `{info.get('command', '?')}`, since {when}. Wait for it "
+            "to finish (or stop it); only one apply, down or watch may change a garden's "
+            "workers at a time.")
+
+
 @dataclass(frozen=True)
 class StandbyView:
     """The gateway's view of one standby worker: awake, asleep, waking or sleeping (being put
@@ -447,12 +459,7 @@ class StateDir:
             info = json.loads(path.read_text() or "{}")
         except (OSError, ValueError):
             info = {}
-        since = info.get("since")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
-        return (f"another gardenctl holds the lock of garden {garden} in {self.root}: pid "
-                f"{info.get('pid', '?')}, `{info.get('command', '?')}`, since {when}. Wait for it "
-                "to finish (or stop it); only one apply, down or watch may change a garden's "
-                "workers at a time.")
+        return lock_holder_message(garden, str(self.root), info)
 
 
 __all__ = ["History", "StateDir", "WorkerRecord", "default_state_dir"]

@@ -40,6 +40,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gardenctl.errors import GardenError, InventoryError, LockHeldError
 from gardenctl.runtime.ray.supervisor import WorkerSupervisor
+from gardenctl.state import lock_holder_message
 
 NAMESPACE = "gardenctl"
 NODE_LABEL = "gardenctl/node"
@@ -251,12 +252,7 @@ class RayCluster:
                            .who.remote(), timeout=10)
         except (ValueError, RayError):
             info = {}
-        since = info.get("since")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
-        return (f"another gardenctl holds the lock of garden {garden} in the Ray cluster at "
-                f"{self.address}: {info.get('host', '?')} pid {info.get('pid', '?')}, "
-                f"`{info.get('command', '?')}`, since {when}. Wait for it to finish (or stop "
-                "it); only one apply, down or watch may change a garden's workers at a time.")
+        return lock_holder_message(garden, f"the Ray cluster at {self.address}", info)
 
     @contextmanager
     def gpu_mutex(self, holder: str | None = None) -> Iterator[None]:
