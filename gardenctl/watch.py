@@ -8,7 +8,9 @@ it on its GPU), not a call a pass waits for. So a worker that dies anywhere is a
 about a second while others load, GPU by GPU (still one start at a time per GPU).
 
 Triggers of a pass: a change of the garden file (its directory is watched, since editors save
-by writing a temp file and renaming it; a burst of saves is debounced), a worker's process
+by writing a temp file and renaming it; a burst of saves is debounced: a new version is read
+only once the file has been quiet for `debounce_ms`, by the pass that the quiet triggers and by
+any other pass alike), a worker's process
 gone (checked every `tick`), a loading worker ready or ended, a step ending, a liveness probe
 failing `failure_threshold` times in a row (the prober thread probes ready workers' /health
 every `liveness.period`), a backoff or start timeout expiring, and a jittered resync.
@@ -82,6 +84,42 @@ class _Progress:
 
 
 @dataclass
+class _FileQuiet:
+    """When the garden file last changed, so that a version is read only once its saves end:
+    written by the file-watching thread, read by the loop (a lock keeps the pair consistent)."""
+
+    def __init__(self, debounce_ms: int) -> None:
+        self.window = debounce_ms / 1000
+        self._lock = threading.Lock()
+        self._changed_at: float | None = None
+
+    def changed(self) -> None:
+        with self._lock:
+            self._changed_at = time.monotonic()
+
+    def unsettled(self) -> bool:
+        """A change was seen and the file has not been quiet for the window yet."""
+        with self._lock:
+            return self._changed_at is not None and \
+                time.monotonic() - self._changed_at < self.window
+
+    def remaining(self) -> float | None:
+        """Seconds until the file is quiet for the window; None when no change is pending."""
+        with self._lock:
+            if self._changed_at is None:
+                return None
+            return max(0.0, self.window - (time.monotonic() - self._changed_at))
+
+    def take_settled(self) -> bool:
+        """True once per burst of changes, when it has been quiet for the window."""
+        with self._lock:
+            if self._changed_at is None or time.monotonic() - self._changed_at < self.window:
+                return False
+            self._changed_at = None
+            return True
+
+
+@dataclass
 class _Reported:
     """What was already said, so that a steady state is not repeated every pass."""
 
@@ -124,6 +162,7 @@ class Watcher:
         self.prober = _Prober(self)
         self.fatal: GardenError | None = None  # why the watch had to end (the caller raises it)
         self._demand_seen: tuple[int, int, int] | object | None = _UNSEEN
+        self.file_quiet = _FileQuiet(options.debounce_ms)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -167,11 +206,12 @@ class Watcher:
             return Path(changed).name == name
 
         try:
+            # short groups, so that the quiet window is measured from the burst's last save
             for _ in watchfiles.watch(path.parent, watch_filter=only_the_garden,
-                                      debounce=self.options.debounce_ms, step=50,
+                                      debounce=100, step=50,
                                       stop_event=self.stop, recursive=False,
                                       raise_interrupt=False):
-                self.triggers.put("file changed")
+                self.file_quiet.changed()
         except Exception as exc:  # noqa: BLE001 - reported; resync keeps converging
             self.log.emit("error", f"file watching stopped ({type(exc).__name__}: {exc}); "
                           "changes are picked up at each resync")
@@ -180,16 +220,11 @@ class Watcher:
         """--poll: read the file every POLL_INTERVAL and compare contents (mtimes can be too
         coarse on network file systems to see two saves in one second)."""
         seen = _digest_of(self.options.garden_path)
-        changed_at: float | None = None
         while not self.stop.wait(POLL_INTERVAL):
             digest = _digest_of(self.options.garden_path)
             if digest != seen:
                 seen = digest
-                changed_at = time.monotonic()  # wait for the burst to settle
-            elif changed_at is not None and \
-                    time.monotonic() - changed_at >= self.options.debounce_ms / 1000:
-                changed_at = None
-                self.triggers.put("file changed")
+                self.file_quiet.changed()
 
     def _wait_for_trigger(self) -> str | None:
         resync_at = self.wall() + self.options.resync * self.rng.uniform(
@@ -197,12 +232,17 @@ class Watcher:
         next_ready_check = 0.0
         while not self.stop.is_set():
             try:
-                reason = self.triggers.get(timeout=self.options.tick)
+                quiet_in = self.file_quiet.remaining()
+                timeout = self.options.tick if quiet_in is None else \
+                    min(self.options.tick, quiet_in + 0.01)
+                reason = self.triggers.get(timeout=timeout)
                 while not self.triggers.empty():
                     self.triggers.get_nowait()
                 return reason
             except queue.Empty:
                 pass
+            if self.file_quiet.take_settled():
+                return "file changed"
             now = self.wall()
             if now >= resync_at:
                 return "resync"
@@ -350,6 +390,8 @@ class Watcher:
         """The file's version to consider: None when it is the version in force, cannot be
         read, or failed to parse (until its bytes change)."""
         path = self.options.garden_path
+        if self.last_good is not None and self.file_quiet.unsettled():
+            return None  # saves still coming: the pass their quiet triggers reads the last one
         try:
             raw = Path(path).read_bytes()
         except OSError as exc:

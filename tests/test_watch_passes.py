@@ -107,6 +107,27 @@ def test_broken_file_changes_nothing_and_the_fix_converges(setup):
     assert after["lab/a/0"] == before["lab/a/0"] and after["lab/b/0"] != before["lab/b/0"]
 
 
+def test_a_version_saved_during_a_burst_waits_for_the_file_to_be_quiet(setup):
+    garden, runtime, watcher, events, _clock = setup
+    settle(watcher, "start")
+    before = pids(runtime)
+    garden.write_text(HEAD + A + B.replace("4096", "2048"))
+    watcher.file_quiet.changed()  # as the file-watching thread reports a save
+    # any pass while saves may still be coming (a step ended, a worker died) keeps the
+    # version in force: it would otherwise start a worker of a version about to change again
+    settle(watcher, "step ended")
+    assert pids(runtime) == before
+    assert not [e for e in events() if e["event"] == "accepted"][1:]
+    watcher.file_quiet.window = 0.0  # the quiet has lasted the window
+    while not watcher.triggers.empty():  # the ends of the steps above, already acted on
+        watcher.triggers.get_nowait()
+    assert watcher._wait_for_trigger() == "file changed"
+    settle(watcher, "file changed")
+    after = pids(runtime)
+    assert after["lab/a/0"] == before["lab/a/0"] and after["lab/b/0"] != before["lab/b/0"]
+    assert watcher.file_quiet.remaining() is None  # one pass per burst
+
+
 def test_a_version_that_does_not_fit_is_rejected(setup):
     garden, runtime, watcher, events, _clock = setup
     settle(watcher, "start")
