@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 def gardenctl(*args: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "gardenctl", *args]
     print(f"\n$ gardenctl {' '.join(args)}", flush=True)
-    result = subprocess.run(command, cwd=cwd, env=env, text=True)
+    result = subprocess.run(command, cwd=cwd, env=env, text=True, check=False)
     if check and result.returncode != 0:
         raise SystemExit(f"demo: `gardenctl {' '.join(args)}` exited {result.returncode}")
     return result
@@ -71,7 +71,8 @@ def main() -> int:
         print("phi-2: max_model_len 2048 -> 4096; qwen3-small: replicas 1 -> 2")
         gardenctl("plan", cwd=work, env=env, check=False)
 
-        banner("7. apply again: only phi-2 is replaced, one replica is added, nothing else restarts")
+        banner("7. apply again: only phi-2 is replaced, one replica is added, "
+               "nothing else restarts")
         gardenctl("apply", "--yes", cwd=work, env=env)
         gardenctl("status", cwd=work, env=env)
 
@@ -80,7 +81,7 @@ def main() -> int:
         gardenctl("status", cwd=work, env=env)
     finally:
         subprocess.run([sys.executable, "-m", "gardenctl", "down", "--yes"], cwd=work, env=env,
-                       capture_output=True)
+                       capture_output=True, check=False)
         shutil.rmtree(work, ignore_errors=True)
     print("\nDemo complete: every worker was started, edited and stopped as the file said.")
     return 0
