@@ -83,7 +83,6 @@ class _Progress:
             self.log.emit("starting", "spawning the worker", worker=worker_id)
 
 
-@dataclass
 class _FileQuiet:
     """When the garden file last changed, so that a version is read only once its saves end:
     written by the file-watching thread, read by the loop (a lock keeps the pair consistent)."""
@@ -96,12 +95,6 @@ class _FileQuiet:
     def changed(self) -> None:
         with self._lock:
             self._changed_at = time.monotonic()
-
-    def unsettled(self) -> bool:
-        """A change was seen and the file has not been quiet for the window yet."""
-        with self._lock:
-            return self._changed_at is not None and \
-                time.monotonic() - self._changed_at < self.window
 
     def remaining(self) -> float | None:
         """Seconds until the file is quiet for the window; None when no change is pending."""
@@ -390,7 +383,7 @@ class Watcher:
         """The file's version to consider: None when it is the version in force, cannot be
         read, or failed to parse (until its bytes change)."""
         path = self.options.garden_path
-        if self.last_good is not None and self.file_quiet.unsettled():
+        if self.last_good is not None and self.file_quiet.remaining():
             return None  # saves still coming: the pass their quiet triggers reads the last one
         try:
             raw = Path(path).read_bytes()
