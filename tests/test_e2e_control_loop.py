@@ -102,7 +102,9 @@ def test_watch_restarts_a_worker_whose_health_fails_its_threshold(watched):
     ready(watch, alpha, since=watch.index(restart))
     assert watched.worker_pids()[alpha] != old and not alive(old)
     row = {w["worker"]: w for w in watched.status()["workers"]}[alpha]
-    assert row["restarts"] >= 1 and row["last_error"].startswith("unhealthy: /health answered")
+    # every run of this engine dies a second after it is ready, so the restarted run may have
+    # failed its own probes (503, or no answer on a loaded machine) by the time status is read
+    assert row["restarts"] >= 1 and row["last_error"].startswith("unhealthy: /health ")
     assert watch.stop() == 0
 
 
