@@ -120,7 +120,7 @@ def test_logs_show_the_worker_output_and_the_run_before_a_restart(steady):
     previous = steady.run("logs", "a", "--previous")
     current = steady.run("logs", f"{steady.name}/a/0")
     assert previous.code == 0 and current.code == 0, f"{previous}\n{current}"
-    assert "'max_model_len': 2048" in previous.out and "4096" not in previous.out
+    assert "'max_model_len': 2048" in previous.out and "'max_model_len': 4096" not in previous.out
     assert "'max_model_len': 4096" in current.out
     assert "Application startup complete." in current.out
 
